@@ -1,0 +1,94 @@
+"""The MoCo training state: one pytree with both encoders and the queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from moco_jax import sharding
+
+
+class MoCoState(train_state.TrainState):
+    """Everything a MoCo step reads and writes.
+
+    Inherited: `step`, `params` (query encoder + head), `opt_state`, and the
+    static `apply_fn` / `tx`.
+
+    Attributes:
+      momentum_params: the key encoder's parameters, an exponential moving
+        average of `params`; never touched by the optimizer.
+      batch_stats: BN running statistics of the query encoder.
+      momentum_batch_stats: BN running statistics of the key encoder. They are
+        *not* averaged from the query encoder's: the key encoder runs BN in
+        train mode on its own (shuffled) batches and keeps its own statistics.
+      queue: the negatives. Globally (K, embed_dim) unit vectors; inside the
+        pmap-ed step each device holds its shard of K / n_devices rows.
+      queue_ptr: int32 row in the local shard where the next keys are written.
+      rng: raw uint32 PRNG key data (2,), identical on every device. The
+        shuffle-BN permutation is drawn from it, so every device draws the
+        same one. (Raw data rather than a typed key: it replicates and
+        checkpoints like any other array.)
+    """
+
+    momentum_params: Any = None
+    batch_stats: Any = None
+    momentum_batch_stats: Any = None
+    queue: jax.Array | None = None
+    queue_ptr: jax.Array | None = None
+    rng: jax.Array | None = None
+
+
+def random_unit_queue(rng: jax.Array, queue_size: int, embed_dim: int) -> jax.Array:
+    """(K, C) random directions, as the reference's `normalize(randn(C, K))`."""
+    q = jax.random.normal(rng, (queue_size, embed_dim), jnp.float32)
+    return q / jnp.linalg.norm(q, axis=1, keepdims=True)
+
+
+def create_train_state(
+    rng: jax.Array,
+    encoder,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, int, int],
+    queue_size: int,
+    embed_dim: int,
+) -> MoCoState:
+    """A fresh, unreplicated state. The key encoder is an exact copy of the
+    query encoder, parameters and BN statistics alike."""
+    init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
+    variables = jax.jit(lambda r: encoder.init(r, jnp.zeros((2,) + tuple(image_shape)), train=False))(init_rng)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731 - distinct buffers
+    return MoCoState.create(
+        apply_fn=encoder.apply,
+        params=params,
+        tx=tx,
+        momentum_params=copy(params),
+        batch_stats=batch_stats,
+        momentum_batch_stats=copy(batch_stats),
+        queue=random_unit_queue(queue_rng, queue_size, embed_dim),
+        queue_ptr=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(state_rng),
+    )
+
+
+def to_devices(state: MoCoState, devices=None) -> MoCoState:
+    """Replicate the state over the local devices, except the queue, which is
+    split into n contiguous shards of K / n rows (one per device)."""
+    devices = jax.local_devices() if devices is None else devices
+    n = len(devices)
+    queue = np.asarray(state.queue)
+    if queue.shape[0] % n:
+        raise ValueError(f"queue_size={queue.shape[0]} is not divisible by the {n} devices")
+    replicated = sharding.replicate(state.replace(queue=None), devices)
+    return replicated.replace(queue=sharding.shard(queue.reshape((n, -1) + queue.shape[1:]), devices))
+
+
+def from_devices(state: MoCoState) -> MoCoState:
+    """The inverse of `to_devices`: one host copy, the queue re-assembled (K, C)."""
+    queue = sharding.gather_sharded(state.queue)
+    return sharding.unreplicate(state.replace(queue=None)).replace(queue=queue)

@@ -1,0 +1,218 @@
+"""Tests for moco_jax.data: datasets, resumable batching, device feed."""
+import itertools
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits as sk_load_digits
+
+from moco_jax import data
+
+CIFAR10_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+# ----------------------------------------------------------------- digits
+@pytest.fixture(scope="module")
+def raw_digits():
+    raw = sk_load_digits()
+    return raw.images, raw.target
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return data.load_digits(image_size=8)
+
+
+def _match_raw_indices(images_uint8, raw_images):
+    """Map each 8x8 loaded image back to its raw index (all raw images unique)."""
+    raw_u8 = np.round(raw_images * 255 / 16).astype(np.uint8).reshape(len(raw_images), -1)
+    lookup = {row.tobytes(): i for i, row in enumerate(raw_u8)}
+    gray = images_uint8[..., 0].reshape(len(images_uint8), -1)
+    return np.array([lookup[row.tobytes()] for row in gray])
+
+
+def test_digits_shapes_dtype_range():
+    ds = data.load_digits(image_size=16)
+    assert ds.train_images.shape[1:] == (16, 16, 3)
+    assert ds.test_images.shape[1:] == (16, 16, 3)
+    assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
+    assert len(ds.train_images) + len(ds.test_images) == 1797
+    assert ds.train_images.max() == 255 and ds.train_images.min() == 0
+    # Grey replicated to 3 identical channels.
+    np.testing.assert_array_equal(ds.train_images[..., 0], ds.train_images[..., 2])
+    assert ds.num_classes == 10 and ds.name == "digits"
+
+
+def test_digits_split_is_stratified_and_disjoint(raw_digits, digits8):
+    raw_images, raw_labels = raw_digits
+    train_idx = _match_raw_indices(digits8.train_images, raw_images)
+    test_idx = _match_raw_indices(digits8.test_images, raw_images)
+    assert not set(train_idx) & set(test_idx)
+    assert sorted(np.concatenate([train_idx, test_idx]).tolist()) == list(range(1797))
+    # Labels travel with their images.
+    np.testing.assert_array_equal(digits8.train_labels, raw_labels[train_idx])
+    np.testing.assert_array_equal(digits8.test_labels, raw_labels[test_idx])
+    per_class = np.bincount(raw_labels)
+    test_counts = np.bincount(digits8.test_labels, minlength=10)
+    assert np.all(np.abs(test_counts - 0.2 * per_class) <= 1)
+
+
+def test_digits_deterministic_and_seeded(digits8):
+    again = data.load_digits(image_size=8)
+    np.testing.assert_array_equal(digits8.test_images, again.test_images)
+    other = data.load_digits(image_size=8, seed=1)
+    assert not np.array_equal(digits8.test_labels, other.test_labels)
+
+
+def test_digits_upsampling_preserves_content(digits8):
+    big = data.load_digits(image_size=16)
+    # Same split regardless of size; 2x2 average-pooling the bilinear upsample
+    # must look like the 8x8 original.
+    pooled = big.train_images[..., 0].astype(np.float32).reshape(-1, 8, 2, 8, 2).mean((2, 4))
+    small = digits8.train_images[..., 0].astype(np.float32)
+    np.testing.assert_array_equal(big.train_labels, digits8.train_labels)
+    corr = np.corrcoef(pooled.ravel(), small.ravel())[0, 1]
+    assert corr > 0.95
+    assert abs(pooled.mean() - small.mean()) < 3.0
+
+
+def test_load_array_dataset_dispatch_and_unknown():
+    ds = data.load_array_dataset("digits", image_size=12)
+    assert ds.train_images.shape[1:] == (12, 12, 3)
+    with pytest.raises(ValueError, match="cifar10_arrays"):
+        data.load_array_dataset("mnist")
+
+
+# ----------------------------------------------------------------- cifar10
+def test_cifar10_missing_files_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar10_train_q95.jpg"):
+        data.load_cifar10_arrays(tmp_path)
+
+
+def test_cifar10_real_files():
+    if not CIFAR10_DIR.is_dir():
+        pytest.skip(f"CIFAR-10 mosaics not found: {CIFAR10_DIR} does not exist")
+    ds = data.load_array_dataset("cifar10_arrays", data_dir=CIFAR10_DIR)
+    assert ds.train_images.shape == (50000, 32, 32, 3)
+    assert ds.test_images.shape == (10000, 32, 32, 3)
+    assert ds.train_images.dtype == np.uint8 and ds.test_labels.dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(ds.train_labels), [5000] * 10)
+    np.testing.assert_array_equal(np.bincount(ds.test_labels), [1000] * 10)
+    assert not np.array_equal(ds.test_images[0], ds.test_images[1])
+    # Mosaic order is row-major: image 1 is tile (row 0, col 1), image 100 is
+    # tile (row 1, col 0) of the 100x100-tile lossless test mosaic.
+    from PIL import Image
+    with Image.open(CIFAR10_DIR / "cifar10_test_lossless.webp") as im:
+        mosaic = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(ds.test_images[1], mosaic[0:32, 32:64])
+    np.testing.assert_array_equal(ds.test_images[100], mosaic[32:64, 0:32])
+    assert ds.train_images.std() > 30  # real photos, not a blank decode
+
+
+# ----------------------------------------------------------------- batching
+N, GB, SEED = 50, 8, 3  # 6 full steps per epoch, 2 examples dropped
+
+
+@pytest.fixture(scope="module")
+def id_images():
+    """(N, 2, 2, 3) uint8 images whose every pixel equals the example id."""
+    return np.broadcast_to(np.arange(N, dtype=np.uint8)[:, None, None, None],
+                           (N, 2, 2, 3)).copy()
+
+
+def _ids(batch):
+    return batch[..., 0, 0, 0].reshape(-1)
+
+
+def test_epoch_permutation_and_steps():
+    p = data.epoch_permutation(10, seed=0, epoch=0)
+    assert sorted(p.tolist()) == list(range(10))
+    np.testing.assert_array_equal(p, data.epoch_permutation(10, seed=0, epoch=0))
+    assert not np.array_equal(p, data.epoch_permutation(10, seed=0, epoch=1))
+    assert not np.array_equal(p, data.epoch_permutation(10, seed=1, epoch=0))
+    assert data.steps_per_epoch(10, 3) == 3
+    with pytest.raises(ValueError):
+        data.steps_per_epoch(5, 8)
+
+
+def test_array_batches_epochs(id_images):
+    spe = data.steps_per_epoch(N, GB)
+    stream = data.array_batches(id_images, GB, SEED)
+    epochs = [np.concatenate([_ids(next(stream)) for _ in range(spe)]) for _ in range(2)]
+    for e, ids in enumerate(epochs):
+        assert len(set(ids.tolist())) == spe * GB  # each example at most once
+        np.testing.assert_array_equal(ids, data.epoch_permutation(N, SEED, e)[:spe * GB])
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_array_batches_shape_dtype(id_images):
+    batch = next(data.array_batches(id_images, GB, SEED, num_local_devices=4))
+    assert batch.shape == (4, 2, 2, 2, 3) and batch.dtype == np.uint8
+
+
+def test_array_batches_resume(id_images):
+    full = list(itertools.islice(data.array_batches(id_images, GB, SEED), 20))
+    resumed = list(itertools.islice(data.array_batches(id_images, GB, SEED, start_step=7), 13))
+    for a, b in zip(full[7:], resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_array_batches_processes_form_global_batch(id_images):
+    single = data.array_batches(id_images, GB, SEED)
+    procs = [data.array_batches(id_images, GB, SEED, start_step=4, process_index=p,
+                                process_count=2, num_local_devices=2) for p in range(2)]
+    for _ in range(4):
+        next(single)
+    for _ in range(5):  # crosses the epoch boundary at step 6
+        parts = [next(it) for it in procs]
+        assert parts[0].shape == (2, 2, 2, 2, 3)
+        np.testing.assert_array_equal(
+            np.concatenate([_ids(p) for p in parts]), _ids(next(single)))
+        assert not set(_ids(parts[0]).tolist()) & set(_ids(parts[1]).tolist())
+
+
+def test_array_batches_divisibility_errors(id_images):
+    with pytest.raises(ValueError, match="process_count=3"):
+        data.array_batches(id_images, 8, SEED, process_count=3)
+    with pytest.raises(ValueError, match="num_local_devices=3"):
+        data.array_batches(id_images, 8, SEED, process_count=2, num_local_devices=3)
+    with pytest.raises(ValueError, match="64"):
+        data.array_batches(id_images, 64, SEED)
+    with pytest.raises(ValueError, match="process_index"):
+        data.array_batches(id_images, 8, SEED, process_index=2, process_count=2)
+
+
+# ----------------------------------------------------------------- devices
+def test_shard_to_devices_places_slice_i_on_device_i():
+    devices = jax.local_devices()
+    assert len(devices) == 8
+    batch = np.arange(8 * 3 * 2, dtype=np.uint8).reshape(8, 3, 2)
+    arr = data.shard_to_devices(batch)
+    shards = sorted(arr.addressable_shards, key=lambda s: s.index[0].start)
+    for i, shard in enumerate(shards):
+        assert shard.device == devices[i]
+        np.testing.assert_array_equal(np.asarray(shard.data), batch[i:i + 1])
+    out = jax.pmap(lambda x: x.astype(np.int32).sum(), axis_name="batch")(arr)
+    np.testing.assert_array_equal(np.asarray(out), batch.astype(np.int32).sum((1, 2)))
+    with pytest.raises(ValueError):
+        data.shard_to_devices(batch[:4])
+
+
+def test_prefetch_to_device_order_and_laziness():
+    host = [np.full((8, 2), i, np.float32) for i in range(5)]
+    pulled = []
+
+    def source():
+        for b in host:
+            pulled.append(1)
+            yield b
+
+    it = data.prefetch_to_device(source(), size=2)
+    first = next(it)
+    assert len(pulled) == 2  # only `size` batches ahead, not the whole stream
+    got = [first] + list(it)
+    assert len(got) == len(host)
+    for g, h in zip(got, host):
+        np.testing.assert_array_equal(np.asarray(g), h)
+        assert len(g.sharding.device_set) == 8

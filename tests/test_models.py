@@ -1,0 +1,114 @@
+"""ResNet shapes, split BN, SyncBN and bfloat16."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moco_jax import models
+from tiny import tiny_config
+
+
+def _x(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def test_split_bn_with_one_split_is_flax_batchnorm():
+    x = _x((6, 5, 5, 3)) * 3 + 1
+    ours = models.SplitBatchNorm(use_running_average=False)
+    ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    v_ours, v_ref = ours.init(jax.random.key(0), x), ref.init(jax.random.key(0), x)
+    y, s = ours.apply(v_ours, x, mutable=["batch_stats"])
+    y_ref, s_ref = ref.apply(v_ref, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(s["batch_stats"][name], s_ref["batch_stats"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_split_bn_on_one_device_equals_per_device_bn_on_eight():
+    config = tiny_config(bn_splits=8)
+    split_encoder = models.build_encoder(config)
+    device_encoder = models.build_encoder(tiny_config(bn_splits=1))
+    x = _x((32, 8, 8, 3))
+    variables = split_encoder.init(jax.random.key(1), x, train=False)
+
+    train_apply = lambda enc: jax.jit(lambda v, x: enc.apply(v, x, train=True, mutable=["batch_stats"]))  # noqa: E731
+    (_, z_split), s_split = train_apply(split_encoder)(variables, x)
+
+    def per_device(xd):
+        (_, z), s = device_encoder.apply(variables, xd, train=True, mutable=["batch_stats"])
+        return z, jax.lax.pmean(s, "batch")  # what the train step does to keep replicas equal
+
+    z_dev, s_dev = jax.pmap(per_device, axis_name="batch")(x.reshape(8, 4, 8, 8, 3))
+    np.testing.assert_allclose(z_split, np.asarray(z_dev).reshape(32, -1), rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_split), jax.tree.leaves(s_dev)):
+        np.testing.assert_allclose(a, np.asarray(b)[0], rtol=1e-4, atol=1e-6)
+    # And it is not plain BN over the whole batch.
+    (_, z_whole), _ = train_apply(device_encoder)(variables, x)
+    assert np.abs(np.asarray(z_whole) - np.asarray(z_split)).max() > 1e-3
+
+
+def test_sync_bn_equals_bn_over_the_global_batch():
+    x = _x((16, 4, 4, 3)) * 2 - 1
+    sync = models.SplitBatchNorm(axis_name="batch")
+    whole = models.SplitBatchNorm()
+    v = whole.init(jax.random.key(0), x)
+    y_whole, _ = whole.apply(v, x, mutable=["batch_stats"])
+    y_sync = jax.pmap(lambda xd: sync.apply(v, xd, mutable=["batch_stats"])[0], axis_name="batch")(
+        x.reshape(8, 2, 4, 4, 3)
+    )
+    np.testing.assert_allclose(np.asarray(y_sync).reshape(x.shape), y_whole, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "depth,stem,size,feature_dim",
+    [(18, "imagenet", 32, 32), (34, "cifar", 8, 32), (50, "imagenet", 32, 128), (10, "cifar", 8, 32)],
+)
+def test_resnet_shapes(depth, stem, size, feature_dim):
+    model = models.ResNet(depth=depth, width=4, stem=stem)
+    x = _x((2, size, size, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+    assert out.shape == (2, feature_dim) == (2, model.feature_dim)
+    # Standard parameter counts at width 64 (torchvision, without the fc layer).
+    blocks = [k for k in variables["params"] if k.startswith("layer")]
+    assert len(blocks) == sum(models.ARCHITECTURES[depth][0])
+
+
+@pytest.mark.parametrize("depth,expected", [(18, 11_176_512), (50, 23_508_032)])
+def test_parameter_counts_match_torchvision(depth, expected):
+    """torchvision resnet18/50 minus the 1000-way fc: 11,689,512 - 513,000 and
+    25,557,032 - 2,049,000."""
+    model = models.ResNet(depth=depth, width=64, stem="imagenet")
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    assert sum(np.prod(p.shape) for p in jax.tree.leaves(variables["params"])) == expected
+
+
+def test_heads():
+    feats = _x((3, 32))
+    for kind, names in (("linear", {"fc"}), ("mlp", {"fc1", "fc2"})):
+        head = models.ProjectionHead(kind=kind, embed_dim=7)
+        v = head.init(jax.random.key(0), feats)
+        assert set(v["params"]) == names
+        assert head.apply(v, feats).shape == (3, 7)
+    v = models.ProjectionHead(kind="mlp", embed_dim=7).init(jax.random.key(0), feats)
+    assert v["params"]["fc1"]["kernel"].shape == (32, 32)  # hidden = backbone width
+
+
+def test_bfloat16_compute_keeps_float32_params_and_stats():
+    config = tiny_config()
+    config.model.dtype = "bfloat16"
+    encoder = models.build_encoder(config)
+    x = _x((4, 8, 8, 3))
+    variables = encoder.init(jax.random.key(0), x, train=False)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    (feats, z), stats = jax.jit(lambda v: encoder.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(stats))
+    assert z.dtype == jnp.float32  # embeddings are normalised in float32
+    jaxpr = str(jax.make_jaxpr(lambda v: encoder.apply(v, x, train=False))(variables))
+    assert "bf16" in jaxpr  # the convolutions really run in bfloat16
+    config.model.dtype = "float32"
+    encoder32 = models.build_encoder(config)
+    (_, z32), _ = jax.jit(lambda v: encoder32.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
+    assert np.abs(np.asarray(z32) - np.asarray(z)).max() < 0.1 * np.abs(np.asarray(z32)).max()
