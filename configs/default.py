@@ -22,8 +22,25 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Data.
-    config.dataset = "digits"  # digits | cifar10_arrays (see moco_jax/data.py)
-    config.data_dir = ""  # '' = the dataset's default location
+    # dataset: digits | cifar10_arrays (in memory, no TensorFlow needed) |
+    #   image_folder (data_dir/<split>/<class>/*.jpg|png) | any tensorflow-datasets
+    #   name, e.g. cifar10, stl10, imagenette/320px-v2, imagenet2012 (optionally
+    #   written tfds:NAME). See moco_jax/data.py. CIFAR-10 from the real arrays:
+    #   --config.dataset=cifar10_arrays --config.data_dir=/path/to/shared/data/cifar10
+    config.dataset = "digits"
+    # digits: unused; cifar10_arrays: the mosaics' folder ('' = $MOCO_JAX_CIFAR10_DIR,
+    # else ../shared/data/cifar10); image_folder: the root; tfds: the TFDS data
+    # directory ('' = TFDS's default).
+    config.data_dir = ""
+    config.train_split = "train"  # tfds split / image_folder sub-folder ('' = data_dir itself)
+    config.eval_split = "test"  # kNN queries (tfds split / sub-folder, e.g. 'val')
+    config.knn_train_split = ""  # kNN bank, '' = train_split (stl10: pretrain 'unlabelled', bank 'train')
+    config.knn_max_train_images = 50_000  # cap on the kNN bank (0 = all)
+    config.knn_center_crop_fraction = 1.0  # kNN view: resize to crop_size / this, centre crop (0.875: ImageNet)
+    config.skip_corrupt_images = False  # image_folder: True = log, count and skip undecodable files
+    config.input_threads = 0  # tf.data decode threads (0 = all cores but one)
+    config.shuffle_buffer = 10_000  # tfds: examples in the shuffle buffer (after file shuffling)
+    config.tfds_download = False  # tfds: download and prepare a missing dataset
     config.image_size = 16  # digits are upsampled from 8x8 to this size
     config.augmentation = "cifar"  # moco_v1 | moco_v2 | cifar (moco_jax/augment.py)
     config.crop_size = 16
@@ -64,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Logging and evaluation.
     config.seed = 0
     config.log_every_steps = 20
+    config.checkpoint_every_steps = 200  # with --workdir; also saved at the end
+    config.checkpoints_to_keep = 3
+    config.knn_every_steps = 0  # kNN monitor during training (0: only at the end)
     config.knn_k = 200
     config.knn_temperature = 0.1
     config.eval_batch_size = 256

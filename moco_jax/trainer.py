@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -13,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from moco_jax import augment, data, knn, models, moco, optim, sharding, state as state_lib
+from moco_jax import augment, checkpoint, data, knn, metrics, models, moco, optim, sharding, state as state_lib
 from moco_jax.validation import validate_config
 
 
@@ -71,54 +69,56 @@ def knn_accuracies(embed: Callable, variables: Any, dataset: data.ArrayDataset, 
     return result
 
 
-class MetricsLog:
-    """Step metrics: absl log lines, plus JSON lines in `workdir` if given."""
-
-    def __init__(self, workdir: str | None):
-        self._file = None
-        if workdir and jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if self._file:
-            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-
-
 def summarize(pending: list[dict[str, jax.Array]], step: int) -> dict[str, float]:
-    """Mean of the metrics of the steps since the last log. This is the only
-    place the host waits for the devices; the NaN guard lives here too."""
+    """Mean of the metrics of the steps since the last log. This and
+    `assert_finite` are the only places the host waits for the devices."""
     stacked = jax.device_get(pending)
     summary = {k: float(np.mean([np.asarray(m[k])[0] for m in stacked])) for k in stacked[0]}
-    if not np.isfinite(summary["loss"]):
-        raise FloatingPointError(f"non-finite loss {summary['loss']} at step {step}; stopping")
+    assert_finite([summary["loss"]], step)
     return summary
 
 
-def progress(iterable: range, enabled: bool) -> Iterator[int]:
+def assert_finite(losses, step: int) -> None:
+    """The NaN guard: stop before a non-finite state can be logged as fine or
+    saved over the last good checkpoint."""
+    losses = np.asarray(jax.device_get(losses), np.float64)
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(
+            f"non-finite loss at or before step {step}; training stopped. The last good checkpoint "
+            "(if any) is kept; lower the learning rate or check the data before relaunching."
+        )
+
+
+def progress(steps: range, total: int, enabled: bool) -> Iterator[int]:
     """A console progress bar with ETA (tqdm), on process 0 only."""
     if not enabled:
-        return iter(iterable)
+        return iter(steps)
     import tqdm  # noqa: PLC0415 - optional nicety, imported where used
 
-    return iter(tqdm.tqdm(iterable, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0))
+    return iter(tqdm.tqdm(steps, total=total, initial=steps.start - 1, desc="train", unit="step",
+                          dynamic_ncols=True, mininterval=1.0))
+
+
+def _every(step: int, interval: int, last: int) -> bool:
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+def _encoder_variables(state: state_lib.MoCoState) -> dict[str, Any]:
+    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def train_and_evaluate(config, workdir: str | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Pretrain MoCo with `config`; return the kNN accuracies and the log.
+    """Pretrain MoCo with `config`, resuming from `workdir` if it holds a
+    checkpoint; return the kNN accuracies and the log.
 
     Returns a dict with `knn_random` / `knn_trained` (backbone and projection
-    accuracies before and after training), `history` (the logged metrics), and
-    the final host `state`.
+    accuracies before and after training), `history` (the metrics logged by
+    this run), and the final host `state`.
     """
     num_devices = jax.device_count()
     validate_config(config, num_devices)
+    if workdir:
+        checkpoint.check_writable(workdir)
     dataset = data.load_array_dataset(config.dataset, config.data_dir or None, config.image_size)
     steps_per_epoch = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
     total_steps = optim.total_train_steps(config, steps_per_epoch)
@@ -134,41 +134,86 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
         jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
     )
     embed = make_embed_fn(encoder, config)
-    knn_random = knn_accuracies(embed, {"params": state.params, "batch_stats": state.batch_stats}, dataset, config)
+    knn_random = knn_accuracies(embed, _encoder_variables(state), dataset, config)
+    if workdir:
+        state = checkpoint.restore_latest(workdir, state, config, num_devices) or state
+    start_step = int(state.step)
 
     p_state = state_lib.to_devices(state)
     del state  # its buffers now live on the devices
-    p_train_step = make_train_step(config)
     batches = data.prefetch_to_device(
         data.array_batches(
-            dataset.train_images, config.batch_size, config.seed,
+            dataset.train_images, config.batch_size, config.seed, start_step=start_step,
             process_index=jax.process_index(), process_count=jax.process_count(),
             num_local_devices=jax.local_device_count(),
         )
     )
-
-    log, history, pending = MetricsLog(workdir), [], []
-    last_time, last_step = time.perf_counter(), 0
-    for step in progress(range(1, total_steps + 1), show_progress and jax.process_index() == 0):
-        p_state, metrics = p_train_step(p_state, next(batches))
-        pending.append(metrics)
-        if step % config.log_every_steps == 0 or step == total_steps:
-            summary = summarize(pending, step)
-            now = time.perf_counter()
-            images_per_sec = (step - last_step) * config.batch_size / (now - last_time)
-            summary.update(
-                learning_rate=float(lr_schedule(step - 1)),
-                momentum=float(config.momentum),
-                images_per_sec=images_per_sec,
-                images_per_sec_per_device=images_per_sec / num_devices,
-                step_time_ms=1000 * (now - last_time) / (step - last_step),
-                epoch=step / steps_per_epoch,
-            )
-            log.write(step, summary)
-            history.append({"step": step, **summary})
-            pending, last_time, last_step = [], now, step
-    log.close()
+    loop = TrainLoop(config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices)
+    p_state, history = loop.run(make_train_step(config), p_state, batches, start_step, show_progress,
+                                knn_fn=lambda s: knn_accuracies(embed, _encoder_variables(s), dataset, config))
 
     state = state_lib.from_devices(p_state)
-    knn_trained = knn_accuracies(embed, {"params": state.params, "batch_stats": state.batch_stats}, dataset, config)
+    knn_trained = knn_accuracies(embed, _encoder_variables(state), dataset, config)
+    final = {"step": int(state.step), **{f"knn_{k}": v for k, v in knn_trained.items()},
+             **{f"knn_random_{k}": v for k, v in knn_random.items()}}
+    if history:
+        final.update({k: history[-1][k] for k in ("loss", "top1", "top5")})
+    metrics.write_final(workdir, final)
     return {"knn_random": knn_random, "knn_trained": knn_trained, "history": history, "state": state}
+
+
+class TrainLoop:
+    """Steps, logging, the kNN monitor and checkpoints of one run."""
+
+    def __init__(self, config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices):
+        self.config, self.workdir, self.total_steps = config, workdir, total_steps
+        self.steps_per_epoch, self.lr_schedule, self.num_devices = steps_per_epoch, lr_schedule, num_devices
+
+    def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn):
+        """Steps start_step+1 .. total_steps; returns (p_state, logged history)."""
+        config, last = self.config, self.total_steps
+        writer = metrics.MetricWriter(self.workdir)
+        manager = checkpoint.make_manager(self.workdir, config.checkpoints_to_keep) if self.workdir else None
+        history, pending = [], []
+        last_time, last_step = time.perf_counter(), start_step
+        steps = range(start_step + 1, last + 1)
+        try:
+            for step in progress(steps, last, show_progress and jax.process_index() == 0):
+                p_state, step_metrics = p_train_step(p_state, next(batches))
+                pending.append(step_metrics)
+                if _every(step, config.log_every_steps, last):
+                    summary = summarize(pending, step)
+                    now = time.perf_counter()
+                    summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
+                    writer.write(step, summary)
+                    history.append({"step": step, **summary})
+                    pending, last_time, last_step = [], now, step
+                if _every(step, config.knn_every_steps, last) and step != last:
+                    knn = knn_fn(state_lib.from_devices(p_state))
+                    writer.write(step, {f"knn_{k}": v for k, v in knn.items()})
+                    last_time = time.perf_counter()  # the monitor's time is not training time
+                if manager and _every(step, config.checkpoint_every_steps, last):
+                    assert_finite([m["loss"] for m in pending], step)
+                    checkpoint.save(manager, state_lib.from_devices(p_state), config, self.num_devices)
+                    last_time = time.perf_counter()
+        finally:
+            if manager:
+                manager.wait_until_finished()  # a good save in flight is completed, even on a NaN
+                manager.close()
+            writer.close()
+        return p_state, history
+
+    def _throughput(self, steps: int, seconds: float) -> dict[str, float]:
+        images_per_sec = steps * self.config.batch_size / seconds
+        return {
+            "images_per_sec": images_per_sec,
+            "images_per_sec_per_device": images_per_sec / self.num_devices,
+            "step_time_ms": 1000 * seconds / steps,
+        }
+
+    def _schedule(self, step: int) -> dict[str, float]:
+        return {
+            "learning_rate": float(self.lr_schedule(step - 1)),
+            "momentum": float(self.config.momentum),
+            "epoch": step / self.steps_per_epoch,
+        }

@@ -1,0 +1,219 @@
+"""Preemption-safe checkpoints of the whole MoCo state (orbax-checkpoint).
+
+A checkpoint in `<workdir>/checkpoints/<step>/` holds two items:
+
+* `state`: the host copy of `MoCoState` (step, both encoders' params, both
+  sets of BN statistics, optimizer state, the whole (K, C) queue, its pointer
+  and the PRNG key). Replicated arrays are stored once, not once per device.
+* `meta`: JSON with the experiment config, the number of queue shards (the
+  device count) and the data position, so a relaunch knows where it stands.
+
+The data position is the step: the input pipelines derive every batch from
+(seed, global step), so restoring the step restores the data order too.
+
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so a process killed mid-save leaves no checkpoint that looks
+finished. A checkpoint that is finished but unreadable (a corrupt file) is
+moved aside with a warning, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import serialization
+
+from moco_jax import models
+from moco_jax.state import MoCoState
+
+# Config fields that fix the shapes of the saved arrays: a checkpoint written
+# with other values cannot be restored into this model.
+MODEL_FIELDS = ("model", "embed_dim", "queue_size")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in the workdir was written by a different model config."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def check_writable(workdir: str) -> None:
+    """Fail at start-up, not at the first save, if `workdir` is unusable."""
+    try:
+        os.makedirs(checkpoint_dir(workdir), exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"workdir {workdir!r} is not writable ({e}); pass a --workdir this process can write to") from e
+
+
+def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    """An orbax manager that saves in the background and keeps the last few."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "meta"))
+
+
+# ---------------------------------------------------------------------------
+# The queue across device counts.
+# ---------------------------------------------------------------------------
+def queue_in_fifo_order(queue: np.ndarray, ptr: int, num_shards: int, rows_per_write: int) -> np.ndarray:
+    """The (K, C) queue laid out for `num_shards` devices, re-ordered oldest first.
+
+    Device d holds rows [d*S, (d+1)*S) (S = K / num_shards) and writes its
+    `rows_per_write` keys at `ptr`. One enqueue of the global batch fills
+    the same slot of every shard, so the oldest batch sits at `ptr` of every
+    shard, the next at `ptr + rows_per_write`, and so on around the shard.
+    """
+    shards = queue.reshape(num_shards, -1, queue.shape[-1])
+    size = shards.shape[1]
+    slots = [(ptr + j * rows_per_write) % size for j in range(size // rows_per_write)]
+    return np.concatenate([shards[:, s : s + rows_per_write].reshape(-1, queue.shape[-1]) for s in slots])
+
+
+def reshard_queue(queue: np.ndarray, ptr: int, old_shards: int, new_shards: int, global_batch: int) -> tuple[np.ndarray, int]:
+    """The queue written on `old_shards` devices, laid out for `new_shards`.
+
+    Same device count: unchanged (bit-exact resume). Otherwise the keys keep
+    their age order, so the oldest batch is still the next to be replaced.
+    """
+    if old_shards == new_shards:
+        return queue, ptr
+    k = queue.shape[0]
+    if k % global_batch or global_batch % new_shards:
+        raise ValueError(
+            f"cannot resume: queue_size={k} must be a multiple of batch_size={global_batch}, "
+            f"which must be a multiple of the {new_shards} devices"
+        )
+    fifo = queue_in_fifo_order(queue, ptr, old_shards, global_batch // old_shards)
+    batches = fifo.reshape(k // global_batch, new_shards, global_batch // new_shards, -1)
+    return batches.transpose(1, 0, 2, 3).reshape(queue.shape), 0
+
+
+# ---------------------------------------------------------------------------
+# Save and restore.
+# ---------------------------------------------------------------------------
+def _meta(config: ml_collections.ConfigDict, step: int, num_shards: int) -> dict[str, Any]:
+    return {"config": config.to_dict(), "step": int(step), "num_queue_shards": int(num_shards)}
+
+
+def save(manager: ocp.CheckpointManager, host_state: MoCoState, config, num_shards: int) -> None:
+    """Start an asynchronous save of a host state (see `state.from_devices`)."""
+    step = int(host_state.step)
+    state_dict = serialization.to_state_dict(host_state)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(_meta(config, step, num_shards))
+        ),
+    )
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def check_compatible(saved: dict, config) -> None:
+    """Raise CheckpointMismatchError naming every model field that differs."""
+    current = config.to_dict()
+    diffs = []
+    for field in MODEL_FIELDS:
+        a, b = _flatten({field: saved.get(field)}), _flatten({field: current.get(field)})
+        for name in sorted(set(a) | set(b)):
+            if _normalize(a.get(name)) != _normalize(b.get(name)):
+                diffs.append(f"{name}: checkpoint {a.get(name)!r} != config {b.get(name)!r}")
+    if diffs:
+        raise CheckpointMismatchError(
+            "the checkpoint was written by a different model config; mismatching fields: " + "; ".join(diffs)
+            + ". Use a new --workdir, or the config the checkpoint was trained with."
+        )
+
+
+def _normalize(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    path = os.path.join(str(manager.directory), str(step))
+    if jax.process_index() == 0 and os.path.isdir(path):
+        os.replace(path, f"{path}.corrupt")
+
+
+def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -> MoCoState | None:
+    """The newest readable checkpoint in `workdir` as a host state, or None.
+
+    The queue is re-laid out for `num_shards` devices if it was written on a
+    different number. Unreadable checkpoints are moved aside to
+    `<step>.corrupt` with a warning and the next older one is tried.
+    """
+    manager = make_manager(workdir)
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one", step, workdir, e)
+                _move_aside(manager, step)
+                continue
+            check_compatible(meta["config"], config)
+            try:
+                restored = _restore_state(manager, step, template, meta["num_queue_shards"])
+            except Exception as e:  # noqa: BLE001
+                logging.warning("checkpoint %d in %s is corrupt (%s); trying the previous one", step, workdir, e)
+                _move_aside(manager, step)
+                continue
+            queue, ptr = reshard_queue(
+                np.asarray(restored.queue), int(restored.queue_ptr), meta["num_queue_shards"], num_shards,
+                config.batch_size,
+            )
+            logging.info("resumed from checkpoint %d in %s", step, workdir)
+            return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32))
+        return None
+    finally:
+        manager.close()
+
+
+def _restore_state(manager, step: int, template: MoCoState, saved_shards: int) -> MoCoState:
+    target = jax.tree.map(np.asarray, serialization.to_state_dict(template))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    state = serialization.from_state_dict(template, restored)
+    for leaf in jax.tree.leaves(state):
+        if not np.all(np.isfinite(np.asarray(leaf, np.float64))):
+            raise ValueError("non-finite values in the saved state")
+    return state
+
+
+def load_encoder_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """The query encoder of the newest checkpoint in a pretraining workdir.
+
+    Returns (config, {"params", "batch_stats"}) for `models.build_encoder(config)`:
+    backbone and head, as downstream evaluation and export need them.
+    """
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "meta"))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        manager.close()
+    config = ml_collections.ConfigDict(meta["config"])
+    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    # Shapes must fit the model the config describes (a cheap sanity check).
+    models.build_encoder(config)
+    return config, jax.tree.map(np.asarray, variables)

@@ -1,0 +1,82 @@
+"""Where training metrics go: TensorBoard (clu), JSON lines, the console.
+
+Only process 0 writes files. `metrics.jsonl` in the workdir is the
+machine-readable record (one JSON object per logged step; `moco_jax.plot`
+and `moco_jax.sweep` read it); TensorBoard event files are written through
+clu's writers when TensorFlow is installed (clu's TensorBoard writer uses
+tf.summary) and skipped with one warning where it is not, e.g. on GPU hosts
+that only have JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+from absl import logging
+
+JSONL_NAME = "metrics.jsonl"
+FINAL_NAME = "final_metrics.json"
+
+
+def _tensorboard_writer(workdir: str):
+    try:
+        from clu import metric_writers  # noqa: PLC0415 - imports TensorFlow
+    except ImportError as e:
+        logging.warning("TensorBoard event files disabled (%s); metrics still go to %s", e, JSONL_NAME)
+        return None
+    return metric_writers.create_default_writer(workdir, asynchronous=True)
+
+
+class MetricWriter:
+    """Scalars per step to TensorBoard, `metrics.jsonl` and the absl log."""
+
+    def __init__(self, workdir: str | None):
+        self._is_writer = bool(workdir) and jax.process_index() == 0
+        self._jsonl = None
+        self._tensorboard = None
+        if self._is_writer:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a")
+            self._tensorboard = _tensorboard_writer(workdir)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if jax.process_index() == 0:
+            logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+            self._jsonl.flush()
+        if self._tensorboard:
+            self._tensorboard.write_scalars(int(step), dict(scalars))
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tensorboard:
+            self._tensorboard.flush()
+            self._tensorboard.close()
+
+
+def read_jsonl(workdir: str) -> list[dict[str, Any]]:
+    """Every record of `metrics.jsonl`. A resumed run appends; where a step was
+    logged twice (a crash after logging, before the next checkpoint) the later
+    values win; records of one step (training and kNN metrics) are merged, so
+    the result is one record per step, in step order."""
+    records: dict[int, dict[str, Any]] = {}
+    path = os.path.join(workdir, JSONL_NAME)
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                record = json.loads(line)
+                records.setdefault(int(record["step"]), {}).update(record)
+    return [records[s] for s in sorted(records)]
+
+
+def write_final(workdir: str | None, final: Mapping[str, Any]) -> None:
+    """`final_metrics.json`: the run's end result, for sweeps and scripts."""
+    if workdir and jax.process_index() == 0:
+        with open(os.path.join(workdir, FINAL_NAME), "w") as f:
+            json.dump(dict(final), f, indent=2, sort_keys=True)
