@@ -10,9 +10,9 @@ Run:
   python train.py                     # == --config configs/default.py
   python train.py --config.num_epochs=5 --config.model.width=8
 
-Expected (2-core CPU, about 2.5 minutes): the weighted kNN accuracy (k=200,
+Expected (2-core CPU, about 50 seconds): the weighted kNN accuracy (k=200,
 T=0.1) on the 359 held-out digits rises from 81.9% (backbone) / 77.2%
-(projection) for the randomly initialised encoder to about 91.6% / 91.9%.
+(projection) for the randomly initialised encoder to 88.9% / 88.0%.
 """
 
 import ml_collections

@@ -1,0 +1,46 @@
+"""Linear evaluation on CIFAR-10-sized data (`python -m moco_jax.linear_eval`).
+
+The reference protocol (facebookresearch/moco `main_lincls.py`) on the
+digits default; for the real CIFAR-10 arrays (../shared/data/cifar10):
+
+  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
+      --config.pretrained=/tmp/moco_cifar --config.dataset=cifar10_arrays --workdir /tmp/linear
+  # a quick check on CPU: features once, no augmentation
+  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
+      --config.pretrained=/tmp/moco --config.mode=features
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.pretrained = ""  # a pretraining workdir or an exported encoder (see moco_jax.pretrained.load)
+    config.mode = "full"  # full: the reference protocol | features: fixed features, no augmentation
+
+    # Data: an in-memory dataset of moco_jax.data (digits | cifar10_arrays).
+    config.dataset = "digits"
+    config.data_dir = ""  # '' = the dataset's default location
+    config.image_size = 16  # digits only (upsampled from 8x8); 0 = the dataset's own size
+    config.crop_size = 0  # 0 = the encoder's input size (its pretraining crop_size)
+    config.train_crop_scale = (0.08, 1.0)  # RandomResizedCrop's default scale
+    config.eval_crop_fraction = 0.875  # Resize(crop / 0.875) + CenterCrop(crop), i.e. 256 -> 224
+
+    # Optimisation: SGD momentum 0.9, lr 30 (per 256 images), no weight
+    # decay, 100 epochs, lr x0.1 at epochs 60 and 80.
+    config.batch_size = 256  # global, over all devices
+    config.num_epochs = 100
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+    config.learning_rate = 30.0  # per 256 images; scaled by batch_size / 256
+    config.lr_schedule = "step"
+    config.lr_drop_epochs = (60, 80)
+    config.warmup_epochs = 0.0
+    config.weight_decay = 0.0
+    config.weight_decay_mask = "all"
+    config.sgd_momentum = 0.9
+
+    config.seed = 0
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 500
+    config.eval_batch_size = 256
+    return config

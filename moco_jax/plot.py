@@ -1,0 +1,75 @@
+"""Plot a run's curves: `python -m moco_jax.plot --workdir W`.
+
+Reads `W/metrics.jsonl` and writes one PNG per curve next to it (loss,
+positive accuracy, learning rate, kNN accuracy), plus `curves.png` with all
+of them. Works on a finished run or on one still training.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import app, flags
+
+from moco_jax import metrics
+
+# (file name, title, y label, metric keys)
+PANELS = (
+    ("loss.png", "InfoNCE loss", "loss", ("loss",)),
+    ("accuracy.png", "Positive-key accuracy", "accuracy", ("top1", "top5")),
+    ("learning_rate.png", "Learning rate", "learning rate", ("learning_rate",)),
+    ("knn.png", "Weighted kNN accuracy", "accuracy", ("knn_backbone", "knn_projection")),
+)
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_workdir(workdir: str) -> list[str]:
+    """Write the PNGs for `workdir`; returns their paths (panels with no data
+    yet, e.g. kNN before the first evaluation, are left out)."""
+    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    records = metrics.read_jsonl(workdir)
+    panels = [p for p in PANELS if any(_series(records, k)[0] for k in p[3])]
+    written = []
+    overview, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.5), squeeze=False)
+    for (name, title, ylabel, keys), overview_ax in zip(panels, axes[0]):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for target in (ax, overview_ax):
+            for key in keys:
+                steps, values = _series(records, key)
+                if steps:
+                    target.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+            target.set(title=title, xlabel="step", ylabel=ylabel)
+            target.grid(alpha=0.3)
+            target.legend()
+        fig.tight_layout()
+        path = os.path.join(workdir, name)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    overview.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    overview.savefig(path, dpi=100)
+    plt.close(overview)
+    return written + [path]
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).", required=True)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    for path in plot_workdir(_WORKDIR.value):
+        print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)

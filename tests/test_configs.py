@@ -1,0 +1,32 @@
+"""Every shipped pretraining config loads, validates, and keeps the recipe
+numbers its docstring promises."""
+
+import importlib
+
+import pytest
+
+from moco_jax import optim
+from moco_jax.validation import validate_config
+
+
+@pytest.mark.parametrize("name, devices", [
+    ("default", 1), ("moco_v1_imagenet", 8), ("moco_v2_imagenet", 8), ("moco_v2_cifar10", 1)])
+def test_config_validates(name, devices):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    validate_config(config, devices)
+    assert config.queue_size % config.batch_size == 0
+
+
+def test_paper_recipes():
+    v1 = importlib.import_module("configs.moco_v1_imagenet").get_config()
+    v2 = importlib.import_module("configs.moco_v2_imagenet").get_config()
+    cifar = importlib.import_module("configs.moco_v2_cifar10").get_config()
+    assert (v1.temperature, v1.model.head, v1.lr_schedule, v1.augmentation) == (0.07, "linear", "step", "moco_v1")
+    assert (v2.temperature, v2.model.head, v2.lr_schedule, v2.augmentation) == (0.2, "mlp", "cosine", "moco_v2")
+    for c in (v1, v2):
+        assert (c.queue_size, c.momentum, c.model.depth, c.num_epochs, c.weight_decay) == (65536, 0.999, 50, 200, 1e-4)
+        assert optim.scaled_learning_rate(c) == pytest.approx(0.03)
+    assert (cifar.model.depth, cifar.model.stem, cifar.batch_size, cifar.queue_size) == (18, "cifar", 512, 4096)
+    assert (cifar.momentum, cifar.temperature, cifar.bn_splits, cifar.weight_decay) == (0.99, 0.1, 8, 5e-4)
+    assert optim.scaled_learning_rate(cifar) == pytest.approx(0.06)
+    assert cifar.crop_scale == (0.08, 1.0) and not cifar.symmetric_loss
