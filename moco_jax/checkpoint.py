@@ -80,13 +80,17 @@ def queue_in_fifo_order(queue: np.ndarray, ptr: int, num_shards: int, rows_per_w
     return np.concatenate([shards[:, s : s + rows_per_write].reshape(-1, queue.shape[-1]) for s in slots])
 
 
-def reshard_queue(queue: np.ndarray, ptr: int, old_shards: int, new_shards: int, global_batch: int) -> tuple[np.ndarray, int]:
-    """The queue written on `old_shards` devices, laid out for `new_shards`.
+def reshard_queue(
+    queue: np.ndarray, ptr: int, old_shards: int, new_shards: int, global_batch: int, old_global_batch: int | None = None
+) -> tuple[np.ndarray, int]:
+    """The queue written on `old_shards` devices (with `old_global_batch`,
+    default the same), laid out for `new_shards` devices and `global_batch`.
 
-    Same device count: unchanged (bit-exact resume). Otherwise the keys keep
-    their age order, so the oldest batch is still the next to be replaced.
+    Same layout: unchanged (bit-exact resume). Otherwise the keys keep their
+    age order, so the oldest keys are still the next to be replaced.
     """
-    if old_shards == new_shards:
+    old_global_batch = old_global_batch or global_batch
+    if (old_shards, old_global_batch) == (new_shards, global_batch):
         return queue, ptr
     k = queue.shape[0]
     if k % global_batch or global_batch % new_shards:
@@ -94,7 +98,7 @@ def reshard_queue(queue: np.ndarray, ptr: int, old_shards: int, new_shards: int,
             f"cannot resume: queue_size={k} must be a multiple of batch_size={global_batch}, "
             f"which must be a multiple of the {new_shards} devices"
         )
-    fifo = queue_in_fifo_order(queue, ptr, old_shards, global_batch // old_shards)
+    fifo = queue_in_fifo_order(queue, ptr, old_shards, old_global_batch // old_shards)
     batches = fifo.reshape(k // global_batch, new_shards, global_batch // new_shards, -1)
     return batches.transpose(1, 0, 2, 3).reshape(queue.shape), 0
 
@@ -178,7 +182,7 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -
                 continue
             queue, ptr = reshard_queue(
                 np.asarray(restored.queue), int(restored.queue_ptr), meta["num_queue_shards"], num_shards,
-                config.batch_size,
+                config.batch_size, meta["config"]["batch_size"],
             )
             logging.info("resumed from checkpoint %d in %s", step, workdir)
             return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32))

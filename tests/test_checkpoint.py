@@ -115,6 +115,11 @@ def test_reshard_queue_keeps_fifo_order():
             np.testing.assert_array_equal(checkpoint.queue_in_fifo_order(new_queue, 0, new, batch // new), fifo)
     same, ptr = checkpoint.reshard_queue(queue, 2, 3, 3, batch)
     assert same is queue and ptr == 2
+    # Same devices, new global batch (6 -> 12): re-laid out, age order kept.
+    fifo = checkpoint.queue_in_fifo_order(queue, 4, 3, 2)
+    new_queue, ptr = checkpoint.reshard_queue(queue, 4, 3, 3, 12, old_global_batch=6)
+    assert ptr == 0
+    np.testing.assert_array_equal(checkpoint.queue_in_fifo_order(new_queue, 0, 3, 4), fifo)
     with pytest.raises(ValueError, match="batch_size"):
         checkpoint.reshard_queue(queue, 0, 3, 4, batch)
 
