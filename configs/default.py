@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.temperature = 0.2
     config.momentum = 0.99  # key-encoder EMA
     config.shuffle_bn = True
+    config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see moco.py)
     config.symmetric_loss = False
 
     # Optimisation.

@@ -28,6 +28,7 @@ from jax import lax
 from moco_jax.state import MoCoState
 
 Views = Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]]
+SHUFFLE_MODES = ("all_gather", "all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,12 @@ class MoCoHParams:
     temperature: T of the softmax over [l_pos, l_neg].
     ema_momentum: m of the key-encoder update (0.999 for ImageNet, 0.99 CIFAR).
     shuffle_bn: shuffle keys across devices before the key encoder's BN.
+    shuffle_mode: how shuffle BN moves the key images between devices:
+      "all_gather" (the reference: every device receives the whole global
+      batch and encodes a uniformly random slice of it) or "all_to_all"
+      (each device sends B_local / n images to every device: n times less
+      traffic, and each BN group holds exactly B_local / n images from every
+      device; see `all_to_all_shuffled_forward`).
     symmetric: also use x_k as queries against keys of x_q (CIFAR demo option).
     axis_name: the pmap axis.
     """
@@ -44,8 +51,13 @@ class MoCoHParams:
     temperature: float = 0.2
     ema_momentum: float = 0.999
     shuffle_bn: bool = True
+    shuffle_mode: str = "all_gather"
     symmetric: bool = False
     axis_name: str = "batch"
+
+    def __post_init__(self):
+        if self.shuffle_mode not in SHUFFLE_MODES:
+            raise ValueError(f"shuffle_mode must be one of {SHUFFLE_MODES}, got {self.shuffle_mode!r}")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -62,6 +74,15 @@ def shuffle_permutation(rng: jax.Array, global_batch: int) -> jax.Array:
     """A permutation of the global batch. `rng` must be the same on every
     device (it comes from the replicated state), so all devices agree."""
     return jax.random.permutation(rng, global_batch)
+
+
+def draw_permutation(rng: jax.Array, hp: MoCoHParams, local_batch: int) -> jax.Array:
+    """The shuffle-BN permutation (B,) of one step for `hp.shuffle_mode`
+    (call inside the pmap: it reads the device count from `hp.axis_name`)."""
+    n = lax.axis_size(hp.axis_name)
+    if hp.shuffle_mode == "all_to_all":
+        return stratified_permutation(rng, n, local_batch)
+    return shuffle_permutation(rng, n * local_batch)
 
 
 def shuffled_forward(
@@ -92,6 +113,89 @@ def shuffled_forward(
     k_all = lax.all_gather(k_shuffled, axis_name, tiled=True)  # row j encodes x_all[perm[j]]
     unshuffle = jnp.argsort(perm)  # row unshuffle[i] of k_all encodes x_all[i]
     return k_all[lax.dynamic_slice_in_dim(unshuffle, start, local)], aux
+
+
+def stratified_permutation(rng: jax.Array, num_devices: int, local_batch: int) -> jax.Array:
+    """A permutation of the global batch for `all_to_all_shuffled_forward`.
+
+    Slice j, `perm[j*B_local:(j+1)*B_local]`, lists the global indices device
+    j encodes; it holds exactly c = B_local / n indices from every device's
+    share (which of a device's images go to which device is uniformly
+    random), in a uniformly random order. `rng` must be the same on every
+    device (it comes from the replicated state), so all devices agree.
+
+    Returns:
+      (B,) int32 with B = num_devices * local_batch.
+    """
+    n, b = num_devices, local_batch
+    if b % n:
+        raise ValueError(
+            f"shuffle_mode='all_to_all' needs the per-device batch ({b}) to be a multiple of the {n} devices"
+        )
+    c = b // n
+    send_rng, order_rng = jax.random.split(rng)
+    # Row s: device s's local rows in a random order; chunk j of it goes to device j.
+    sent = jax.random.permutation(send_rng, jnp.broadcast_to(jnp.arange(b), (n, b)), axis=1, independent=True)
+    global_rows = sent.reshape(n, n, c) + (jnp.arange(n) * b)[:, None, None]  # (source, destination, c)
+    slices = global_rows.transpose(1, 0, 2).reshape(n, b)  # (destination, B_local)
+    # A random order inside each slice, so that sub-groups of split BN
+    # (bn_splits > 1) are random mixes too, not one source device each.
+    return jax.random.permutation(order_rng, slices, axis=1, independent=True).reshape(-1)
+
+
+def all_to_all_shuffled_forward(
+    encode: Callable[[jax.Array], tuple[jax.Array, Any]],
+    x: jax.Array,
+    perm: jax.Array,
+    axis_name: str,
+) -> tuple[jax.Array, Any]:
+    """Shuffle BN with one `all_to_all` each way instead of two all-gathers.
+
+    Computes exactly what `shuffled_forward(encode, x, perm, axis_name)`
+    computes, for a `perm` from `stratified_permutation`: device j encodes
+    the images `perm[j*B_local:(j+1)*B_local]` as one BN group (in that
+    order), and every device gets back the keys of its own x, in order. It
+    relies on the stratification: each device sends B_local / n of its
+    images to every device (an arbitrary permutation would not fit one
+    fixed-size all_to_all, and would silently give wrong keys).
+
+    What changes compared with the reference all-gather shuffle:
+      * traffic and memory: a device receives (n-1) * B_local / n images
+        instead of (n-1) * B_local, n times less, and holds B_local images
+        instead of the whole global batch B, so its memory no longer grows
+        with the device count (likewise for the keys sent back);
+      * the BN groups: with the all-gather shuffle a group is a uniformly
+        random B_local-subset of the global batch (the number of images from
+        any one device is hypergeometric, and may even be all B_local of them);
+        here every group holds exactly B_local / n images from every device,
+        chosen at random. So a key shares its BN group with exactly
+        B_local / n - 1 images of its own query's device, where the
+        all-gather shuffle gives (B_local - 1)^2 / (B - 1) on average (about
+        the same) with some spread. Either way the key's BN statistics are
+        not those of its query's group, which is what shuffle BN is for.
+      * it needs B_local to be a multiple of n (B_local >= n).
+
+    Args:
+      encode: x (B_local, ...) -> (keys (B_local, C), aux).
+      x: (B_local, H, W, 3) this device's key images.
+      perm: (B,) from `stratified_permutation`, the same on every device.
+    Returns:
+      keys (B_local, C) with keys[j] the encoding of x[j], and `encode`'s aux.
+    """
+    n, b = lax.axis_size(axis_name), x.shape[0]
+    c, me = b // n, lax.axis_index(axis_name)
+    slices = perm.reshape(n, b)  # row j: the global indices device j encodes
+    # all_to_all delivers source 0's chunk first, then source 1's, ...: the
+    # arrival order of row j is its indices sorted (stably) by source device.
+    by_source = jnp.argsort(slices // b, axis=1, stable=True)  # (n, B_local)
+    arrival = jnp.take_along_axis(slices, by_source, axis=1)  # (destination, B_local)
+    # Our local rows, chunk j of them bound for device j, in j's arrival order.
+    send = lax.dynamic_index_in_dim(arrival.reshape(n, n, c), me, axis=1, keepdims=False).reshape(b) - me * b
+    received = lax.all_to_all(x[send], axis_name, 0, 0, tiled=True)  # row r: image arrival[me, r]
+    my_by_source = lax.dynamic_index_in_dim(by_source, me, axis=0, keepdims=False)
+    keys, aux = encode(received[jnp.argsort(my_by_source)])  # row m encodes perm[me * B_local + m]
+    returned = lax.all_to_all(keys[my_by_source], axis_name, 0, 0, tiled=True)  # row r: key of x[send[r]]
+    return returned[jnp.argsort(send)], aux
 
 
 def info_nce(
@@ -165,10 +269,13 @@ def _encode(apply_fn, params, batch_stats, x):
 def compute_keys(
     state: MoCoState, momentum_params: Any, x_k: jax.Array, perm: jax.Array, hp: MoCoHParams
 ) -> tuple[jax.Array, Any]:
-    """Keys of x_k (B_local, C) from the key encoder, with shuffle BN."""
+    """Keys of x_k (B_local, C) from the key encoder, with shuffle BN.
+
+    `perm` (B,) is `draw_permutation`'s for `hp.shuffle_mode`."""
     encode = lambda x: _encode(state.apply_fn, momentum_params, state.momentum_batch_stats, x)  # noqa: E731
     if hp.shuffle_bn:
-        k, stats = shuffled_forward(encode, x_k, perm, hp.axis_name)
+        forward = all_to_all_shuffled_forward if hp.shuffle_mode == "all_to_all" else shuffled_forward
+        k, stats = forward(encode, x_k, perm, hp.axis_name)
     else:
         k, stats = encode(x_k)
     return lax.stop_gradient(k), stats
@@ -190,7 +297,6 @@ def train_step(
     """
     rng, perm_rng, views_rng = jax.random.split(state.rng, 3)
     x_q, x_k = views(jax.random.fold_in(views_rng, lax.axis_index(hp.axis_name)), batch)
-    global_batch = x_q.shape[0] * lax.axis_size(hp.axis_name)
 
     # The key encoder follows the query encoder *before* this step's update.
     momentum_params = momentum_update(state.momentum_params, state.params, hp.ema_momentum)
@@ -198,7 +304,7 @@ def train_step(
     perm_rngs = jax.random.split(perm_rng, len(pairs))
     keys, momentum_batch_stats = [], state.momentum_batch_stats
     for (_, x_key), r in zip(pairs, perm_rngs):
-        perm = shuffle_permutation(r, global_batch)
+        perm = draw_permutation(r, hp, x_q.shape[0])
         k, momentum_batch_stats = compute_keys(
             state.replace(momentum_batch_stats=momentum_batch_stats), momentum_params, x_key, perm, hp
         )

@@ -27,6 +27,7 @@ def make_train_step(config) -> Callable:
         temperature=config.temperature,
         ema_momentum=config.momentum,
         shuffle_bn=config.shuffle_bn,
+        shuffle_mode=config.shuffle_mode,
         symmetric=config.symmetric_loss,
         axis_name=sharding.AXIS,
     )

@@ -27,6 +27,13 @@ def validate_config(config, num_devices: int) -> None:
             f"bn_splits={splits} must divide the per-device batch (batch_size={batch} / "
             f"{num_devices} devices = {per_device})"
         )
+    if config.shuffle_mode not in ("all_gather", "all_to_all"):
+        raise ValueError(f"shuffle_mode={config.shuffle_mode!r} must be 'all_gather' or 'all_to_all'")
+    if config.shuffle_mode == "all_to_all" and config.shuffle_bn and per_device % num_devices:
+        raise ValueError(
+            f"shuffle_mode='all_to_all' needs the per-device batch ({per_device}) to be a multiple of the "
+            f"{num_devices} devices"
+        )
     if not config.temperature > 0:
         raise ValueError(f"temperature={config.temperature} must be positive")
     if not 0.0 <= config.momentum <= 1.0:

@@ -22,6 +22,8 @@ def test_tiny_config_is_valid():
         (dict(momentum=1.5), 8, "momentum"),
         (dict(momentum=-0.01), 8, "momentum"),
         (dict(embed_dim=0), 8, "embed_dim"),
+        (dict(shuffle_mode="ring"), 8, "shuffle_mode"),
+        (dict(shuffle_mode="all_to_all", batch_size=32, queue_size=64), 8, "all_to_all"),  # 4 per device
     ],
 )
 def test_invalid_configs_raise_naming_the_field(overrides, num_devices, field):

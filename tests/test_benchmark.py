@@ -1,0 +1,40 @@
+"""The training-step benchmark runs (tiny mode, 8 CPU devices) and reports a
+complete table, so the script cannot rot. Nothing is asserted on time."""
+
+import json
+import math
+
+from benchmarks import train_step
+
+
+def test_tiny_benchmark_reports_every_column(tmp_path, capsys):
+    path = tmp_path / "table.json"
+    rows = train_step.main(["--tiny", "--peak_tflops", "0.05", "--json", str(path)])
+
+    assert [(r["model"], r["dtype"]) for r in rows] == [("tiny", "float32"), ("tiny", "bfloat16")]
+    for row in rows:
+        assert set(train_step.COLUMNS) <= set(row)
+        assert row["devices"] == 8 and row["local_batch"] == 8 and row["global_batch"] == 64
+        for column in ("pairs_per_s", "step_ms", "compile_s", "peak_mem_gib", "model_gflop_per_pair",
+                       "xla_gflop_per_pair", "mfu", "final_loss"):
+            assert isinstance(row[column], float) and math.isfinite(row[column]) and row[column] > 0, (column, row)
+        assert row["peak_mem_source"] == "memory_analysis"  # the CPU has no memory_stats()
+        assert row["recompiles"] == 0, "the real train step compiled again after the first step"
+        # pairs/s and step time describe the same measurement.
+        assert math.isclose(row["pairs_per_s"] * row["step_ms"] / 1000, row["global_batch"], rel_tol=1e-6)
+
+    table = capsys.readouterr().out.strip().splitlines()[-4:]
+    assert table[0] == "| " + " | ".join(train_step.COLUMNS) + " |"
+    assert [line.split(" | ")[:2] for line in table[2:]] == [["| tiny", "float32"], ["| tiny", "bfloat16"]]
+    assert all(line.count("|") == len(train_step.COLUMNS) + 1 for line in table)
+
+    written = json.loads(path.read_text())
+    assert written["rows"] == rows
+    assert written["environment"]["local_devices"] == 8 and written["environment"]["jax"]
+
+
+def test_peak_flops_table():
+    assert train_step.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
+    assert train_step.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.7
+    assert train_step.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert train_step.peak_tflops("cpu", "float32") is None
