@@ -4,7 +4,7 @@ The reference protocol (facebookresearch/moco `main_lincls.py`) on the
 digits default; for the real CIFAR-10 arrays (../shared/data/cifar10):
 
   python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
-      --config.pretrained=/tmp/moco_cifar --config.dataset=cifar10_arrays --workdir /tmp/linear
+      --config.pretrained=/tmp/moco_cifar10 --config.dataset=cifar10_arrays --workdir /tmp/linear
   # a quick check on CPU: features once, no augmentation
   python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
       --config.pretrained=/tmp/moco --config.mode=features
@@ -18,10 +18,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.pretrained = ""  # a pretraining workdir or an exported encoder (see moco_jax.pretrained.load)
     config.mode = "full"  # full: the reference protocol | features: fixed features, no augmentation
 
-    # Data: an in-memory dataset of moco_jax.data (digits | cifar10_arrays).
+    # Data (see moco_jax.linear_eval.load_dataset): digits | cifar10_arrays
+    # (in memory), or image_folder / a tensorflow-datasets name (decoded once
+    # into memory, shorter side resized to image_size and centre-cropped).
     config.dataset = "digits"
     config.data_dir = ""  # '' = the dataset's default location
-    config.image_size = 16  # digits only (upsampled from 8x8); 0 = the dataset's own size
+    # digits: upsampled from 8x8 to this; image_folder / tfds: the decode size;
+    # 0 = the pretraining image_size when the encoder was pretrained on this
+    # dataset, else the dataset's own (digits 16, cifar10_arrays 32).
+    config.image_size = 0
+    config.train_split = "train"  # tfds split / image_folder sub-folder
+    config.eval_split = "test"  # top-1/top-5 are measured here (ImageNet: 'validation')
+    config.max_train_images = 0  # image_folder / tfds: cap on the training images (0 = all)
     config.crop_size = 0  # 0 = the encoder's input size (its pretraining crop_size)
     config.train_crop_scale = (0.08, 1.0)  # RandomResizedCrop's default scale
     config.eval_crop_fraction = 0.875  # Resize(crop / 0.875) + CenterCrop(crop), i.e. 256 -> 224
