@@ -1,7 +1,8 @@
 """MoCo v2 on CIFAR-10: the official single-GPU demo's recipe.
 
 facebookresearch/moco `colab/moco_cifar10_demo.ipynb`: ResNet-18 with the
-CIFAR stem (3x3 conv, no max-pool), MLP head to 128-d, batch 512, SGD lr 0.06
+CIFAR stem (3x3 conv, no max-pool), a linear head to 128-d (the demo's
+`resnet18(num_classes=128)`: the v1 head, despite the v2 recipe), batch 512, SGD lr 0.06
 (0.03 per 256) cosine, weight decay 5e-4, momentum 0.9, K=4096, m=0.99,
 T=0.1, split BN with 8 splits (emulating 8-GPU shuffle BN on one GPU),
 asymmetric loss, 200 epochs, augmentation RandomResizedCrop(32, scale
@@ -13,7 +14,10 @@ Deliberate differences from the demo:
 * `bn_splits` counts BN groups per device. The demo's 8 groups of 64 are
   `bn_splits=8` on one device; on 8 devices pass --config.bn_splits=1
   (64 images per device, per-device BN with shuffle BN).
-* the running BN variance is the biased batch variance (Flax convention).
+* the running BN variance is the biased batch variance (Flax convention);
+* the stem conv is initialised like every conv here (kaiming normal,
+  fan-out), where the demo's replaced conv1 keeps PyTorch's default init;
+* the cosine learning rate decays every step, not once per epoch.
 
 Run (real CIFAR-10; tensorflow-datasets' `cifar10` by default, or offline
 from the mosaics in ../shared/data/cifar10):
@@ -42,7 +46,7 @@ def get_config():
     config.model.depth = 18
     config.model.width = 64
     config.model.stem = "cifar"
-    config.model.head = "mlp"
+    config.model.head = "linear"  # as the demo; --config.model.head=mlp for the v2 MLP
     config.model.dtype = "float32"
     config.embed_dim = 128
     config.bn_splits = 8

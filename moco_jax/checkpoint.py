@@ -33,8 +33,9 @@ from moco_jax import models
 from moco_jax.state import MoCoState
 
 # Config fields that fix the shapes of the saved arrays: a checkpoint written
-# with other values cannot be restored into this model.
-MODEL_FIELDS = ("model", "embed_dim", "queue_size")
+# with other values cannot be restored into this model. (model.dtype, sync_bn
+# or bn_momentum may change on resume: they change no saved shape.)
+MODEL_FIELDS = ("model.depth", "model.width", "model.stem", "model.head", "embed_dim", "queue_size")
 
 
 class CheckpointMismatchError(ValueError):
@@ -133,13 +134,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_compatible(saved: dict, config) -> None:
     """Raise CheckpointMismatchError naming every model field that differs."""
-    current = config.to_dict()
-    diffs = []
-    for field in MODEL_FIELDS:
-        a, b = _flatten({field: saved.get(field)}), _flatten({field: current.get(field)})
-        for name in sorted(set(a) | set(b)):
-            if _normalize(a.get(name)) != _normalize(b.get(name)):
-                diffs.append(f"{name}: checkpoint {a.get(name)!r} != config {b.get(name)!r}")
+    saved, current = _flatten(saved), _flatten(config.to_dict())
+    diffs = [
+        f"{name}: checkpoint {saved.get(name)!r} != config {current.get(name)!r}"
+        for name in MODEL_FIELDS
+        if saved.get(name) != current.get(name)
+    ]
     if diffs:
         raise CheckpointMismatchError(
             "the checkpoint was written by a different model config; mismatching fields: " + "; ".join(diffs)
@@ -147,14 +147,13 @@ def check_compatible(saved: dict, config) -> None:
         )
 
 
-def _normalize(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
     path = os.path.join(str(manager.directory), str(step))
     if jax.process_index() == 0 and os.path.isdir(path):
-        os.replace(path, f"{path}.corrupt")
+        target, n = f"{path}.corrupt", 1
+        while os.path.exists(target):  # the same step may go bad twice
+            target, n = f"{path}.corrupt{n}", n + 1
+        os.replace(path, target)
 
 
 def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -> MoCoState | None:
@@ -166,7 +165,8 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -
     """
     manager = make_manager(workdir)
     try:
-        for step in sorted(manager.all_steps(), reverse=True):
+        steps = sorted(manager.all_steps(), reverse=True)
+        for step in steps:
             try:
                 meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
@@ -175,7 +175,7 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -
                 continue
             check_compatible(meta["config"], config)
             try:
-                restored = _restore_state(manager, step, template, meta["num_queue_shards"])
+                restored = _restore_state(manager, step, template)
             except Exception as e:  # noqa: BLE001
                 logging.warning("checkpoint %d in %s is corrupt (%s); trying the previous one", step, workdir, e)
                 _move_aside(manager, step)
@@ -186,12 +186,19 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -
             )
             logging.info("resumed from checkpoint %d in %s", step, workdir)
             return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32))
+        if steps:
+            # Starting over in a workdir whose every checkpoint is bad would
+            # silently throw a long run away: let a person decide.
+            raise RuntimeError(
+                f"no checkpoint in {checkpoint_dir(workdir)} is readable (moved aside as *.corrupt: steps "
+                f"{steps}); delete them or pass a new --workdir to start from scratch"
+            )
         return None
     finally:
         manager.close()
 
 
-def _restore_state(manager, step: int, template: MoCoState, saved_shards: int) -> MoCoState:
+def _restore_state(manager, step: int, template: MoCoState) -> MoCoState:
     target = jax.tree.map(np.asarray, serialization.to_state_dict(template))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     state = serialization.from_state_dict(template, restored)
@@ -218,6 +225,4 @@ def load_encoder_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dic
         manager.close()
     config = ml_collections.ConfigDict(meta["config"])
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-    # Shapes must fit the model the config describes (a cheap sanity check).
-    models.build_encoder(config)
     return config, jax.tree.map(np.asarray, variables)

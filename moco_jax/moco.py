@@ -61,8 +61,12 @@ class MoCoHParams:
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rows scaled to unit length, as `torch.nn.functional.normalize(x, dim=1)`."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """Rows scaled to unit length, as `torch.nn.functional.normalize(x, dim=1)`.
+
+    Written with rsqrt of the clamped squared norm rather than `norm`: the
+    gradient of `jnp.linalg.norm` is NaN at a zero row, this one is finite
+    there (as PyTorch's)."""
+    return x * lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 def momentum_update(momentum_params: Any, params: Any, momentum: float) -> Any:
@@ -232,7 +236,10 @@ def info_nce(
 
     l_pos = jnp.sum(q * k, axis=-1) / temperature  # (B_local,)
     q_all = lax.all_gather(q, axis_name, tiled=True)  # (B, C)
-    l_neg = q_all @ queue.T / temperature  # (B, K/n)
+    # Full float32 precision: the default TF32/bf16 matmul passes on GPU/TPU
+    # would score the negatives less exactly than l_pos, which matters at
+    # T = 0.07; this matmul is a tiny part of the step.
+    l_neg = jnp.matmul(q_all, queue.T, precision=lax.Precision.HIGHEST) / temperature  # (B, K/n)
     l_pos_all = lax.all_gather(lax.stop_gradient(l_pos), axis_name, tiled=True)  # (B,)
 
     shift_all = lax.pmax(jnp.maximum(lax.stop_gradient(l_neg).max(axis=1), l_pos_all), axis_name)
@@ -344,5 +351,9 @@ def train_step(
         "loss": loss,
         "top1": (rank < 1).mean(),
         "top5": (rank < 5).mean(),
+        # The loss is that of the old parameters; a non-finite gradient would
+        # make the *new* ones NaN with a finite loss. The host's NaN guard
+        # checks both.
+        "grad_norm": optax.global_norm(grads),
     }
     return state, lax.pmean(metrics, hp.axis_name)

@@ -262,5 +262,8 @@ def build_encoder(config, axis_name: str = "batch") -> MoCoEncoder:
         dtype=dtype,
         name="backbone",
     )
-    head = ProjectionHead(kind=model_config.head, embed_dim=config.embed_dim, dtype=dtype, name="head")
+    # The head stays in float32 even for bfloat16 backbones: it is tiny, and
+    # the embeddings are divided by T (as small as 0.07) in the logits, where
+    # bfloat16's 3 significant digits would show.
+    head = ProjectionHead(kind=model_config.head, embed_dim=config.embed_dim, dtype=jnp.float32, name="head")
     return MoCoEncoder(backbone=backbone, head=head)

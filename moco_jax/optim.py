@@ -30,8 +30,10 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """`cosine` (MoCo v2) or `step` (MoCo v1: x0.1 at each of
     `lr_drop_epochs`), after an optional linear warm-up of `warmup_epochs`.
 
-    The reference changes the rate once per epoch; we change it every step,
-    which is the same curve sampled more finely.
+    The reference changes the rate once per epoch; we change it every step.
+    For `step` that is the same curve; for `cosine` the per-step curve lies
+    slightly below the reference's per-epoch staircase (at most one epoch's
+    decrement), a deliberate smoothing.
     """
     peak = scaled_learning_rate(config)
     total = total_train_steps(config, steps_per_epoch)

@@ -58,34 +58,37 @@ def knn_accuracies(embed: Callable, variables: Any, dataset: data.ArrayDataset, 
     """Weighted kNN top-1 on the test split, bank = un-augmented train images,
     for backbone features and for the projection output (published numbers
     use either; the CIFAR demo uses the projection)."""
+    both = lambda x: jnp.concatenate(embed(variables, x), axis=1)  # noqa: E731 - one pass, split below
+    banks = knn.extract_features(both, dataset.train_images, config.eval_batch_size)
+    queries = knn.extract_features(both, dataset.test_images, config.eval_batch_size)
+    split = banks.shape[1] - config.embed_dim
     result = {}
-    for i, name in enumerate(("backbone", "projection")):
-        fn = lambda x, i=i: embed(variables, x)[i]  # noqa: E731
-        bank = knn.extract_features(fn, dataset.train_images, config.eval_batch_size)
-        queries = knn.extract_features(fn, dataset.test_images, config.eval_batch_size)
+    for name, cols in (("backbone", slice(0, split)), ("projection", slice(split, None))):
+        bank, query = banks[:, cols], queries[:, cols]
         result[name] = knn.knn_accuracy(
-            queries, dataset.test_labels, bank, dataset.train_labels, dataset.num_classes,
+            query, dataset.test_labels, bank, dataset.train_labels, dataset.num_classes,
             k=config.knn_k, temperature=config.knn_temperature,
         )
     return result
 
 
 def summarize(pending: list[dict[str, jax.Array]], step: int) -> dict[str, float]:
-    """Mean of the metrics of the steps since the last log. This and
-    `assert_finite` are the only places the host waits for the devices."""
+    """Mean of the metrics of the steps since the last log. Within the
+    training steps, this and `assert_finite` are the only places the host
+    waits for the devices (the kNN monitor and checkpoints wait too)."""
     stacked = jax.device_get(pending)
     summary = {k: float(np.mean([np.asarray(m[k])[0] for m in stacked])) for k in stacked[0]}
-    assert_finite([summary["loss"]], step)
+    assert_finite([summary["loss"], summary["grad_norm"]], step)
     return summary
 
 
-def assert_finite(losses, step: int) -> None:
-    """The NaN guard: stop before a non-finite state can be logged as fine or
-    saved over the last good checkpoint."""
-    losses = np.asarray(jax.device_get(losses), np.float64)
-    if not np.all(np.isfinite(losses)):
+def assert_finite(values, step: int) -> None:
+    """The NaN guard on losses and gradient norms: stop before a non-finite
+    state can be logged as fine or saved over the last good checkpoint."""
+    values = np.asarray(jax.device_get(values), np.float64)
+    if not np.all(np.isfinite(values)):
         raise FloatingPointError(
-            f"non-finite loss at or before step {step}; training stopped. The last good checkpoint "
+            f"non-finite loss or gradient at or before step {step}; training stopped. The last good checkpoint "
             "(if any) is kept; lower the learning rate or check the data before relaunching."
         )
 
@@ -194,7 +197,7 @@ class TrainLoop:
                     writer.write(step, {f"knn_{k}": v for k, v in knn.items()})
                     last_time = time.perf_counter()  # the monitor's time is not training time
                 if manager and _every(step, config.checkpoint_every_steps, last):
-                    assert_finite([m["loss"] for m in pending], step)
+                    assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step)
                     checkpoint.save(manager, state_lib.from_devices(p_state), config, self.num_devices)
                     last_time = time.perf_counter()
         finally:

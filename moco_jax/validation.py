@@ -34,6 +34,17 @@ def validate_config(config, num_devices: int) -> None:
             f"shuffle_mode='all_to_all' needs the per-device batch ({per_device}) to be a multiple of the "
             f"{num_devices} devices"
         )
+    if per_device // splits < 2:
+        raise ValueError(
+            f"bn_splits={splits} leaves {per_device // splits} image per BN group (batch_size={batch} / "
+            f"{num_devices} devices / {splits} splits); BN needs at least 2: lower bn_splits "
+            "(on n devices, bn_splits=1 already gives shuffle BN over n groups)"
+        )
+    if config.symmetric_loss and queue % (2 * batch):
+        raise ValueError(
+            f"queue_size={queue} must be a multiple of 2 * batch_size={2 * batch} with symmetric_loss: "
+            "both views' keys enter the queue every step"
+        )
     if not config.temperature > 0:
         raise ValueError(f"temperature={config.temperature} must be positive")
     if not 0.0 <= config.momentum <= 1.0:

@@ -146,6 +146,15 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config.num_train_steps = 5
     trainer.train_and_evaluate(config, workdir=str(tmp_path), show_progress=False)
     assert int(_latest(tmp_path, config).step) == 5
+    # When no checkpoint is readable any more, relaunching refuses to start over.
+    steps = [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert sorted(steps, key=int) == ["2", "4", "5"]
+    for step in steps:
+        for root, _, files in os.walk(tmp_path / "checkpoints" / step):
+            for name in files:
+                open(os.path.join(root, name), "w").close()
+    with pytest.raises(RuntimeError, match="no checkpoint .* is readable"):
+        _latest(tmp_path, config)
 
 
 def test_checkpoint_of_another_model_config_is_refused_naming_the_fields(tmp_path):
@@ -163,10 +172,11 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
         trainer.train_and_evaluate(tiny_config(), workdir=str(blocker / "workdir"), show_progress=False)
 
 
-@pytest.mark.parametrize("log_every, error_step", [(1, 3), (10, 4)])
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_every, error_step):
+@pytest.mark.parametrize("log_every, error_step, poisoned", [(1, 3, "loss"), (10, 4, "loss"), (10, 4, "grad_norm")])
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_every, error_step, poisoned):
     """NaN from step 3 on. Logged every step: caught at step 3. Never logged
-    before the end: caught by the check before the step-4 checkpoint."""
+    before the end: caught by the check before the step-4 checkpoint. A NaN
+    gradient with a finite loss (the loss is the old parameters') too."""
     make_real_step = trainer.make_train_step
 
     def make_poisoned_step(config):
@@ -176,7 +186,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
             p_state, step_metrics = real(p_state, batch)
             if int(p_state.step.addressable_shards[0].data[0]) >= 3:
                 p_state = p_state.replace(params=jax.tree.map(lambda p: p * np.nan, p_state.params))
-                step_metrics = dict(step_metrics, loss=step_metrics["loss"] * np.nan)
+                step_metrics = dict(step_metrics, **{poisoned: step_metrics[poisoned] * np.nan})
             return p_state, step_metrics
 
         return step

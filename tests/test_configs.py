@@ -30,3 +30,4 @@ def test_paper_recipes():
     assert (cifar.momentum, cifar.temperature, cifar.bn_splits, cifar.weight_decay) == (0.99, 0.1, 8, 5e-4)
     assert optim.scaled_learning_rate(cifar) == pytest.approx(0.06)
     assert cifar.crop_scale == (0.08, 1.0) and not cifar.symmetric_loss
+    assert cifar.model.head == "linear"  # the demo's resnet18(num_classes=128)

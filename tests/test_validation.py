@@ -23,6 +23,8 @@ def test_tiny_config_is_valid():
         (dict(momentum=-0.01), 8, "momentum"),
         (dict(embed_dim=0), 8, "embed_dim"),
         (dict(shuffle_mode="ring"), 8, "shuffle_mode"),
+        (dict(bn_splits=2, batch_size=16), 8, "at least 2"),  # 2 per device, 1 per group
+        (dict(symmetric_loss=True, batch_size=16, queue_size=48), 8, "symmetric_loss"),
         (dict(shuffle_mode="all_to_all", batch_size=32, queue_size=64), 8, "all_to_all"),  # 4 per device
     ],
 )
