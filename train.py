@@ -3,28 +3,59 @@
   python train.py                                     # configs/default.py
   python train.py --config configs/moco_v2_cifar10.py --workdir /tmp/moco_cifar
   python train.py --config.batch_size=256 --config.model.depth=18
+
+Several processes (multi-host; see README "Multi-host and sweeps" and
+scripts/): every process runs the same command. Under SLURM (`srun`), Open
+MPI (`mpirun`) and on Cloud TPU VMs the processes find each other by
+themselves; elsewhere give each process the coordinator (process 0's
+host:port), the process count and its id:
+
+  python train.py --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...
+  (or $MOCO_COORDINATOR_ADDRESS, $MOCO_NUM_PROCESSES, $MOCO_PROCESS_ID)
 """
 
 import os
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moco_jax import trainer
+from moco_jax import distributed, trainer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics (and, later, checkpoints) are written.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics and checkpoints are written (shared by all processes).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, f"host:port of process 0, for a multi-process run (or ${distributed.ENV_COORDINATOR_ADDRESS})."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, f"Processes in a multi-process run (or ${distributed.ENV_NUM_PROCESSES})."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, f"This process's index in [0, num_processes) (or ${distributed.ENV_PROCESS_ID})."
+)
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids", None,
+    f"Comma-separated ids of the local devices this process drives (or ${distributed.ENV_LOCAL_DEVICE_IDS}); "
+    "default: all (one per process under SLURM / Open MPI on GPUs).",
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    random, trained = result["knn_random"], result["knn_trained"]
-    print(f"kNN accuracy (k={_CONFIG.value.knn_k}, T={_CONFIG.value.knn_temperature}) on the test split:")
-    for name in ("backbone", "projection"):
-        print(f"  {name:<10}  random init {random[name]:6.1%}  ->  MoCo {trained[name]:6.1%}")
+    # First, before anything touches a device.
+    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
+    is_main = jax.process_index() == 0
+    if not is_main:
+        logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn
+    distributed.check_same_config(_CONFIG.value)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=is_main)
+    if is_main:
+        random, trained = result["knn_random"], result["knn_trained"]
+        print(f"kNN accuracy (k={_CONFIG.value.knn_k}, T={_CONFIG.value.knn_temperature}) on the test split:")
+        for name in ("backbone", "projection"):
+            print(f"  {name:<10}  random init {random[name]:6.1%}  ->  MoCo {trained[name]:6.1%}")
 
 
 if __name__ == "__main__":

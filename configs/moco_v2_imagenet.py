@@ -26,6 +26,9 @@ def get_config():
     config.crop_size = 224
     config.crop_scale = (0.2, 1.0)
     config.augmentation = "moco_v2"
+    config.eval_split = "validation"  # imagenet2012 has no test split
+    config.knn_center_crop_fraction = 0.875  # the usual resize-256 / center-crop-224 view
+    config.knn_max_train_images = 10000  # kNN bank: 10k un-augmented train images (memory)
 
     config.model.depth = 50
     config.model.width = 64

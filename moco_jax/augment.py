@@ -309,20 +309,38 @@ def apply_color_jitter(images, order, brightness=None, contrast=None,
     """
     factors = {BRIGHTNESS: brightness, CONTRAST: contrast,
                SATURATION: saturation, HUE: hue}
-    active = [(op, f) for op, f in factors.items() if f is not None]
+    cheap = [(op, f) for op, f in factors.items() if f is not None and op != HUE]
     order = jnp.asarray(order, jnp.int32)
+    x = images.astype(jnp.float32)
+    if hue is None:
+        return _apply_in_order(x, order, cheap, lambda i: True)
+    # Hue (an HSV round trip) costs several times the other three ops
+    # together, so it runs once, at each image's own position `hue_at`: the
+    # cheap ops placed before it, then hue, then the cheap ops after it.
+    hue_at = jnp.argmax(order == HUE, axis=1)
+    x = _apply_in_order(x, order, cheap, lambda i: i < hue_at)
+    x = adjust_hue(x, hue)
+    return _apply_in_order(x, order, cheap, lambda i: i > hue_at)
+
+
+def _apply_in_order(x, order, ops, at_position):
+    """For i = 0..3, apply to each image the op order[:, i] if it is one of
+    `ops` ((op id, factors) pairs) and at_position(i) ((B,) bool) holds."""
+    if not ops:
+        return x
 
     def step(i, x):
-        # Every active op is computed and the per-image one selected: a
+        # Every op is computed and the per-image one selected: a
         # data-dependent order cannot be a Python branch under jit.
         current = order[:, i]
-        for op, f in active:
-            x = jnp.where(_per_image(current == op) > 0, _ADJUSTMENTS[op](x, f), x)
+        for op, f in ops:
+            chosen = (current == op) & at_position(i)
+            x = jnp.where(_per_image(chosen) > 0, _ADJUSTMENTS[op](x, f), x)
         return x
 
     # A loop rather than 4 unrolled copies: same work at run time, but each
     # op appears once in the program, which quarters its compile time.
-    return jax.lax.fori_loop(0, 4, step, images.astype(jnp.float32))
+    return jax.lax.fori_loop(0, 4, step, x)
 
 
 def _factor_range(strength: float):
@@ -629,3 +647,27 @@ def two_views(rng, images_uint8, recipe: Recipe, crop: bool = True):
     u = _view_uniforms(rng, images_uint8.shape[0], leading=(2,))
     views = jax.vmap(lambda uv: _augment_view_u(uv, images_uint8, recipe, crop))(u)
     return views[0], views[1]
+
+
+def make_views_fn(recipe: Recipe, host_cropped: bool):
+    """The step's `views` function: (rng, per-device batch) -> (x_q, x_k).
+
+    host_cropped False: batch is uint8 (B, H, W, 3) whole images; the two
+      RandomResizedCrops happen here (`two_views`).
+    host_cropped True: batch is uint8 (B, 2, S, S, 3), the two crops the host
+      already cut (`moco_jax.tf_images.two_crops`, same box sampling); the
+      rest of the recipe runs here, independently per view.
+    Returns float32 (B, S, S, 3) views, normalised.
+    """
+    if not host_cropped:
+        return lambda rng, images: two_views(rng, images, recipe, crop=True)
+
+    def host_cropped_views(rng, crops):
+        if crops.ndim != 5 or crops.shape[1] != 2:
+            raise ValueError(f"host-cropped batches are (B, 2, S, S, 3), got {crops.shape}")
+        u = _view_uniforms(rng, crops.shape[0], leading=(2,))
+        pairs = jnp.moveaxis(crops, 1, 0)  # (2, B, S, S, 3): view v's crops
+        views = jax.vmap(lambda uv, x: _augment_view_u(uv, x, recipe, crop=False))(u, pairs)
+        return views[0], views[1]
+
+    return host_cropped_views

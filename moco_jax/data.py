@@ -1,17 +1,21 @@
 """Datasets and the host -> device feed for MoCo pretraining.
 
-Everything here is numpy + Pillow so that importing this module stays cheap:
-heavier sources (tensorflow-datasets, image folders) will be added later
-behind lazy imports inside their loader functions, never at module level.
+Everything here is numpy + Pillow so that importing this module stays cheap
+and the in-memory sources work without TensorFlow (the GPU machines have
+none). The tf.data sources, image folders (`moco_jax.image_folder`) and
+tensorflow-datasets (`moco_jax.tfds_source`), are imported lazily inside
+`make_pretrain_input` / `load_knn_arrays`, never at module level.
 
 Layout conventions (shapes):
   images  uint8 (N, H, W, 3), labels int32 (N,)
-  a host batch for pmap: uint8 (num_local_devices, per_device_batch, H, W, 3)
+  a host batch for pmap: uint8 (num_local_devices, per_device_batch, H, W, 3),
+  or, host-cropped, (num_local_devices, per_device_batch, 2, S, S, 3)
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import os
 from pathlib import Path
@@ -229,7 +233,7 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return steps
 
 
-def _local_batch_size(global_batch: int, process_count: int,
+def local_batch_size(global_batch: int, process_count: int,
                       num_local_devices: int) -> int:
     """Per-process batch size, validating that the splits are exact."""
     if global_batch % process_count:
@@ -244,15 +248,53 @@ def _local_batch_size(global_batch: int, process_count: int,
     return local
 
 
+def local_batch_indices(num_examples: int, global_batch: int, seed: int,
+                        start_step: int = 0, process_index: int = 0,
+                        process_count: int = 1,
+                        num_local_devices: int = 1) -> Iterator[np.ndarray]:
+    """Infinite, resumable stream of the example indices of this process's
+    share of each global batch; the order every source uses.
+
+    Global step s (epoch e = s // steps_per_epoch) uses the global batch
+    epoch_permutation(N, seed, e)[(s % spe) * global_batch:][:global_batch];
+    process p takes its contiguous p-th 1/process_count slice of it.
+
+    Yields:
+      int64 (global_batch // process_count,), starting at global step `start_step`.
+    Raises (eagerly, at call time):
+      ValueError: bad divisibility, process_index or start_step.
+    """
+    local = local_batch_size(global_batch, process_count, num_local_devices)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    spe = steps_per_epoch(num_examples, global_batch)
+    # Validation above runs now; the generator below only runs on next().
+    return _index_generator(num_examples, global_batch, seed, start_step, spe,
+                            process_index * local, local)
+
+
+def _index_generator(num_examples, global_batch, seed, step, spe, offset, local):
+    epoch, perm = None, None
+    while True:
+        if step // spe != epoch:
+            epoch = step // spe
+            perm = epoch_permutation(num_examples, seed, epoch)
+        start = (step % spe) * global_batch + offset
+        yield perm[start:start + local]
+        step += 1
+
+
 def array_batches(images: np.ndarray, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int = 0,
                   process_count: int = 1,
                   num_local_devices: int = 1) -> Iterator[np.ndarray]:
     """Infinite, resumable stream of this process's share of each global batch.
 
-    Global step s (epoch e = s // steps_per_epoch) uses the global batch
-    epoch_permutation(N, seed, e)[(s % spe) * global_batch:][:global_batch];
-    process p takes its contiguous p-th 1/process_count slice of it.
+    The examples of each step are those of `local_batch_indices` (same
+    arguments), so the order is deterministic for a seed and a run resumed at
+    `start_step` continues exactly where it stopped.
 
     Args:
       images: uint8 (N, H, W, C).
@@ -264,29 +306,132 @@ def array_batches(images: np.ndarray, global_batch: int, seed: int,
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
-    local = _local_batch_size(global_batch, process_count, num_local_devices)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}")
-    spe = steps_per_epoch(len(images), global_batch)
-    # Validation above runs now; the generator below only runs on next().
-    return _batch_generator(images, global_batch, seed, start_step, spe,
-                            process_index * local, local, num_local_devices)
+    indices = local_batch_indices(len(images), global_batch, seed, start_step,
+                                  process_index, process_count, num_local_devices)
+    return (images[idx].reshape(num_local_devices, -1, *images.shape[1:])
+            for idx in indices)
 
 
-def _batch_generator(images, global_batch, seed, step, spe, offset, local,
-                     num_local_devices):
-    epoch, perm = None, None
-    while True:
-        if step // spe != epoch:
-            epoch = step // spe
-            perm = epoch_permutation(len(images), seed, epoch)
-        start = (step % spe) * global_batch + offset
-        batch = images[perm[start:start + local]]
-        yield batch.reshape(num_local_devices, local // num_local_devices,
-                            *images.shape[1:])
-        step += 1
+# --------------------------------------------------------------------------
+# The trainer's entry points: any source by name.
+# --------------------------------------------------------------------------
+IMAGE_FOLDER = "image_folder"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainInput:
+    """This process's pretraining stream and what the trainer needs to know.
+
+    Attributes:
+      batches: infinite iterator of host uint8 arrays, one per global step,
+        starting at `start_step`:
+        (num_local_devices, per_device, H, W, 3) when `host_cropped` is False
+        (whole images; `augment.make_views_fn` crops on the device), or
+        (num_local_devices, per_device, 2, S, S, 3) when True (two independent
+        RandomResizedCrops per image, S = config.crop_size).
+      num_train_examples: examples in the whole train split (all processes).
+      steps_per_epoch: full global batches per epoch (the remainder is dropped).
+      host_cropped: see `batches`.
+    """
+
+    batches: Iterator[np.ndarray]
+    num_train_examples: int
+    steps_per_epoch: int
+    host_cropped: bool
+
+
+def source_kind(dataset: str) -> str:
+    """'arrays' (in memory, no TensorFlow), 'image_folder' or 'tfds'.
+
+    Names in ARRAY_DATASETS and 'image_folder' are ours; any other name is a
+    tensorflow-datasets name (e.g. 'cifar10', 'imagenette/320px-v2',
+    'stl10'), optionally written 'tfds:NAME'.
+    """
+    if dataset in ARRAY_DATASETS:
+        return "arrays"
+    if dataset == IMAGE_FOLDER:
+        return IMAGE_FOLDER
+    return "tfds"
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_array_dataset(name: str, data_dir, image_size) -> ArrayDataset:
+    # The trainer asks for the same arrays twice (pretraining and the kNN
+    # bank); CIFAR-10 takes about a second to decode.
+    return load_array_dataset(name, data_dir, image_size)
+
+
+def count_train_examples(config) -> int:
+    """Examples in the pretraining split of config.dataset, without building
+    the pipeline: the trainer needs steps_per_epoch for the learning-rate
+    schedule before it knows the step it resumes from."""
+    kind = source_kind(config.dataset)
+    if kind == "arrays":
+        return len(_cached_array_dataset(config.dataset, config.data_dir or None,
+                                         config.image_size).train_images)
+    if kind == IMAGE_FOLDER:
+        from moco_jax import image_folder  # lazy: needs TensorFlow only for decoding
+        return len(image_folder.train_files(config).paths)
+    from moco_jax import tfds_source  # lazy: needs TensorFlow
+    return tfds_source.count_train_examples(config)
+
+
+def make_pretrain_input(config, *, start_step: int, process_index: int,
+                        process_count: int, num_local_devices: int) -> PretrainInput:
+    """The pretraining input of `config.dataset` for this process.
+
+    Array sources ship whole images (the device crops them); image folders
+    and tensorflow-datasets decode and crop on the host in tf.data.
+    Every source drops the last partial batch, reshuffles each epoch with an
+    order fixed by `config.seed`, and starts at global step `start_step`.
+    """
+    kind = source_kind(config.dataset)
+    if kind == "arrays":
+        ds = _cached_array_dataset(config.dataset, config.data_dir or None, config.image_size)
+        batches = array_batches(ds.train_images, config.batch_size, config.seed,
+                                start_step, process_index, process_count, num_local_devices)
+        return PretrainInput(batches, len(ds.train_images),
+                             steps_per_epoch(len(ds.train_images), config.batch_size),
+                             host_cropped=False)
+    kwargs = dict(start_step=start_step, process_index=process_index,
+                  process_count=process_count, num_local_devices=num_local_devices)
+    if kind == IMAGE_FOLDER:
+        from moco_jax import image_folder  # lazy: needs TensorFlow
+        return image_folder.make_pretrain_input(config, **kwargs)
+    from moco_jax import tfds_source  # lazy: needs TensorFlow
+    return tfds_source.make_pretrain_input(config, **kwargs)
+
+
+def load_knn_arrays(config) -> ArrayDataset:
+    """Un-augmented images for the kNN monitor, in host memory.
+
+    train_* is the feature bank (config.knn_train_split, '' = train_split, at
+    most config.knn_max_train_images of them, 0 = all), test_* the
+    config.eval_split; labelled. Image-folder and tensorflow-datasets images
+    are resized (shorter side) and centre-cropped to config.crop_size; the
+    array sources are returned as they are.
+    """
+    kind = source_kind(config.dataset)
+    if kind == "arrays":
+        ds = _cached_array_dataset(config.dataset, config.data_dir or None, config.image_size)
+        keep = knn_subset(len(ds.train_images), config.get("knn_max_train_images", 0), config.seed)
+        if len(keep) < len(ds.train_images):
+            ds = dataclasses.replace(ds, train_images=ds.train_images[keep],
+                                     train_labels=ds.train_labels[keep])
+        return ds
+    if kind == IMAGE_FOLDER:
+        from moco_jax import image_folder  # lazy: needs TensorFlow
+        return image_folder.load_knn_arrays(config)
+    from moco_jax import tfds_source  # lazy: needs TensorFlow
+    return tfds_source.load_knn_arrays(config)
+
+
+def knn_subset(num_examples: int, cap: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `cap` examples (all when cap <= 0), drawn
+    without replacement by `seed`: int64 (min(cap, N),)."""
+    if cap <= 0 or cap >= num_examples:
+        return np.arange(num_examples)
+    return np.sort(np.random.default_rng(seed).permutation(num_examples)[:cap])
 
 
 # --------------------------------------------------------------------------

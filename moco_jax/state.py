@@ -77,18 +77,24 @@ def create_train_state(
 
 
 def to_devices(state: MoCoState, devices=None) -> MoCoState:
-    """Replicate the state over the local devices, except the queue, which is
-    split into n contiguous shards of K / n rows (one per device)."""
-    devices = jax.local_devices() if devices is None else devices
-    n = len(devices)
+    """Replicate the state over every device of the pmap axis (all processes'
+    devices with several processes), except the queue, which is split into
+    n contiguous shards of K / n rows, shard i on device i of the axis.
+
+    Every process passes the same host state; each transfers only the rows of
+    its own devices."""
+    n = len(sharding.pmap_devices() if devices is None else devices)
     queue = np.asarray(state.queue)
     if queue.shape[0] % n:
         raise ValueError(f"queue_size={queue.shape[0]} is not divisible by the {n} devices")
     replicated = sharding.replicate(state.replace(queue=None), devices)
-    return replicated.replace(queue=sharding.shard(queue.reshape((n, -1) + queue.shape[1:]), devices))
+    return replicated.replace(queue=sharding.shard_global(queue.reshape((n, -1) + queue.shape[1:]), devices))
 
 
 def from_devices(state: MoCoState) -> MoCoState:
-    """The inverse of `to_devices`: one host copy, the queue re-assembled (K, C)."""
+    """The inverse of `to_devices`: one host copy, the queue re-assembled
+    (K, C) from the shards of all devices. With several processes every
+    process gets the whole queue (a collective: all must call it), so any
+    of them can checkpoint it."""
     queue = sharding.gather_sharded(state.queue)
     return sharding.unreplicate(state.replace(queue=None)).replace(queue=queue)

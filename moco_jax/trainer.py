@@ -19,9 +19,12 @@ def augmentation_recipe(config) -> augment.Recipe:
     return augment.recipe_by_name(config.augmentation, config.crop_size, crop_scale=tuple(config.crop_scale))
 
 
-def make_train_step(config) -> Callable:
-    """The pmap-ed step: (replicated state, uint8 images (n, B_local, H, W, 3))
-    -> (state, metrics). The state's buffers are donated: updated in place."""
+def make_train_step(config, host_cropped: bool = False) -> Callable:
+    """The pmap-ed step: (replicated state, uint8 batch) -> (state, metrics).
+
+    The batch is (n, B_local, H, W, 3) whole images (cropped on the device),
+    or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
+    `data.PretrainInput`). The state's buffers are donated: updated in place."""
     recipe = augmentation_recipe(config)
     hp = moco.MoCoHParams(
         temperature=config.temperature,
@@ -31,7 +34,7 @@ def make_train_step(config) -> Callable:
         symmetric=config.symmetric_loss,
         axis_name=sharding.AXIS,
     )
-    views = lambda rng, images: augment.two_views(rng, images, recipe)  # noqa: E731
+    views = augment.make_views_fn(recipe, host_cropped)
     step = functools.partial(moco.train_step, hp=hp, views=views)
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
@@ -123,12 +126,13 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
     validate_config(config, num_devices)
     if workdir:
         checkpoint.check_writable(workdir)
-    dataset = data.load_array_dataset(config.dataset, config.data_dir or None, config.image_size)
-    steps_per_epoch = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
+    num_train = data.count_train_examples(config)
+    steps_per_epoch = data.steps_per_epoch(num_train, config.batch_size)
+    dataset = data.load_knn_arrays(config)  # un-augmented kNN bank and queries
     total_steps = optim.total_train_steps(config, steps_per_epoch)
     logging.info(
         "%s: %d train images, %d steps/epoch, %d steps, %d devices, global batch %d",
-        config.dataset, len(dataset.train_images), steps_per_epoch, total_steps, num_devices, config.batch_size,
+        config.dataset, num_train, steps_per_epoch, total_steps, num_devices, config.batch_size,
     )
 
     encoder = models.build_encoder(config, axis_name=sharding.AXIS)
@@ -145,15 +149,13 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
 
     p_state = state_lib.to_devices(state)
     del state  # its buffers now live on the devices
-    batches = data.prefetch_to_device(
-        data.array_batches(
-            dataset.train_images, config.batch_size, config.seed, start_step=start_step,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            num_local_devices=jax.local_device_count(),
-        )
+    pretrain = data.make_pretrain_input(
+        config, start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_local_devices=jax.local_device_count(),
     )
+    batches = data.prefetch_to_device(pretrain.batches)
     loop = TrainLoop(config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices)
-    p_state, history = loop.run(make_train_step(config), p_state, batches, start_step, show_progress,
+    p_state, history = loop.run(make_train_step(config, pretrain.host_cropped), p_state, batches, start_step, show_progress,
                                 knn_fn=lambda s: knn_accuracies(embed, _encoder_variables(s), dataset, config))
 
     state = state_lib.from_devices(p_state)

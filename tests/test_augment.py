@@ -2,6 +2,7 @@
 import colorsys
 import functools
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -148,6 +149,22 @@ def test_apply_color_jitter_respects_order():
     # Same image, same factors, other order: a different result.
     swapped = np.asarray(A.apply_color_jitter(x[:1], order[1:], brightness=b[:1], contrast=c[:1]))
     assert np.abs(swapped[0] - out[0]).max() > 1e-2
+
+
+def test_apply_color_jitter_all_ops_any_order_matches_sequential():
+    """Hue is applied once at its own position (not evaluated at all four);
+    the result must equal applying the four ops one after the other."""
+    x = rand_images(9, b=24, h=4, w=4)
+    rng = np.random.default_rng(0)
+    order = np.array(list(itertools.permutations(range(4))), np.int32)  # all 24 orders
+    f = {op: rng.uniform(0.6, 1.4, 24).astype(np.float32) for op in (A.BRIGHTNESS, A.CONTRAST, A.SATURATION)}
+    f[A.HUE] = rng.uniform(-0.1, 0.1, 24).astype(np.float32)
+    out = np.asarray(jitted(A.apply_color_jitter, x, order, f[0], f[1], f[2], f[3]))
+    for b in range(24):
+        ref = x[b:b + 1]
+        for op in order[b]:
+            ref = A._ADJUSTMENTS[op](ref, f[op][b:b + 1])
+        np.testing.assert_allclose(out[b], np.asarray(ref)[0], atol=1e-5)
 
 
 def test_color_jitter_p0_is_identity_and_zero_strength_skips():
@@ -460,3 +477,48 @@ def test_two_views_pmap_8_devices():
     flat = np.asarray(q).reshape(n, -1)
     assert len({row.tobytes() for row in flat}) == n
     assert np.isfinite(flat).all()
+
+
+# ---------------------------------------------------------------- make_views_fn
+
+def test_make_views_fn_whole_images_is_two_views():
+    # Crop + flip only: the point is the wiring, and colour ops compile slowly.
+    recipe = dataclasses.replace(A.recipe_by_name("cifar", 8), jitter_p=0.0, grayscale_p=0.0)
+    imgs = uint8_images(h=12, w=12)
+    views = jax.jit(A.make_views_fn(recipe, host_cropped=False))
+    q, k = views(KEY, imgs)
+    q2, k2 = jax.jit(A.two_views, static_argnums=(2, 3))(KEY, imgs, recipe, True)
+    np.testing.assert_array_equal(q, q2)
+    np.testing.assert_array_equal(k, k2)
+
+
+def test_make_views_fn_host_cropped():
+    # Identity recipe: each view is exactly its own host crop, normalised.
+    identity = dataclasses.replace(A.moco_v2_recipe(8), flip=False, jitter_p=0.0, grayscale_p=0.0,
+                                   blur_p=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    crops = np.random.default_rng(3).integers(0, 256, (4, 2, 8, 8, 3), dtype=np.uint8)
+    q, k = jax.jit(A.make_views_fn(identity, host_cropped=True))(KEY, crops)
+    assert q.shape == k.shape == (4, 8, 8, 3) and q.dtype == jnp.float32
+    np.testing.assert_allclose(q, (crops[:, 0] / 255.0 - 0.5) / 0.5, atol=1e-6)
+    np.testing.assert_allclose(k, (crops[:, 1] / 255.0 - 0.5) / 0.5, atol=1e-6)
+    # The full recipe: deterministic per key, independent per view, in range.
+    recipe = A.recipe_by_name("moco_v2", 8)
+    views = jax.jit(A.make_views_fn(recipe, host_cropped=True))
+    same = np.broadcast_to(crops[:, :1], crops.shape)  # both crops identical
+    q1, k1 = views(KEY, same)
+    q2, _ = views(KEY, same)
+    np.testing.assert_array_equal(q1, q2)
+    assert np.abs(np.asarray(q1) - np.asarray(k1)).max() > 0.1  # views augmented independently
+    raw = np.asarray(q1) * np.array(recipe.std) + np.array(recipe.mean)
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="host-cropped"):
+        views(KEY, crops[:, 0])
+
+
+def test_make_views_fn_host_cropped_pmap():
+    n = jax.device_count()
+    recipe = A.recipe_by_name("cifar", 8)
+    crops = np.random.default_rng(4).integers(0, 256, (n, 2, 2, 8, 8, 3), dtype=np.uint8)
+    q, k = jax.pmap(A.make_views_fn(recipe, host_cropped=True))(jax.random.split(KEY, n), crops)
+    assert q.shape == k.shape == (n, 2, 8, 8, 3)
+    assert len({row.tobytes() for row in np.asarray(q).reshape(n, -1)}) == n

@@ -179,8 +179,8 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     gradient with a finite loss (the loss is the old parameters') too."""
     make_real_step = trainer.make_train_step
 
-    def make_poisoned_step(config):
-        real = make_real_step(config)
+    def make_poisoned_step(*args):
+        real = make_real_step(*args)
 
         def step(p_state, batch):
             p_state, step_metrics = real(p_state, batch)

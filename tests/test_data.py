@@ -216,3 +216,98 @@ def test_prefetch_to_device_order_and_laziness():
     for g, h in zip(got, host):
         np.testing.assert_array_equal(np.asarray(g), h)
         assert len(g.sharding.device_set) == 8
+
+
+# ----------------------------------------------------------------- trainer entry points
+def _config(**overrides):
+    from configs import default
+    config = default.get_config()
+    config.update(dict(image_size=8, crop_size=8, batch_size=64))
+    config.update(overrides)
+    return config
+
+
+def test_local_batch_indices_shards_form_the_global_batch():
+    single = data.local_batch_indices(N, GB, SEED, start_step=5)
+    procs = [data.local_batch_indices(N, GB, SEED, start_step=5, process_index=p, process_count=2)
+             for p in range(2)]
+    for _ in range(3):
+        np.testing.assert_array_equal(np.concatenate([next(p) for p in procs]), next(single))
+
+
+def test_make_pretrain_input_arrays_is_array_batches():
+    config = _config()
+    pi = data.make_pretrain_input(config, start_step=3, process_index=1, process_count=2,
+                                  num_local_devices=4)
+    ds = data.load_array_dataset("digits", image_size=8)
+    assert not pi.host_cropped
+    assert pi.num_train_examples == len(ds.train_images) == data.count_train_examples(config)
+    assert pi.steps_per_epoch == len(ds.train_images) // 64
+    ref = data.array_batches(ds.train_images, 64, config.seed, start_step=3, process_index=1,
+                             process_count=2, num_local_devices=4)
+    for _ in range(2):
+        batch = next(pi.batches)
+        assert batch.shape == (4, 8, 8, 8, 3)
+        np.testing.assert_array_equal(batch, next(ref))
+
+
+def test_load_knn_arrays_arrays_and_cap():
+    ds = data.load_array_dataset("digits", image_size=8)
+    full = data.load_knn_arrays(_config())
+    np.testing.assert_array_equal(full.train_images, ds.train_images)
+    np.testing.assert_array_equal(full.test_labels, ds.test_labels)
+    capped = data.load_knn_arrays(_config(knn_max_train_images=100))
+    assert capped.train_images.shape == (100, 8, 8, 3)
+    keep = data.knn_subset(len(ds.train_images), 100, seed=0)
+    np.testing.assert_array_equal(capped.train_images, ds.train_images[keep])
+    np.testing.assert_array_equal(capped.train_labels, ds.train_labels[keep])
+    np.testing.assert_array_equal(capped.test_images, ds.test_images)  # queries never capped
+
+
+def test_array_sources_work_without_tensorflow():
+    """The GPU machines have no TensorFlow: block its import and run the
+    array path end to end (data, augment and trainer modules)."""
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules['tensorflow'] = None  # any `import tensorflow` now raises ImportError
+sys.modules['tensorflow_datasets'] = None
+from configs import default
+from moco_jax import augment, data, trainer
+c = default.get_config(); c.image_size = 8; c.crop_size = 8
+pi = data.make_pretrain_input(c, start_step=0, process_index=0, process_count=1, num_local_devices=1)
+assert next(pi.batches).shape == (1, 64, 8, 8, 3) and not pi.host_cropped
+assert len(data.load_knn_arrays(c).test_images) == 359
+print('ok')
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_cifar10_arrays_pretrain_input():
+    if not CIFAR10_DIR.is_dir():
+        pytest.skip(f"CIFAR-10 mosaics not found: {CIFAR10_DIR} does not exist")
+    config = _config(dataset="cifar10_arrays", data_dir=str(CIFAR10_DIR), image_size=32,
+                     crop_size=32, batch_size=256, knn_max_train_images=1000)
+    pi = data.make_pretrain_input(config, start_step=10, process_index=0, process_count=1,
+                                  num_local_devices=8)
+    assert pi.num_train_examples == 50000 and pi.steps_per_epoch == 195 and not pi.host_cropped
+    # Uncapped, the kNN arrays are the dataset itself (loaded once, cached).
+    ds = data.load_knn_arrays(_config(dataset="cifar10_arrays", data_dir=str(CIFAR10_DIR),
+                                      image_size=32, knn_max_train_images=0))
+    assert ds.train_images.shape == (50000, 32, 32, 3)
+    idx = next(data.local_batch_indices(50000, 256, config.seed, start_step=10))
+    np.testing.assert_array_equal(next(pi.batches).reshape(256, 32, 32, 3), ds.train_images[idx])
+    knn = data.load_knn_arrays(config)
+    assert knn.train_images.shape == (1000, 32, 32, 3) and knn.test_images.shape == (10000, 32, 32, 3)
+    assert np.bincount(knn.train_labels, minlength=10).min() > 50  # a spread-out subset
+
+
+def test_source_kind():
+    assert data.source_kind("digits") == "arrays"
+    assert data.source_kind("cifar10_arrays") == "arrays"
+    assert data.source_kind("image_folder") == "image_folder"
+    assert data.source_kind("cifar10") == data.source_kind("tfds:stl10") == "tfds"

@@ -27,8 +27,8 @@ from tiny import tiny_config  # noqa: E402
 if hang_at:
     make_real_step = trainer.make_train_step
 
-    def make_hanging_step(config):
-        step_fn = make_real_step(config)
+    def make_hanging_step(*args):
+        step_fn = make_real_step(*args)
 
         def step(p_state, batch):
             if int(p_state.step.addressable_shards[0].data[0]) + 1 == hang_at:

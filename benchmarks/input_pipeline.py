@@ -1,0 +1,204 @@
+"""Input-pipeline throughput: host side, on-device augmentation, and how the
+augmentation compares with the training step it feeds.
+
+  python -m benchmarks.input_pipeline                    # everything, ~3 min on 2 cores
+  python -m benchmarks.input_pipeline --skip_train_step  # host + augmentation only
+
+(a) Host: images/second delivered by `data.make_pretrain_input` (what the
+    trainer iterates), after a warm-up:
+    * cifar10_arrays: the real CIFAR-10 arrays (../shared/data/cifar10), whole
+      32px images gathered per step (the device crops them);
+    * image_folder: the 224px JPEGs of ../shared/data/imagenette_sample/train,
+      decoded and random-resized-cropped twice per image in tf.data
+      (`decode_and_crop_jpeg`, only each crop window), uint8 (2, 224, 224, 3).
+(b) Device: the rest of the augmentation (`augment.make_views_fn`, jitted) on
+    the default JAX device: CIFAR recipe from whole 32px images (crop on the
+    device) and MoCo v2 from host crops at 224px.
+(c) The MoCo training step with that augmentation inside (ResNet-18, CIFAR
+    stem at 32px / ImageNet stem at 224px), to state the augmentation's share.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from configs import default
+from moco_jax import augment, data, models, moco, optim, sharding
+from moco_jax import state as state_lib
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _rate(batches, warmup: int, steps: int) -> dict:
+    """Throughput of `steps` batches after `warmup`.
+
+    images_per_s is wall-clock; images_per_cpu_s divides by the CPU time of
+    the whole process (all its threads), which stays meaningful when other
+    jobs share the machine: on an idle machine with c cores the pipeline can
+    reach at most about c x images_per_cpu_s.
+    """
+    for _ in range(warmup):
+        shape = next(batches).shape
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = 0
+    for _ in range(steps):
+        b = next(batches)
+        images += b.shape[0] * b.shape[1]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return dict(images_per_s=images / wall, views_per_s=2 * images / wall,
+                images_per_cpu_s=images / cpu, batch_shape=list(shape),
+                load_average_1min=os.getloadavg()[0])
+
+
+def host_cifar(args) -> dict:
+    config = default.get_config()
+    config.update(dict(dataset="cifar10_arrays", data_dir=str(args.cifar_dir), image_size=32,
+                       crop_size=32, batch_size=256))
+    start = time.perf_counter()
+    pi = data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
+                                  num_local_devices=1)
+    load_s = time.perf_counter() - start
+    return dict(source="cifar10_arrays (32px, whole images)", load_s=load_s,
+                **_rate(pi.batches, 5, args.cifar_steps))
+
+
+def host_imagenette(args) -> dict:
+    config = default.get_config()
+    config.update(dict(dataset="image_folder", data_dir=str(args.imagenette_dir),
+                       train_split="train", crop_size=224, crop_scale=(0.2, 1.0),
+                       batch_size=64, input_threads=args.threads))
+    pi = data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
+                                  num_local_devices=1)
+    return dict(source=f"image_folder imagenette 224px JPEG, {args.threads} decode threads",
+                **_rate(pi.batches, 3, args.jpeg_steps))
+
+
+def _time(fn, *args, reps: int) -> float:
+    """Seconds per call of a jitted fn (compiled and warmed first)."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / reps
+
+
+def _cases(args):
+    """(name, recipe, host_cropped, batch (1, B, ...) uint8, model depth, stem)."""
+    rng = np.random.default_rng(0)
+    cifar = rng.integers(0, 256, (1, args.cifar_batch, 32, 32, 3), np.uint8)
+    crops = rng.integers(0, 256, (1, args.jpeg_batch, 2, 224, 224, 3), np.uint8)
+    return [("cifar recipe, 32px whole images", augment.recipe_by_name("cifar", 32), False,
+             cifar, "cifar"),
+            ("moco_v2 recipe, 224px host crops", augment.recipe_by_name("moco_v2", 224), True,
+             crops, "imagenet")]
+
+
+def device_augmentation(args) -> list[dict]:
+    rows = []
+    for name, recipe, host_cropped, batch, _ in _cases(args):
+        views = jax.jit(augment.make_views_fn(recipe, host_cropped))
+        sec = _time(views, jax.random.key(0), batch[0], reps=args.aug_reps)
+        rows.append(dict(case=name, batch=batch.shape[1], ms_per_batch=1000 * sec,
+                         images_per_s=batch.shape[1] / sec))
+    return rows
+
+
+def train_step(args) -> list[dict]:
+    """ResNet-18 MoCo v2 steps (the trainer's step, views from make_views_fn)."""
+    rows = []
+    for name, recipe, host_cropped, batch, stem in _cases(args):
+        config = default.get_config()
+        config.model.depth, config.model.width, config.model.stem = 18, 64, stem
+        config.batch_size = batch.shape[1]
+        config.queue_size = 16 * batch.shape[1]
+        config.crop_size = recipe.crop_size
+        config.bn_splits = 8 if batch.shape[1] % 8 == 0 else 1
+        encoder = models.build_encoder(config, axis_name=sharding.AXIS)
+        tx, _ = optim.make_optimizer(config, steps_per_epoch=100)
+        state = state_lib.create_train_state(jax.random.key(0), encoder, tx,
+                                             (recipe.crop_size, recipe.crop_size, 3),
+                                             config.queue_size, config.embed_dim)
+        hp = moco.MoCoHParams(temperature=config.temperature, ema_momentum=config.momentum,
+                              shuffle_bn=config.shuffle_bn, symmetric=config.symmetric_loss,
+                              axis_name=sharding.AXIS)
+        step = jax.pmap(functools.partial(moco.train_step, hp=hp,
+                                          views=augment.make_views_fn(recipe, host_cropped)),
+                        axis_name=sharding.AXIS, donate_argnums=(0,))
+        p_state = state_lib.to_devices(state, jax.local_devices()[:1])
+        x = sharding.shard(batch, jax.local_devices()[:1])
+        p_state, m = step(p_state, x)  # compile
+        jax.block_until_ready(m)
+        start = time.perf_counter()
+        for _ in range(args.train_reps):
+            p_state, m = step(p_state, x)
+        jax.block_until_ready(m)
+        sec = (time.perf_counter() - start) / args.train_reps
+        rows.append(dict(case=f"ResNet-18 MoCo v2 step, {name}", batch=batch.shape[1],
+                         ms_per_step=1000 * sec, images_per_s=batch.shape[1] / sec))
+    return rows
+
+
+def environment() -> dict:
+    import PIL
+    versions = dict(python=platform.python_version(), jax=jax.__version__, numpy=np.__version__,
+                    pillow=PIL.__version__)
+    try:
+        import tensorflow as tf
+        versions["tensorflow"] = tf.__version__
+    except ImportError:
+        pass
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=f"{cpu}, {os.cpu_count()} cores", device=str(jax.devices()[0]),
+                load_average=os.getloadavg(), **versions)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cifar_dir", type=Path, default=SHARED / "cifar10")
+    parser.add_argument("--imagenette_dir", type=Path, default=SHARED / "imagenette_sample")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="tf.data decode threads")
+    parser.add_argument("--cifar_steps", type=int, default=200)
+    parser.add_argument("--jpeg_steps", type=int, default=40)
+    parser.add_argument("--cifar_batch", type=int, default=256)
+    parser.add_argument("--jpeg_batch", type=int, default=16)
+    parser.add_argument("--aug_reps", type=int, default=5)
+    parser.add_argument("--train_reps", type=int, default=3)
+    parser.add_argument("--skip_train_step", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    result = dict(environment=environment(), host=[], device_augmentation=[], train_step=[])
+    print(json.dumps(result["environment"]))
+    for name, fn, path in (("cifar10_arrays", host_cifar, args.cifar_dir),
+                           ("imagenette", host_imagenette, args.imagenette_dir)):
+        if path.is_dir():
+            result["host"].append(fn(args))
+            print(json.dumps(result["host"][-1]))
+        else:
+            print(f"skipping the {name} host benchmark: {path} does not exist")
+    for row in device_augmentation(args):
+        result["device_augmentation"].append(row)
+        print(json.dumps(row))
+    if not args.skip_train_step:
+        for row in train_step(args):
+            result["train_step"].append(row)
+            print(json.dumps(row))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""A folder of images as a MoCo dataset: `root/<class>/*.jpg|png` (class
+folders optional: images directly in `root` get label -1).
+
+Decoding and cropping run in tf.data (`moco_jax.tf_images`, imported lazily
+here so that listing files needs no TensorFlow). The example order is the one
+of every source, `data.local_batch_indices`: deterministic for a seed,
+reshuffled each epoch, resumable at any step, a disjoint slice per process.
+
+Undecodable files (corrupt, truncated, not an image): by default the first
+one stops the run with an error naming it. With `skip_corrupt_images` each is
+logged with its name and a running count, and its slot in the batch is
+filled with another image of the same batch, so batches stay full and a
+resumed run still sees the same batches.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from absl import logging
+
+from moco_jax import data
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+NO_LABEL = -1
+
+
+class UndecodableImageError(ValueError):
+    """An image file that TensorFlow cannot decode; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFiles:
+    """The images of one folder tree.
+
+    Attributes:
+      paths: str (N,), sorted by class, then file name.
+      labels: int32 (N,), index into class_names, or NO_LABEL for files in root.
+      class_names: sorted names of the class folders that hold images.
+      root: the folder.
+    """
+
+    paths: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    root: Path
+
+
+def _images_in(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def list_image_files(root) -> ImageFiles:
+    """All images in `root` and its direct sub-folders (the classes).
+
+    Raises:
+      FileNotFoundError: `root` is not a folder or holds no image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    paths = _images_in(root)
+    labels, classes = [NO_LABEL] * len(paths), []
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for sub in subdirs:
+        files = _images_in(sub)
+        if files:
+            labels += [len(classes)] * len(files)
+            paths += files
+            classes.append(sub.name)
+    if not paths:
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root} or its sub-folders")
+    return ImageFiles(np.asarray(paths), np.asarray(labels, np.int32), tuple(classes), root)
+
+
+def split_folder(data_dir, split: str) -> Path:
+    """data_dir/split, or data_dir itself when split is ''."""
+    return Path(data_dir) / split if split else Path(data_dir)
+
+
+def train_files(config) -> ImageFiles:
+    """The pretraining images: data_dir/train_split ('' = data_dir itself)."""
+    if not config.data_dir:
+        raise ValueError("dataset='image_folder' needs --config.data_dir=ROOT "
+                         "(images in ROOT/<train_split>/<class>/)")
+    folder = split_folder(config.data_dir, config.get("train_split", ""))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder {folder} does not exist (data_dir={config.data_dir}, "
+            f"train_split={config.get('train_split', '')!r}; "
+            "--config.train_split='' reads data_dir itself)")
+    return list_image_files(folder)
+
+
+def _num_threads(config) -> int:
+    from moco_jax import tf_images
+    return config.get("input_threads", 0) or tf_images.default_num_threads()
+
+
+# --------------------------------------------------------------------------
+# Pretraining: two host crops per image.
+# --------------------------------------------------------------------------
+def make_pretrain_input(config, *, start_step: int, process_index: int,
+                        process_count: int, num_local_devices: int) -> data.PretrainInput:
+    """`data.make_pretrain_input` for `config.dataset == 'image_folder'`."""
+    files = train_files(config)
+    batches = two_crop_batches(
+        files.paths, global_batch=config.batch_size, seed=config.seed,
+        crop_size=config.crop_size, crop_scale=tuple(config.crop_scale),
+        start_step=start_step, process_index=process_index, process_count=process_count,
+        num_local_devices=num_local_devices,
+        skip_corrupt=config.get("skip_corrupt_images", False),
+        num_threads=_num_threads(config))
+    logging.info("image folder %s: %d images, %d classes", files.root, len(files.paths),
+                 len(files.class_names))
+    return data.PretrainInput(batches, len(files.paths),
+                              data.steps_per_epoch(len(files.paths), config.batch_size),
+                              host_cropped=True)
+
+
+def two_crop_batches(paths: Sequence[str], *, global_batch: int, seed: int,
+                     crop_size: int, crop_scale, start_step: int = 0,
+                     process_index: int = 0, process_count: int = 1,
+                     num_local_devices: int = 1, skip_corrupt: bool = False,
+                     num_threads: int = 2) -> Iterator[np.ndarray]:
+    """Two independent RandomResizedCrops of each image of each step.
+
+    The images of step s are `data.local_batch_indices(len(paths), ...)`'s;
+    the crops of an example are drawn from a seed fixed by (seed,
+    process_index, its position in the stream), so they too repeat on resume.
+
+    Yields:
+      uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3).
+    Raises (eagerly): ValueError for bad batch divisibility; while iterating,
+      UndecodableImageError naming the file unless skip_corrupt.
+    """
+    from moco_jax import tf_images
+    tf = tf_images.tf
+    paths = np.asarray(paths)
+    indices = data.local_batch_indices(len(paths), global_batch, seed, start_step,
+                                       process_index, process_count, num_local_devices)
+    # A second, identical stream tells the Python side which file sat at each
+    # position, to name the ones that fail.
+    expected = data.local_batch_indices(len(paths), global_batch, seed, start_step,
+                                        process_index, process_count, num_local_devices)
+    local = global_batch // process_count
+    tf_images.configure(num_threads)
+    path_table = tf.constant(paths)
+
+    def load(position, index):
+        encoded = tf.io.read_file(tf.gather(path_table, index))
+        crops = tf_images.two_crops(encoded, tf_images.example_seed(position, seed, process_index),
+                                    crop_size, crop_scale)
+        return position, crops
+
+    # One pipeline for all epochs (building one per epoch re-traces `load`,
+    # which costs more than a small epoch); numpy feeds it the index order,
+    # one step's indices per Python call.
+    ds = (tf.data.Dataset.from_generator(lambda: indices,
+                                         output_signature=tf.TensorSpec([local], tf.int64))
+          .unbatch()
+          .enumerate(start=start_step * local)
+          .map(load, num_parallel_calls=num_threads, deterministic=True)
+          # A failed decode drops the element instead of ending the stream;
+          # `_aligned_steps` notices the gap and names the file.
+          .ignore_errors()
+          .batch(local)
+          .prefetch(2)
+          .with_options(tf_images.pipeline_options(num_threads)))
+    chunks = ds.as_numpy_iterator()
+    steps = _aligned_steps(chunks, expected, start_step, local, paths,
+                           skip_corrupt, lambda p: _decode_error(p, crop_size, crop_scale))
+    return (s.reshape(num_local_devices, local // num_local_devices, *s.shape[1:]) for s in steps)
+
+
+def _decode_error(path: str, crop_size: int, crop_scale) -> str:
+    """Why TensorFlow cannot load `path` (reproduced eagerly, outside tf.data)."""
+    from moco_jax import tf_images
+    tf = tf_images.tf
+    try:
+        tf_images.two_crops(tf.io.read_file(path), tf.constant([0, 0], tf.int64), crop_size, crop_scale)
+    except Exception as e:  # noqa: BLE001 - any TF error is the reason we report
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    return "it failed inside the pipeline but decodes on its own (transient read error?)"
+
+
+def _aligned_steps(chunks, expected: Iterator[np.ndarray], step: int, local: int,
+                   paths: np.ndarray, skip_corrupt: bool, explain) -> Iterator[np.ndarray]:
+    """Re-cut the stream of surviving (positions, crops) chunks into steps.
+
+    Elements that failed to decode are missing from `chunks`; each missing
+    position either raises (naming the file) or, with skip_corrupt, is logged,
+    counted and filled with a copy of another image of the same step.
+    Yields uint8 (local, 2, S, S, 3) per step.
+    """
+    pending = collections.deque()  # (positions, crops) chunks not yet used up
+    skipped = 0
+    for step_indices in expected:
+        first, end = step * local, (step + 1) * local
+        step += 1
+        positions, crops = _take(pending, chunks)
+        if len(positions) == local and positions[0] == first and positions[-1] == end - 1:
+            pending.popleft()  # the usual, gap-free case: no copy
+            yield crops
+            continue
+        batch, ok = np.zeros((local,) + crops.shape[1:], crops.dtype), np.zeros(local, bool)
+        while True:  # gather this step's elements from one or more chunks
+            positions, crops = _take(pending, chunks)
+            n = int(np.searchsorted(positions, end))
+            batch[positions[:n] - first] = crops[:n]
+            ok[positions[:n] - first] = True
+            if n < len(positions):
+                pending[0] = (positions[n:], crops[n:])
+                break
+            pending.popleft()
+        for j in np.flatnonzero(~ok):
+            path = paths[step_indices[j]]
+            if not skip_corrupt:
+                raise UndecodableImageError(
+                    f"cannot decode image file {path} ({explain(path)}); remove it, or set "
+                    "--config.skip_corrupt_images=True to skip undecodable images")
+            skipped += 1
+            logging.warning("skipping undecodable image %s (%d skipped so far)", path, skipped)
+        if not ok.any():
+            raise UndecodableImageError(
+                f"no image of step {step - 1} could be decoded, e.g. {paths[step_indices[0]]}")
+        valid = np.flatnonzero(ok)
+        # Fill each gap with the nearest decoded image before it (else after).
+        nearest = valid[np.clip(np.searchsorted(valid, np.arange(local)) - 1, 0, None)]
+        batch[~ok] = batch[nearest[~ok]]
+        yield batch
+
+
+def _take(pending: collections.deque, chunks):
+    """The first pending chunk, fetching the next one if none is pending."""
+    if not pending:
+        positions, crops = next(chunks)
+        pending.append((positions, crops))
+    return pending[0]
+
+
+# --------------------------------------------------------------------------
+# kNN monitor: centre crops of the train and eval folders.
+# --------------------------------------------------------------------------
+def center_crops(paths: Sequence[str], size: int, *, crop_fraction: float = 1.0,
+                 skip_corrupt: bool = False, num_threads: int = 2,
+                 batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, resize (shorter side) and centre-crop every file.
+
+    Returns:
+      (uint8 (M, size, size, 3), int64 (M,) indices into `paths` of the M
+      decoded files, in order). Raises UndecodableImageError naming the first
+      undecodable file unless skip_corrupt (then they are logged and left out).
+    """
+    from moco_jax import tf_images
+    tf = tf_images.tf
+    paths = np.asarray(paths)
+    tf_images.configure(num_threads)
+    path_table = tf.constant(paths)
+    ds = (tf.data.Dataset.range(len(paths))
+          .map(lambda i: (i, tf_images.center_crop(tf.io.read_file(tf.gather(path_table, i)),
+                                                   size, crop_fraction)),
+               num_parallel_calls=num_threads, deterministic=True)
+          .ignore_errors()
+          .batch(batch_size)
+          .prefetch(1)
+          .with_options(tf_images.pipeline_options(num_threads)))
+    kept, images = [], []
+    for idx, imgs in ds.as_numpy_iterator():
+        kept.append(idx)
+        images.append(imgs)
+    kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    missing = np.setdiff1d(np.arange(len(paths)), kept)
+    if len(missing) and not skip_corrupt:
+        raise UndecodableImageError(
+            f"cannot decode image file {paths[missing[0]]} "
+            f"({_decode_error(paths[missing[0]], size, (1.0, 1.0))}); remove it, or set "
+            "--config.skip_corrupt_images=True to skip undecodable images")
+    for i in missing:
+        logging.warning("skipping undecodable image %s", paths[i])
+    images = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return images, kept
+
+
+def load_knn_arrays(config) -> data.ArrayDataset:
+    """`data.load_knn_arrays` for image folders: data_dir/train_split is the
+    bank, data_dir/eval_split the queries; classes are matched by folder name."""
+    train = list_image_files(split_folder(config.data_dir, config.get("knn_train_split", "")
+                                          or config.get("train_split", "")))
+    if not config.get("eval_split", ""):
+        raise ValueError("the kNN monitor needs labelled eval images: set "
+                         "--config.eval_split to a sub-folder of data_dir (e.g. 'val')")
+    test = list_image_files(split_folder(config.data_dir, config.eval_split))
+    unknown = sorted(set(test.class_names) - set(train.class_names))
+    if not train.class_names or unknown or (test.labels == NO_LABEL).any():
+        raise ValueError(
+            f"kNN needs class folders in both {train.root} and {test.root}, with the same "
+            f"names (eval classes missing from train: {unknown[:5]})")
+    to_train_label = np.asarray([train.class_names.index(c) for c in test.class_names], np.int32)
+    keep = data.knn_subset(len(train.paths), config.get("knn_max_train_images", 0), config.seed)
+    kwargs = dict(crop_fraction=config.get("knn_center_crop_fraction", 1.0),
+                  skip_corrupt=config.get("skip_corrupt_images", False),
+                  num_threads=_num_threads(config))
+    train_images, train_kept = center_crops(train.paths[keep], config.crop_size, **kwargs)
+    test_images, test_kept = center_crops(test.paths, config.crop_size, **kwargs)
+    return data.ArrayDataset(
+        train_images, train.labels[keep][train_kept],
+        test_images, to_train_label[test.labels[test_kept]],
+        num_classes=len(train.class_names), name=f"image_folder:{train.root}")
