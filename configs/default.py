@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_split = "train"  # tfds split / image_folder sub-folder ('' = data_dir itself)
     config.eval_split = "test"  # kNN queries (tfds split / sub-folder, e.g. 'val')
     config.knn_train_split = ""  # kNN bank, '' = train_split (stl10: pretrain 'unlabelled', bank 'train')
+    config.train_subset = 0  # in-memory datasets: pretrain on a fixed random subset of this size (0 = all)
     config.knn_max_train_images = 50_000  # cap on the kNN bank (0 = all)
     config.knn_center_crop_fraction = 1.0  # kNN view: resize to crop_size / this, centre crop (0.875: ImageNet)
     config.skip_corrupt_images = False  # image_folder: True = log, count and skip undecodable files

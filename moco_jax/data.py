@@ -366,9 +366,9 @@ def count_train_examples(config) -> int:
     the pipeline: the trainer needs steps_per_epoch for the learning-rate
     schedule before it knows the step it resumes from."""
     kind = source_kind(config.dataset)
+    _check_train_subset(config, kind)
     if kind == "arrays":
-        return len(_cached_array_dataset(config.dataset, config.data_dir or None,
-                                         config.image_size).train_images)
+        return len(_array_train_images(config))
     if kind == IMAGE_FOLDER:
         from moco_jax import image_folder  # lazy: needs TensorFlow only for decoding
         return len(image_folder.train_files(config).paths)
@@ -386,12 +386,12 @@ def make_pretrain_input(config, *, start_step: int, process_index: int,
     order fixed by `config.seed`, and starts at global step `start_step`.
     """
     kind = source_kind(config.dataset)
+    _check_train_subset(config, kind)
     if kind == "arrays":
-        ds = _cached_array_dataset(config.dataset, config.data_dir or None, config.image_size)
-        batches = array_batches(ds.train_images, config.batch_size, config.seed,
+        images = _array_train_images(config)
+        batches = array_batches(images, config.batch_size, config.seed,
                                 start_step, process_index, process_count, num_local_devices)
-        return PretrainInput(batches, len(ds.train_images),
-                             steps_per_epoch(len(ds.train_images), config.batch_size),
+        return PretrainInput(batches, len(images), steps_per_epoch(len(images), config.batch_size),
                              host_cropped=False)
     kwargs = dict(start_step=start_step, process_index=process_index,
                   process_count=process_count, num_local_devices=num_local_devices)
@@ -400,6 +400,23 @@ def make_pretrain_input(config, *, start_step: int, process_index: int,
         return image_folder.make_pretrain_input(config, **kwargs)
     from moco_jax import tfds_source  # lazy: needs TensorFlow
     return tfds_source.make_pretrain_input(config, **kwargs)
+
+
+def _check_train_subset(config, kind: str) -> None:
+    if config.get("train_subset", 0) and kind != "arrays":
+        raise ValueError(
+            f"train_subset works for the in-memory datasets; for {config.dataset!r} select a subset with "
+            "the split, e.g. --config.train_split='train[:10000]' (tensorflow-datasets slicing)")
+
+
+def _array_train_images(config) -> np.ndarray:
+    """The pretraining images of an array dataset: all of them, or the fixed
+    random subset of `config.train_subset` (0 = all) images. The subset is
+    `knn_subset(N, train_subset, seed)`, so a kNN bank capped at the same
+    number (`knn_max_train_images`) is the very same images."""
+    ds = _cached_array_dataset(config.dataset, config.data_dir or None, config.image_size)
+    cap = config.get("train_subset", 0)
+    return ds.train_images[knn_subset(len(ds.train_images), cap, config.seed)] if cap else ds.train_images
 
 
 def load_knn_arrays(config) -> ArrayDataset:

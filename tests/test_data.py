@@ -311,3 +311,20 @@ def test_source_kind():
     assert data.source_kind("cifar10_arrays") == "arrays"
     assert data.source_kind("image_folder") == "image_folder"
     assert data.source_kind("cifar10") == data.source_kind("tfds:stl10") == "tfds"
+
+
+def test_train_subset_is_fixed_and_matches_a_knn_bank_of_the_same_size():
+    from tiny import tiny_config
+
+    config = tiny_config(train_subset=320, knn_max_train_images=320)
+    assert data.count_train_examples(config) == 320
+    batches = data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
+                                       num_local_devices=8)
+    assert batches.steps_per_epoch == 320 // config.batch_size
+    bank = data.load_knn_arrays(config).train_images
+    seen = np.concatenate([next(batches.batches).reshape(-1, 8, 8, 3) for _ in range(batches.steps_per_epoch)])
+    # One epoch visits exactly the subset, which is the kNN bank.
+    as_rows = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))  # noqa: E731
+    assert as_rows(seen) == as_rows(bank)
+    with pytest.raises(ValueError, match="train_split"):
+        data.count_train_examples(tiny_config(train_subset=10, dataset="image_folder"))
