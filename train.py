@@ -16,11 +16,13 @@ host:port), the process count and its id:
 
 import os
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (tf.data, TensorBoard) start-up chatter
 
-from moco_jax import distributed, trainer
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from moco_jax import distributed, metrics, trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")
@@ -47,6 +49,7 @@ def main(argv):
     # First, before anything touches a device.
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
     is_main = jax.process_index() == 0
+    metrics.quiet_library_logs()
     if not is_main:
         logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn
     distributed.check_same_config(_CONFIG.value)

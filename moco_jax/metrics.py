@@ -11,6 +11,7 @@ that only have JAX.
 from __future__ import annotations
 
 import json
+import logging as logging_lib
 import os
 from typing import Any, Mapping
 
@@ -19,6 +20,23 @@ from absl import logging
 
 JSONL_NAME = "metrics.jsonl"
 FINAL_NAME = "final_metrics.json"
+
+
+class _LibraryInfoFilter(logging_lib.Filter):
+    """Drops INFO records logged from inside orbax and clu (every save and
+    writer set-up logs several long lines), keeping their warnings."""
+
+    _PATHS = (f"{os.sep}orbax{os.sep}", f"{os.sep}clu{os.sep}")
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return record.levelno >= logging_lib.WARNING or not any(p in record.pathname for p in self._PATHS)
+
+
+def quiet_library_logs() -> None:
+    """Keep the console to our own progress and metric lines."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(_LibraryInfoFilter())
 
 
 def _tensorboard_writer(workdir: str):
