@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import serialization
+from flax import serialization, traverse_util
 
 from moco_jax import models
 from moco_jax.state import MoCoState
@@ -123,18 +123,16 @@ def save(manager: ocp.CheckpointManager, host_state: MoCoState, config, num_shar
     )
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
+
+def flatten_dotted(tree: dict) -> dict[str, Any]:
+    """{"model": {"depth": 50}} -> {"model.depth": 50}: config fields by their
+    command-line names."""
+    return traverse_util.flatten_dict(tree, sep=".")
 
 
 def check_compatible(saved: dict, config) -> None:
     """Raise CheckpointMismatchError naming every model field that differs."""
-    saved, current = _flatten(saved), _flatten(config.to_dict())
+    saved, current = flatten_dotted(saved), flatten_dotted(config.to_dict())
     diffs = [
         f"{name}: checkpoint {saved.get(name)!r} != config {current.get(name)!r}"
         for name in MODEL_FIELDS

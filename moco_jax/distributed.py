@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from moco_jax import sharding
+from moco_jax.checkpoint import flatten_dotted
 
 ENV_COORDINATOR_ADDRESS = "MOCO_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MOCO_NUM_PROCESSES"
@@ -152,14 +153,6 @@ def maybe_initialize(
 # ---------------------------------------------------------------------------
 # All processes must train the same experiment.
 # ---------------------------------------------------------------------------
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
 
 def _gather_rows(row: np.ndarray) -> np.ndarray:
     """Every process's `row` (the same shape on all), stacked in process
@@ -191,10 +184,10 @@ def _allgather_bytes(payload: bytes) -> list[bytes]:
 def config_differences(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """'process i: field=value (process 0: value)' for every field where a
     process's config (a nested dict) differs from process 0's."""
-    reference = _flatten(dict(configs[0]))
+    reference = flatten_dotted(dict(configs[0]))
     lines = []
     for i, other in enumerate(configs[1:], start=1):
-        flat = _flatten(dict(other))
+        flat = flatten_dotted(dict(other))
         for name in sorted(set(reference) | set(flat)):
             if reference.get(name, "<missing>") != flat.get(name, "<missing>"):
                 lines.append(f"process {i}: {name}={flat.get(name, '<missing>')!r} "
