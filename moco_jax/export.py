@@ -161,8 +161,9 @@ def detectron2_checkpoint(config, variables: Mapping[str, Any]) -> dict[str, Any
 
 
 def write_detectron2(path: str, config, variables: Mapping[str, Any]) -> None:
+    checkpoint = detectron2_checkpoint(config, variables)  # may refuse: before the file is opened
     with open(path, "wb") as f:
-        pickle.dump(detectron2_checkpoint(config, variables), f)
+        pickle.dump(checkpoint, f)
 
 
 WRITERS = {
@@ -189,7 +190,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    export(f.workdir, f.format, f.output, include_head=f.include_head)
+    try:
+        export(f.workdir, f.format, f.output, include_head=f.include_head)
+    except (ValueError, FileNotFoundError) as e:  # a user error: the message, not a traceback
+        raise SystemExit(f"export failed: {e}") from None
     print(f"wrote {f.format} export of {f.workdir} to {f.output}")
 
 
