@@ -173,17 +173,26 @@ WRITERS = {
 }
 
 
-def export(source: str, fmt: str, output: str, include_head: bool = True) -> None:
-    """Read `source` (see `pretrained.load_variables`) and write `output` in `fmt`."""
+# The file ending each format gets, so that `pretrained.load` recognises it.
+SUFFIXES = {"flax": ".msgpack", "torchvision": ".safetensors", "detectron2": ".pkl"}
+
+
+def export(source: str, fmt: str, output: str, include_head: bool = True) -> str:
+    """Read `source` (see `pretrained.load_variables`) and write `output` in
+    `fmt`, adding the format's file ending if `output` lacks it. Returns the
+    path written."""
     from moco_jax import pretrained  # noqa: PLC0415
 
     if fmt not in WRITERS:
         raise ValueError(f"format must be one of {sorted(WRITERS)}, got {fmt!r}")
+    if not output.endswith(SUFFIXES[fmt]):
+        output += SUFFIXES[fmt]
     config, variables = pretrained.load_variables(source)
     if fmt == "flax":
         write_flax(output, config, variables, include_head=include_head)
     else:
         WRITERS[fmt](output, config, variables)
+    return output
 
 
 def main(argv):
@@ -191,10 +200,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     try:
-        export(f.workdir, f.format, f.output, include_head=f.include_head)
+        path = export(f.workdir, f.format, f.output, include_head=f.include_head)
     except (ValueError, FileNotFoundError) as e:  # a user error: the message, not a traceback
         raise SystemExit(f"export failed: {e}") from None
-    print(f"wrote {f.format} export of {f.workdir} to {f.output}")
+    print(f"wrote {f.format} export of {f.workdir} to {path}")
 
 
 if __name__ == "__main__":

@@ -96,9 +96,10 @@ def test_detectron2_pickle_has_the_official_scripts_names(tmp_path):
 def test_export_from_a_workdir(tmp_path):
     _, workdir, result = tiny_pretraining()
     state = result["state"]
-    for fmt in ("flax", "torchvision"):
-        path = str(tmp_path / f"encoder.{'msgpack' if fmt == 'flax' else 'safetensors'}")
-        export.export(workdir, fmt, path)
+    for fmt, given, expected in (("flax", "encoder.msgpack", "encoder.msgpack"),
+                                 ("torchvision", "encoder", "encoder.safetensors")):  # the ending is added
+        path = export.export(workdir, fmt, str(tmp_path / given))
+        assert path == str(tmp_path / expected)
         _, read = pretrained.load_variables(path)
         np.testing.assert_array_equal(read["params"]["backbone"]["conv1"]["kernel"],
                                       state.params["backbone"]["conv1"]["kernel"])
