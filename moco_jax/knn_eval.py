@@ -15,7 +15,7 @@ from __future__ import annotations
 import ml_collections
 from absl import app, flags
 
-from moco_jax import data, knn, models, pretrained, trainer
+from moco_jax import data, knn, metrics, models, pretrained, trainer
 
 FEATURES = ("backbone", "projection")
 
@@ -63,6 +63,7 @@ def load_dataset(encoder: pretrained.Encoder, name: str | None = None, data_dir:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    metrics.quiet_library_logs()
     f = flags.FLAGS
     encoder = pretrained.load(f.pretrained)
     dataset = load_dataset(encoder, f.dataset, f.data_dir, f.image_size)

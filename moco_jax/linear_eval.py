@@ -41,6 +41,7 @@ from flax.training import train_state
 from ml_collections import config_flags
 
 from moco_jax import augment, data, knn, optim, pretrained, sharding
+from moco_jax.metrics import quiet_library_logs
 
 
 # ---------------------------------------------------------------------------
@@ -334,6 +335,7 @@ def evaluate(config, workdir: str | None = None, encoder: pretrained.Encoder | N
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     config = flags.FLAGS.config
     result = evaluate(config, flags.FLAGS.workdir)
     print(f"linear eval ({config.mode}) of {config.pretrained} on {config.dataset}: "
