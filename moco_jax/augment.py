@@ -479,6 +479,16 @@ def normalize(images, mean: Sequence[float], std: Sequence[float]):
     return (images.astype(jnp.float32) - mean) / std
 
 
+def eval_view(images_uint8, crop_size: int, mean: Sequence[float], std: Sequence[float]):
+    """The un-augmented view that evaluation and downstream users feed the
+    encoder: uint8 (B, H, W, 3) -> float32 (B, S, S, 3), scaled to [0, 1],
+    bilinearly resized to S = crop_size when it differs, normalised."""
+    x = images_uint8.astype(jnp.float32) / 255.0
+    if x.shape[1:3] != (crop_size, crop_size):
+        x = jax.image.resize(x, (x.shape[0], crop_size, crop_size, x.shape[-1]), "linear")
+    return normalize(x, mean, std)
+
+
 # --------------------------------------------------------------------------
 # Recipes
 # --------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization, traverse_util
 
-from moco_jax import models
 from moco_jax.state import MoCoState
 
 # Config fields that fix the shapes of the saved arrays: a checkpoint written

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-import jax
 import numpy as np
 from PIL import Image
 

@@ -19,11 +19,10 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moco_jax import export, knn, models, torch_format, trainer
+from moco_jax import augment, export, knn, models, torch_format, trainer
 
 TORCH_SUFFIXES = (".pth", ".pt", ".tar")
 
@@ -91,15 +90,6 @@ def load_variables(source) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
                      f"one of {TORCH_SUFFIXES}")
 
 
-def preprocess(images_uint8: jax.Array, crop_size: int, mean, std) -> jax.Array:
-    """uint8 (B, H, W, 3) -> float32 (B, crop_size, crop_size, 3), normalised;
-    the same steps as `trainer.make_embed_fn`."""
-    x = images_uint8.astype(jnp.float32) / 255.0
-    if x.shape[1:3] != (crop_size, crop_size):
-        x = jax.image.resize(x, (x.shape[0], crop_size, crop_size, 3), "linear")
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Encoder:
     """A pretrained query encoder: its config and variables
@@ -135,7 +125,7 @@ class Encoder:
     @functools.cached_property
     def _embed(self):
         backbone, crop, mean, std = self.backbone, self.config.crop_size, self.mean, self.std
-        return jax.jit(lambda v, x: backbone.apply(v, preprocess(x, crop, mean, std), train=False))
+        return jax.jit(lambda v, x: backbone.apply(v, augment.eval_view(x, crop, mean, std), train=False))
 
     @functools.cached_property
     def _project(self):

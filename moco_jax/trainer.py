@@ -44,14 +44,11 @@ def make_embed_fn(encoder: models.MoCoEncoder, config) -> Callable:
     projections), in eval mode (BN running statistics), as the kNN monitor and
     downstream users see the encoder."""
     recipe = augmentation_recipe(config)
-    mean, std = np.asarray(recipe.mean, np.float32), np.asarray(recipe.std, np.float32)
 
     @jax.jit
     def embed(variables, images):
-        x = images.astype(jnp.float32) / 255.0
-        if x.shape[1:3] != (config.crop_size, config.crop_size):
-            x = jax.image.resize(x, (x.shape[0], config.crop_size, config.crop_size, 3), "linear")
-        features, z = encoder.apply(variables, (x - mean) / std, train=False)
+        x = augment.eval_view(images, config.crop_size, recipe.mean, recipe.std)
+        features, z = encoder.apply(variables, x, train=False)
         return features, moco.l2_normalize(z)
 
     return embed
