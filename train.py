@@ -22,7 +22,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from moco_jax import distributed, metrics, trainer  # noqa: E402
+from moco_jax.launch import distributed  # noqa: E402
+from moco_jax.training import metrics, trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")

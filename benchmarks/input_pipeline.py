@@ -4,7 +4,7 @@ augmentation compares with the training step it feeds.
   python -m benchmarks.input_pipeline                    # everything, ~3 min on 2 cores
   python -m benchmarks.input_pipeline --skip_train_step  # host + augmentation only
 
-(a) Host: images/second delivered by `data.make_pretrain_input` (what the
+(a) Host: images/second delivered by `trainer.pretrain_batches` (what the
     trainer iterates), after a warm-up:
     * cifar10_arrays: the real CIFAR-10 arrays (../shared/data/cifar10), whole
       32px images gathered per step (the device crops them);
@@ -32,8 +32,10 @@ import jax
 import numpy as np
 
 from configs import default
-from moco_jax import augment, data, models, moco, optim, sharding
-from moco_jax import state as state_lib
+from moco_jax import data
+from moco_jax.core import augment, models, moco, optim, sharding
+from moco_jax.core import state as state_lib
+from moco_jax.training import trainer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -64,11 +66,10 @@ def host_cifar(args) -> dict:
     config.update(dict(dataset="cifar10_arrays", data_dir=str(args.cifar_dir), image_size=32,
                        crop_size=32, batch_size=256))
     start = time.perf_counter()
-    pi = data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
-                                  num_local_devices=1)
+    batches = trainer.pretrain_batches(data.open_source(config), config, start_step=0)
     load_s = time.perf_counter() - start
     return dict(source="cifar10_arrays (32px, whole images)", load_s=load_s,
-                **_rate(pi.batches, 5, args.cifar_steps))
+                **_rate(batches, 5, args.cifar_steps))
 
 
 def host_imagenette(args) -> dict:
@@ -76,10 +77,9 @@ def host_imagenette(args) -> dict:
     config.update(dict(dataset="image_folder", data_dir=str(args.imagenette_dir),
                        train_split="train", crop_size=224, crop_scale=(0.2, 1.0),
                        batch_size=64, input_threads=args.threads))
-    pi = data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
-                                  num_local_devices=1)
+    batches = trainer.pretrain_batches(data.open_source(config), config, start_step=0)
     return dict(source=f"image_folder imagenette 224px JPEG, {args.threads} decode threads",
-                **_rate(pi.batches, 3, args.jpeg_steps))
+                **_rate(batches, 3, args.jpeg_steps))
 
 
 def _time(fn, *args, reps: int) -> float:

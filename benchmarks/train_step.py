@@ -5,7 +5,7 @@ Synthetic uint8 images go through the real step: `trainer.make_train_step`
 `state.create_train_state` / `state.to_devices` and `optim.make_optimizer`.
 By default the images are placed on the devices before timing, so the
 numbers are the device step alone; `--feed host` copies them every step
-through the trainer's `data.prefetch_to_device` instead, and
+through the trainer's `prefetch_to_device` instead, and
 `--sync_every_step` fetches the metrics after every step (the trainer fetches
 them only at log steps): both measure what those means are worth.
 
@@ -56,8 +56,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default as default_config
-from moco_jax import data, models, optim, sharding, state as state_lib, trainer
-from moco_jax.validation import validate_config
+from moco_jax.core import models, optim, sharding
+from moco_jax.core import state as state_lib
+from moco_jax.core.config import validate_config
+from moco_jax.data.feed import prefetch_to_device
+from moco_jax.training import trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,10 +190,10 @@ def synthetic_batches(num_devices: int, local_batch: int, size: int, count: int 
 def batch_stream(host_batches: list, feed: str) -> Iterator:
     """Endless device batches. feed="device": placed on the devices once, so
     only the step is timed; "host": copied every step through the trainer's
-    `data.prefetch_to_device` (2 batches ahead)."""
+    `prefetch_to_device` (2 batches ahead)."""
     if feed == "device":
         return itertools.cycle([sharding.shard(b) for b in host_batches])
-    return data.prefetch_to_device(itertools.cycle(host_batches), size=2)
+    return prefetch_to_device(itertools.cycle(host_batches), size=2)
 
 
 def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int = 20, warmup: int = 5,

@@ -18,32 +18,46 @@ T=0.1) on the 359 held-out digits rises from 81.9% (backbone) / 77.2%
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-
-    # Data.
+def add_data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The fields that say where the images are and how to read them
+    (moco_jax/data/: `open_source`, `SourceConfig`). Pretraining and the linear
+    probe (configs/linear_cifar10.py) both declare them through this function."""
     # dataset: digits | cifar10_arrays (in memory, no TensorFlow needed) |
     #   image_folder (data_dir/<split>/<class>/*.jpg|png) | any tensorflow-datasets
     #   name, e.g. cifar10, stl10, imagenette/320px-v2, imagenet2012 (optionally
-    #   written tfds:NAME). See moco_jax/data.py. CIFAR-10 from the real arrays:
+    #   written tfds:NAME). See moco_jax/data/__init__.py. CIFAR-10 from the real arrays:
     #   --config.dataset=cifar10_arrays --config.data_dir=/path/to/shared/data/cifar10
     config.dataset = "digits"
     # digits: unused; cifar10_arrays: the mosaics' folder ('' = $MOCO_JAX_CIFAR10_DIR,
     # else ../shared/data/cifar10); image_folder: the root; tfds: the TFDS data
     # directory ('' = TFDS's default).
     config.data_dir = ""
+    # In-memory datasets: the side images are loaded at (digits are upsampled from
+    # 8x8; cifar10_arrays is 32), 0 = the dataset's own size. Linear evaluation of
+    # image folders / tfds: the side the labelled images are decoded to.
+    config.image_size = 0
     config.train_split = "train"  # tfds split / image_folder sub-folder ('' = data_dir itself)
-    config.eval_split = "test"  # kNN queries (tfds split / sub-folder, e.g. 'val')
+    config.eval_split = "test"  # labelled eval images (tfds split / sub-folder, e.g. 'val')
+    config.skip_corrupt_images = False  # image_folder: True = log, count and skip undecodable files
+    config.input_threads = 0  # image_folder / tfds: host decode threads (0 = all cores but one)
+    config.shuffle_buffer = 10_000  # tfds: examples in the shuffle buffer (after file shuffling)
+    config.tfds_download = False  # tfds: download and prepare a missing dataset
+    config.image_key = "image"  # tfds: the feature holding the image
+    config.label_key = "label"  # tfds: the feature holding the class label
+    return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Data (the fields shared with linear evaluation: see add_data_fields).
+    add_data_fields(config)
+    config.image_size = 16  # digits are upsampled from 8x8 to this size
     config.knn_train_split = ""  # kNN bank, '' = train_split (stl10: pretrain 'unlabelled', bank 'train')
     config.train_subset = 0  # in-memory datasets: pretrain on a fixed random subset of this size (0 = all)
     config.knn_max_train_images = 50_000  # cap on the kNN bank (0 = all)
     config.knn_center_crop_fraction = 1.0  # kNN view: resize to crop_size / this, centre crop (0.875: ImageNet)
-    config.skip_corrupt_images = False  # image_folder: True = log, count and skip undecodable files
-    config.input_threads = 0  # tf.data decode threads (0 = all cores but one)
-    config.shuffle_buffer = 10_000  # tfds: examples in the shuffle buffer (after file shuffling)
-    config.tfds_download = False  # tfds: download and prepare a missing dataset
-    config.image_size = 16  # digits are upsampled from 8x8 to this size
-    config.augmentation = "cifar"  # moco_v1 | moco_v2 | cifar (moco_jax/augment.py)
+    config.augmentation = "cifar"  # moco_v1 | moco_v2 | cifar (moco_jax/core/augment.py)
     config.crop_size = 16
     config.crop_scale = (0.5, 1.0)  # 8x8 digits lose their identity in smaller crops
 
@@ -65,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.temperature = 0.2
     config.momentum = 0.99  # key-encoder EMA
     config.shuffle_bn = True
-    config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see moco.py)
+    config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see core/moco.py)
     config.symmetric_loss = False
 
     # Optimisation.
@@ -80,12 +94,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay_mask = "all"  # all (the reference) | no_bn_bias
     config.sgd_momentum = 0.9
 
-    # Logging and evaluation.
+    # Logging and evaluation. Intervals are given in steps or in epochs
+    # (X_every_steps / X_every_epochs, at most one of the two > 0; 0 = only at
+    # the end); moco_jax.core.config.steps() turns them into steps.
     config.seed = 0
     config.log_every_steps = 20
+    config.log_every_epochs = 0.0
     config.checkpoint_every_steps = 200  # with --workdir; also saved at the end
+    config.checkpoint_every_epochs = 0.0
     config.checkpoints_to_keep = 3
     config.knn_every_steps = 0  # kNN monitor during training (0: only at the end)
+    config.knn_every_epochs = 0.0
     config.knn_k = 200
     config.knn_temperature = 0.1
     config.eval_batch_size = 256

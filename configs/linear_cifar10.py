@@ -12,24 +12,25 @@ digits default; for the real CIFAR-10 arrays (../shared/data/cifar10):
 
 import ml_collections
 
+from configs import default
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.pretrained = ""  # a pretraining workdir or an exported encoder (see moco_jax.pretrained.load)
     config.mode = "full"  # full: the reference protocol | features: fixed features, no augmentation
 
-    # Data (see moco_jax.linear_eval.load_dataset): digits | cifar10_arrays
-    # (in memory), or image_folder / a tensorflow-datasets name (decoded once
-    # into memory, shorter side resized to image_size and centre-cropped).
-    config.dataset = "digits"
-    config.data_dir = ""  # '' = the dataset's default location
+    # Data (see moco_jax.eval.linear.load_dataset and configs/default.py
+    # add_data_fields): digits | cifar10_arrays (in memory), or image_folder /
+    # a tensorflow-datasets name (decoded once into memory, shorter side
+    # resized to image_size and centre-cropped).
+    default.add_data_fields(config)
     # digits: upsampled from 8x8 to this; image_folder / tfds: the decode size;
     # 0 = the pretraining image_size when the encoder was pretrained on this
     # dataset, else the dataset's own (digits 16, cifar10_arrays 32).
     config.image_size = 0
-    config.train_split = "train"  # tfds split / image_folder sub-folder
     config.eval_split = "test"  # top-1/top-5 are measured here (ImageNet: 'validation')
-    config.max_train_images = 0  # image_folder / tfds: cap on the training images (0 = all)
+    config.max_train_images = 0  # cap on the training images, a fixed random subset (0 = all)
     config.crop_size = 0  # 0 = the encoder's input size (its pretraining crop_size)
     config.train_crop_scale = (0.08, 1.0)  # RandomResizedCrop's default scale
     config.eval_crop_fraction = 0.875  # Resize(crop / 0.875) + CenterCrop(crop), i.e. 256 -> 224
@@ -47,8 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay_mask = "all"
     config.sgd_momentum = 0.9
 
+    # Intervals in steps or epochs (at most one of each pair > 0; 0 = only at the end).
     config.seed = 0
     config.log_every_steps = 50
-    config.checkpoint_every_steps = 500
+    config.log_every_epochs = 0.0
+    config.checkpoint_every_steps = 500  # full mode, with --workdir
+    config.checkpoint_every_epochs = 0.0
     config.eval_batch_size = 256
     return config

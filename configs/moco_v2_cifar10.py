@@ -64,6 +64,6 @@ def get_config():
 
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
-    config.knn_every_steps = 970  # about every 10 epochs (97 steps per epoch)
+    config.knn_every_epochs = 10  # the kNN monitor every 10 epochs, whatever the batch size
     config.eval_batch_size = 1000
     return config

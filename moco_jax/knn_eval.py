@@ -7,57 +7,42 @@ The feature bank is the un-augmented train split, the queries the test split;
 each of the k nearest neighbours (cosine similarity) votes for its label with
 weight exp(sim / T). With a projection head, both backbone and projection
 features are evaluated, with exactly the code of the in-training monitor
-(`trainer.knn_accuracies`); without one (a torchvision export) the backbone.
+(`moco_jax.eval.embed.knn_accuracies`); without one (a torchvision export)
+the backbone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from absl import app, flags
 
-from moco_jax import data, knn, metrics, models, pretrained, trainer
-
-FEATURES = ("backbone", "projection")
-
-
-def eval_config(encoder: pretrained.Encoder, k: int, temperature: float, batch_size: int) -> ml_collections.ConfigDict:
-    """The encoder's config with the kNN settings replaced."""
-    config = ml_collections.ConfigDict(encoder.config.to_dict())
-    config.knn_k, config.knn_temperature, config.eval_batch_size = k, temperature, batch_size
-    return config
+from moco_jax import data, pretrained
+from moco_jax.eval import knn
+from moco_jax.training import metrics
 
 
-def knn_eval(encoder: pretrained.Encoder, dataset: data.ArrayDataset, k: int = 200, temperature: float = 0.1,
-             batch_size: int = 256, features: tuple[str, ...] = FEATURES) -> dict[str, float]:
-    """Top-1 accuracy in [0, 1] per feature kind ('backbone', 'projection')."""
-    unknown = set(features) - set(FEATURES)
-    if unknown:
-        raise ValueError(f"features must be among {FEATURES}, got {sorted(unknown)}")
-    if encoder.has_head:
-        config = eval_config(encoder, k, temperature, batch_size)
-        embed = trainer.make_embed_fn(models.build_encoder(config), config)
-        result = trainer.knn_accuracies(embed, encoder.variables, dataset, config)
-        return {name: result[name] for name in features}
-    if "projection" in features:
-        raise ValueError("this encoder has no projection head; use features=('backbone',)")
-    bank, queries = encoder.embed(dataset.train_images, batch_size), encoder.embed(dataset.test_images, batch_size)
-    accuracy = knn.knn_accuracy(queries, dataset.test_labels, bank, dataset.train_labels, dataset.num_classes,
-                                k=k, temperature=temperature)
-    return {"backbone": accuracy}
-
-
-def load_dataset(encoder: pretrained.Encoder, name: str | None = None, data_dir: str | None = None,
-                 image_size: int | None = None) -> data.ArrayDataset:
+def load_dataset(encoder: pretrained.Encoder, name: str = "", data_dir: str = "",
+                 image_size: int = 0) -> data.ArrayDataset:
     """The labelled bank/query images: by default those the in-training
-    monitor uses (`data.load_knn_arrays` of the pretraining config); `name`
+    monitor uses (the pretraining config's dataset and kNN fields); `name`
     (with `data_dir`, `image_size`) replaces the pretraining dataset."""
     config = ml_collections.ConfigDict(encoder.config.to_dict())
-    if name:
-        config.dataset, config.data_dir, config.image_size = name, data_dir or "", image_size or None
-    elif "dataset" not in config:
+    if not name and "dataset" not in config:
         raise ValueError("the encoder's config names no dataset (imported weights): pass --dataset")
-    config.seed = config.get("seed", 0)
-    return data.load_knn_arrays(config)
+    spec = data.SourceConfig.from_config(config) if "dataset" in config else data.SourceConfig(name)
+    if name:
+        spec = dataclasses.replace(spec, dataset=name, data_dir=data_dir, image_size=image_size)
+    return knn.monitor_dataset(data.open_source(spec), _monitor_fields(config))
+
+
+def _monitor_fields(config) -> ml_collections.ConfigDict:
+    """The kNN fields of a pretraining config; weights trained elsewhere have
+    none, and get the monitor's usual bank (all of it) and view."""
+    fields = dict(knn_train_split="", knn_max_train_images=0, knn_center_crop_fraction=1.0, seed=0)
+    fields.update({k: config[k] for k in fields if k in config})
+    return ml_collections.ConfigDict(dict(crop_size=config.crop_size, **fields))
 
 
 def main(argv):
@@ -67,10 +52,10 @@ def main(argv):
     f = flags.FLAGS
     encoder = pretrained.load(f.pretrained)
     dataset = load_dataset(encoder, f.dataset, f.data_dir, f.image_size)
-    features = FEATURES if f.features == "both" else (f.features,)
+    features = ("backbone", "projection") if f.features == "both" else (f.features,)
     if f.features == "both" and not encoder.has_head:
         features = ("backbone",)
-    result = knn_eval(encoder, dataset, f.k, f.temperature, f.batch_size, features)
+    result = encoder.knn_accuracies(dataset, f.k, f.temperature, f.batch_size, features)
     print(f"weighted kNN (k={f.k}, T={f.temperature}) of {f.pretrained} on {dataset.name}:")
     for name, accuracy in result.items():
         print(f"  {name:<10} top-1 {accuracy:.2%}")
@@ -78,7 +63,8 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_string("pretrained", None, "Pretraining workdir or exported encoder (see moco_jax.pretrained).")
-    flags.DEFINE_string("dataset", "", "digits | cifar10_arrays; '' = the encoder's pretraining dataset.")
+    flags.DEFINE_string("dataset", "", f"One of {sorted(data.SOURCES)} or a tensorflow-datasets name; "
+                        "'' = the encoder's pretraining dataset.")
     flags.DEFINE_string("data_dir", "", "Dataset location; '' = its default.")
     flags.DEFINE_integer("image_size", 0, "With --dataset: load images at this size (digits); 0 = the dataset default.")
     flags.DEFINE_integer("k", 200, "Neighbours.")

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from moco_jax import metrics
+from moco_jax.training import metrics
 
 # (file name, title, y label, metric keys)
 PANELS = (
@@ -62,14 +62,12 @@ def plot_workdir(workdir: str) -> list[str]:
     return written + [path]
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).", required=True)
-
-
 def main(argv: Sequence[str]) -> None:
     del argv
-    for path in plot_workdir(_WORKDIR.value):
+    for path in plot_workdir(flags.FLAGS.workdir):
         print(path)
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).", required=True)
     app.run(main)

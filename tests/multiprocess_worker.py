@@ -23,7 +23,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # moco_jax
 
-from moco_jax import distributed  # noqa: E402
+from moco_jax.launch import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (the test's tiny config).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -39,7 +39,7 @@ def main(argv):
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax  # noqa: PLC0415
 
-    from moco_jax import trainer  # noqa: PLC0415
+    from moco_jax.training import trainer  # noqa: PLC0415
 
     config = _CONFIG.value
     distributed.check_same_config(config)

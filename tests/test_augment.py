@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moco_jax import augment as A
+from moco_jax.core import augment as A
 
 KEY = jax.random.PRNGKey(0)
 
@@ -24,9 +24,35 @@ def jitted(fn, *args, **static):
     return jax.jit(functools.partial(fn, **static))(*args)
 
 
+# The ops take their randomness as uniforms; these draw them from a key, one
+# row per image, as the pipelines do for a whole step.
+def random_flip(rng, x, p=0.5):
+    return A.flip(jax.random.uniform(rng, (x.shape[0],)), x, p)
+
+
+def random_grayscale(rng, x, p):
+    return A.grayscale(jax.random.uniform(rng, (x.shape[0],)), x, p)
+
+
+def color_jitter(rng, x, brightness, contrast, saturation, hue, p=1.0):
+    return A.color_jitter(jax.random.uniform(rng, (x.shape[0], 9)), x, brightness, contrast, saturation, hue, p)
+
+
+def random_gaussian_blur(rng, x, p, sigma_range=(0.1, 2.0), kernel_size=None):
+    return A.blur(jax.random.uniform(rng, (x.shape[0], 2)), x, p, sigma_range, kernel_size)
+
+
+def jitter_order(rng, batch_size):
+    return A.jitter_order(jax.random.uniform(rng, (batch_size, 4)))
+
+
+def random_resized_crop_boxes(rng, batch_size, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    return A.crop_boxes(jax.random.uniform(rng, (batch_size, 4 * attempts)), height, width, scale, ratio)
+
+
 # p is an ordinary (traced) argument, so one compile serves every p below.
-jitter_04 = jax.jit(lambda rng, x, p: A.color_jitter(rng, x, 0.4, 0.4, 0.4, 0.1, p))
-strong_blur = jax.jit(lambda rng, x, p: A.random_gaussian_blur(rng, x, p, sigma_range=(1.0, 2.0)))
+jitter_04 = jax.jit(lambda rng, x, p: color_jitter(rng, x, 0.4, 0.4, 0.4, 0.1, p))
+strong_blur = jax.jit(lambda rng, x, p: random_gaussian_blur(rng, x, p, sigma_range=(1.0, 2.0)))
 
 
 def rand_images(seed, b=4, h=8, w=8, c=3):
@@ -123,12 +149,12 @@ def test_hue_third_turn_maps_red_to_green_to_blue():
 # ---------------------------------------------------------------- colour jitter
 
 def test_jitter_order_is_per_image_permutation():
-    order = np.asarray(A.jitter_order(KEY, 64))
+    order = np.asarray(jitter_order(KEY, 64))
     assert order.shape == (64, 4)
     np.testing.assert_array_equal(np.sort(order, axis=1), np.tile(np.arange(4), (64, 1)))
     # 64 images, 24 possible orders: many distinct orders must show up.
     assert len({tuple(r) for r in order}) > 10
-    np.testing.assert_array_equal(order, A.jitter_order(KEY, 64))
+    np.testing.assert_array_equal(order, jitter_order(KEY, 64))
 
 
 def test_apply_color_jitter_respects_order():
@@ -170,12 +196,12 @@ def test_apply_color_jitter_all_ops_any_order_matches_sequential():
 def test_color_jitter_p0_is_identity_and_zero_strength_skips():
     x = rand_images(7, b=32, h=4, w=4)
     np.testing.assert_array_equal(jitter_04(KEY, x, 0.0), x)
-    np.testing.assert_allclose(A.color_jitter(KEY, x, 0.0, 0.0, 0.0, 0.0, p=1.0), x, atol=1e-7)
+    np.testing.assert_allclose(color_jitter(KEY, x, 0.0, 0.0, 0.0, 0.0, p=1.0), x, atol=1e-7)
 
 
 def test_color_jitter_brightness_only_factor_range():
     x = np.full((64, 2, 2, 3), 0.5, np.float32)
-    out = np.asarray(jitted(A.color_jitter, KEY, x, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0))
+    out = np.asarray(jitted(color_jitter, KEY, x, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0))
     factors = out[:, 0, 0, 0] / 0.5
     # Each pixel of an image scaled by the same factor, drawn in [0.6, 1.4].
     np.testing.assert_allclose(out, np.broadcast_to(out[:, :1, :1, :1], out.shape), atol=1e-6)
@@ -192,10 +218,10 @@ def test_color_jitter_p_applies_per_image():
 
 def test_random_grayscale():
     x = rand_images(9, b=32, h=4, w=4)
-    np.testing.assert_array_equal(A.random_grayscale(KEY, x, 0.0), x)
-    np.testing.assert_allclose(A.random_grayscale(KEY, x, 1.0),
+    np.testing.assert_array_equal(random_grayscale(KEY, x, 0.0), x)
+    np.testing.assert_allclose(random_grayscale(KEY, x, 1.0),
                                np.broadcast_to(np_gray(x), x.shape), atol=1e-6)
-    out = np.asarray(A.random_grayscale(KEY, x, 0.5))
+    out = np.asarray(random_grayscale(KEY, x, 0.5))
     is_gray = np.all(np.abs(out - out[..., :1]) < 1e-7, axis=(1, 2, 3))
     assert 0 < is_gray.sum() < 32
 
@@ -265,7 +291,7 @@ def test_random_gaussian_blur_p():
 
 def test_crop_boxes_inside_and_in_range():
     h, w = 20, 30
-    boxes = np.asarray(jitted(A.random_resized_crop_boxes, KEY, batch_size=512, height=h, width=w, scale=(0.2, 1.0)))
+    boxes = np.asarray(jitted(random_resized_crop_boxes, KEY, batch_size=512, height=h, width=w, scale=(0.2, 1.0)))
     assert boxes.shape == (512, 4) and boxes.dtype == np.float32
     top, left, ch, cw = boxes.T
     np.testing.assert_array_equal(boxes, np.round(boxes))  # integer pixels
@@ -308,7 +334,7 @@ def torchvision_get_params(u, height, width, scale, ratio):
 def test_crop_boxes_match_torchvision_loop(scale):
     h, w = 12, 30
     u = np.random.default_rng(0).uniform(size=(64, 40)).astype(np.float32)
-    boxes = np.asarray(jax.jit(lambda u: A._crop_boxes_u(u, h, w, scale, (3 / 4, 4 / 3)))(u))
+    boxes = np.asarray(jax.jit(lambda u: A.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
     expected = np.array([torchvision_get_params(r.astype(np.float64), h, w, scale, (3 / 4, 4 / 3))
                          for r in u])
     np.testing.assert_array_equal(boxes, expected)
@@ -319,18 +345,18 @@ def test_crop_boxes_match_torchvision_loop(scale):
 
 def test_crop_boxes_fallback_is_torchvision_central_crop():
     # scale far above 1 can never fit: torchvision's fallback with ratio clamp.
-    wide = np.asarray(A.random_resized_crop_boxes(KEY, 4, 10, 40, scale=(5.0, 6.0)))
+    wide = np.asarray(random_resized_crop_boxes(KEY, 4, 10, 40, scale=(5.0, 6.0)))
     np.testing.assert_array_equal(wide, np.tile([0, 13, 10, 13], (4, 1)))  # w = round(10 * 4/3)
-    tall = np.asarray(A.random_resized_crop_boxes(KEY, 4, 40, 10, scale=(5.0, 6.0)))
+    tall = np.asarray(random_resized_crop_boxes(KEY, 4, 40, 10, scale=(5.0, 6.0)))
     np.testing.assert_array_equal(tall, np.tile([13, 0, 13, 10], (4, 1)))  # h = round(10 / 0.75), top = (40 - 13) // 2
-    sq = np.asarray(A.random_resized_crop_boxes(KEY, 4, 12, 12, scale=(5.0, 6.0)))
+    sq = np.asarray(random_resized_crop_boxes(KEY, 4, 12, 12, scale=(5.0, 6.0)))
     np.testing.assert_array_equal(sq, np.tile([0, 0, 12, 12], (4, 1)))
 
 
 def test_crop_boxes_deterministic_per_key():
-    a = A.random_resized_crop_boxes(KEY, 16, 32, 32)
-    b = A.random_resized_crop_boxes(KEY, 16, 32, 32)
-    c = A.random_resized_crop_boxes(jax.random.PRNGKey(1), 16, 32, 32)
+    a = random_resized_crop_boxes(KEY, 16, 32, 32)
+    b = random_resized_crop_boxes(KEY, 16, 32, 32)
+    c = random_resized_crop_boxes(jax.random.PRNGKey(1), 16, 32, 32)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert len({tuple(r) for r in np.asarray(a)}) > 1  # per-image boxes
@@ -382,9 +408,9 @@ def test_crop_and_resize_equals_crop_then_resize():
 
 def test_flip():
     x = rand_images(15)
-    np.testing.assert_array_equal(A.random_flip(KEY, x, p=1.0), x[:, :, ::-1])
-    np.testing.assert_array_equal(A.random_flip(KEY, x, p=0.0), x)
-    out = np.asarray(A.random_flip(KEY, rand_images(15, b=32, h=2, w=2), p=0.5))
+    np.testing.assert_array_equal(random_flip(KEY, x, p=1.0), x[:, :, ::-1])
+    np.testing.assert_array_equal(random_flip(KEY, x, p=0.0), x)
+    out = np.asarray(random_flip(KEY, rand_images(15, b=32, h=2, w=2), p=0.5))
     ref = rand_images(15, b=32, h=2, w=2)
     flipped = [np.array_equal(o, r[:, ::-1]) for o, r in zip(out, ref)]
     same = [np.array_equal(o, r) for o, r in zip(out, ref)]

@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from moco_jax import checkpoint, metrics, models, optim, state as state_lib, trainer
+from moco_jax.core import models, optim
+from moco_jax.core import state as state_lib
+from moco_jax.io import checkpoint
+from moco_jax.training import metrics, trainer
 from tiny import tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")

@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-from moco_jax import optim
-from moco_jax.validation import validate_config
+from moco_jax.core import optim
+from moco_jax.core.config import validate_config
 
 
 @pytest.mark.parametrize("name, devices", [
@@ -31,3 +31,36 @@ def test_paper_recipes():
     assert optim.scaled_learning_rate(cifar) == pytest.approx(0.06)
     assert cifar.crop_scale == (0.08, 1.0) and not cifar.symmetric_loss
     assert cifar.model.head == "linear"  # the demo's resnet18(num_classes=128)
+
+
+def test_intervals_in_epochs_or_steps():
+    from moco_jax.core.config import steps
+
+    cifar = importlib.import_module("configs.moco_v2_cifar10").get_config()
+    assert steps(cifar, "knn_every", 50000 // 512) == 970  # every 10 epochs of 97 steps
+    cifar.batch_size = 256
+    assert steps(cifar, "knn_every", 50000 // 256) == 1950  # still every 10 epochs
+    assert steps(cifar, "checkpoint_every", 97) == 1000 and steps(cifar, "log_every", 97) == 50
+    cifar.knn_every_epochs, cifar.knn_every_steps = 0.0, 0
+    assert steps(cifar, "knn_every", 97) == 0  # off
+    cifar.knn_every_epochs = 0.001
+    assert steps(cifar, "knn_every", 97) == 1  # a positive duration is at least one step
+    cifar.knn_every_steps = 5
+    with pytest.raises(ValueError, match="knn_every_steps=5 and knn_every_epochs=0.001"):
+        steps(cifar, "knn_every", 97)
+
+
+@pytest.mark.parametrize("name", ["default", "moco_v2_cifar10", "moco_v2_imagenet", "linear_cifar10",
+                                  "linear_imagenet"])
+def test_every_data_field_is_declared(name):
+    """Pretraining and linear-evaluation configs declare every field the data
+    sources read, so each can be set from the command line."""
+    import dataclasses
+
+    from moco_jax.data import SourceConfig
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    missing = [f.name for f in dataclasses.fields(SourceConfig) if f.name not in config]
+    assert not missing, missing
+    for interval in ("log_every", "checkpoint_every"):
+        assert f"{interval}_steps" in config and f"{interval}_epochs" in config

@@ -1,4 +1,4 @@
-"""Tests for moco_jax.data: datasets, resumable batching, device feed."""
+"""Tests for moco_jax.data: datasets, resumable batching, sources, device feed."""
 import itertools
 from pathlib import Path
 
@@ -8,6 +8,11 @@ import pytest
 from sklearn.datasets import load_digits as sk_load_digits
 
 from moco_jax import data
+from moco_jax.core import sharding
+from moco_jax.data import arrays
+from moco_jax.data.feed import prefetch_to_device
+from moco_jax.data.source import array_batches, epoch_permutation, knn_subset, local_batch_indices, steps_per_epoch
+from tiny import knn_arrays, pretrain_source
 
 CIFAR10_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
@@ -21,7 +26,7 @@ def raw_digits():
 
 @pytest.fixture(scope="module")
 def digits8():
-    return data.load_digits(image_size=8)
+    return arrays.load_digits(image_size=8)
 
 
 def _match_raw_indices(images_uint8, raw_images):
@@ -33,7 +38,7 @@ def _match_raw_indices(images_uint8, raw_images):
 
 
 def test_digits_shapes_dtype_range():
-    ds = data.load_digits(image_size=16)
+    ds = arrays.load_digits(image_size=16)
     assert ds.train_images.shape[1:] == (16, 16, 3)
     assert ds.test_images.shape[1:] == (16, 16, 3)
     assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
@@ -59,14 +64,14 @@ def test_digits_split_is_stratified_and_disjoint(raw_digits, digits8):
 
 
 def test_digits_deterministic_and_seeded(digits8):
-    again = data.load_digits(image_size=8)
+    again = arrays.load_digits(image_size=8)
     np.testing.assert_array_equal(digits8.test_images, again.test_images)
-    other = data.load_digits(image_size=8, seed=1)
+    other = arrays.load_digits(image_size=8, seed=1)
     assert not np.array_equal(digits8.test_labels, other.test_labels)
 
 
 def test_digits_upsampling_preserves_content(digits8):
-    big = data.load_digits(image_size=16)
+    big = arrays.load_digits(image_size=16)
     # Same split regardless of size; 2x2 average-pooling the bilinear upsample
     # must look like the 8x8 original.
     pooled = big.train_images[..., 0].astype(np.float32).reshape(-1, 8, 2, 8, 2).mean((2, 4))
@@ -78,22 +83,22 @@ def test_digits_upsampling_preserves_content(digits8):
 
 
 def test_load_array_dataset_dispatch_and_unknown():
-    ds = data.load_array_dataset("digits", image_size=12)
+    ds = arrays.load_array_dataset("digits", image_size=12)
     assert ds.train_images.shape[1:] == (12, 12, 3)
     with pytest.raises(ValueError, match="cifar10_arrays"):
-        data.load_array_dataset("mnist")
+        arrays.load_array_dataset("mnist")
 
 
 # ----------------------------------------------------------------- cifar10
 def test_cifar10_missing_files_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar10_train_q95.jpg"):
-        data.load_cifar10_arrays(tmp_path)
+        arrays.load_cifar10_arrays(tmp_path)
 
 
 def test_cifar10_real_files():
     if not CIFAR10_DIR.is_dir():
         pytest.skip(f"CIFAR-10 mosaics not found: {CIFAR10_DIR} does not exist")
-    ds = data.load_array_dataset("cifar10_arrays", data_dir=CIFAR10_DIR)
+    ds = arrays.load_array_dataset("cifar10_arrays", data_dir=CIFAR10_DIR)
     assert ds.train_images.shape == (50000, 32, 32, 3)
     assert ds.test_images.shape == (10000, 32, 32, 3)
     assert ds.train_images.dtype == np.uint8 and ds.test_labels.dtype == np.int32
@@ -126,41 +131,41 @@ def _ids(batch):
 
 
 def test_epoch_permutation_and_steps():
-    p = data.epoch_permutation(10, seed=0, epoch=0)
+    p = epoch_permutation(10, seed=0, epoch=0)
     assert sorted(p.tolist()) == list(range(10))
-    np.testing.assert_array_equal(p, data.epoch_permutation(10, seed=0, epoch=0))
-    assert not np.array_equal(p, data.epoch_permutation(10, seed=0, epoch=1))
-    assert not np.array_equal(p, data.epoch_permutation(10, seed=1, epoch=0))
-    assert data.steps_per_epoch(10, 3) == 3
+    np.testing.assert_array_equal(p, epoch_permutation(10, seed=0, epoch=0))
+    assert not np.array_equal(p, epoch_permutation(10, seed=0, epoch=1))
+    assert not np.array_equal(p, epoch_permutation(10, seed=1, epoch=0))
+    assert steps_per_epoch(10, 3) == 3
     with pytest.raises(ValueError):
-        data.steps_per_epoch(5, 8)
+        steps_per_epoch(5, 8)
 
 
 def test_array_batches_epochs(id_images):
-    spe = data.steps_per_epoch(N, GB)
-    stream = data.array_batches(id_images, GB, SEED)
+    spe = steps_per_epoch(N, GB)
+    stream = array_batches(id_images, GB, SEED)
     epochs = [np.concatenate([_ids(next(stream)) for _ in range(spe)]) for _ in range(2)]
     for e, ids in enumerate(epochs):
         assert len(set(ids.tolist())) == spe * GB  # each example at most once
-        np.testing.assert_array_equal(ids, data.epoch_permutation(N, SEED, e)[:spe * GB])
+        np.testing.assert_array_equal(ids, epoch_permutation(N, SEED, e)[:spe * GB])
     assert not np.array_equal(epochs[0], epochs[1])
 
 
 def test_array_batches_shape_dtype(id_images):
-    batch = next(data.array_batches(id_images, GB, SEED, num_local_devices=4))
+    batch = next(array_batches(id_images, GB, SEED, num_local_devices=4))
     assert batch.shape == (4, 2, 2, 2, 3) and batch.dtype == np.uint8
 
 
 def test_array_batches_resume(id_images):
-    full = list(itertools.islice(data.array_batches(id_images, GB, SEED), 20))
-    resumed = list(itertools.islice(data.array_batches(id_images, GB, SEED, start_step=7), 13))
+    full = list(itertools.islice(array_batches(id_images, GB, SEED), 20))
+    resumed = list(itertools.islice(array_batches(id_images, GB, SEED, start_step=7), 13))
     for a, b in zip(full[7:], resumed):
         np.testing.assert_array_equal(a, b)
 
 
 def test_array_batches_processes_form_global_batch(id_images):
-    single = data.array_batches(id_images, GB, SEED)
-    procs = [data.array_batches(id_images, GB, SEED, start_step=4, process_index=p,
+    single = array_batches(id_images, GB, SEED)
+    procs = [array_batches(id_images, GB, SEED, start_step=4, process_index=p,
                                 process_count=2, num_local_devices=2) for p in range(2)]
     for _ in range(4):
         next(single)
@@ -174,21 +179,21 @@ def test_array_batches_processes_form_global_batch(id_images):
 
 def test_array_batches_divisibility_errors(id_images):
     with pytest.raises(ValueError, match="process_count=3"):
-        data.array_batches(id_images, 8, SEED, process_count=3)
+        array_batches(id_images, 8, SEED, process_count=3)
     with pytest.raises(ValueError, match="num_local_devices=3"):
-        data.array_batches(id_images, 8, SEED, process_count=2, num_local_devices=3)
+        array_batches(id_images, 8, SEED, process_count=2, num_local_devices=3)
     with pytest.raises(ValueError, match="64"):
-        data.array_batches(id_images, 64, SEED)
+        array_batches(id_images, 64, SEED)
     with pytest.raises(ValueError, match="process_index"):
-        data.array_batches(id_images, 8, SEED, process_index=2, process_count=2)
+        array_batches(id_images, 8, SEED, process_index=2, process_count=2)
 
 
 # ----------------------------------------------------------------- devices
-def test_shard_to_devices_places_slice_i_on_device_i():
+def test_shard_places_slice_i_on_device_i():
     devices = jax.local_devices()
     assert len(devices) == 8
     batch = np.arange(8 * 3 * 2, dtype=np.uint8).reshape(8, 3, 2)
-    arr = data.shard_to_devices(batch)
+    arr = sharding.shard(batch)
     shards = sorted(arr.addressable_shards, key=lambda s: s.index[0].start)
     for i, shard in enumerate(shards):
         assert shard.device == devices[i]
@@ -196,7 +201,7 @@ def test_shard_to_devices_places_slice_i_on_device_i():
     out = jax.pmap(lambda x: x.astype(np.int32).sum(), axis_name="batch")(arr)
     np.testing.assert_array_equal(np.asarray(out), batch.astype(np.int32).sum((1, 2)))
     with pytest.raises(ValueError):
-        data.shard_to_devices(batch[:4])
+        sharding.shard(batch[:4])
 
 
 def test_prefetch_to_device_order_and_laziness():
@@ -208,7 +213,7 @@ def test_prefetch_to_device_order_and_laziness():
             pulled.append(1)
             yield b
 
-    it = data.prefetch_to_device(source(), size=2)
+    it = prefetch_to_device(source(), size=2)
     first = next(it)
     assert len(pulled) == 2  # only `size` batches ahead, not the whole stream
     got = [first] + list(it)
@@ -228,37 +233,37 @@ def _config(**overrides):
 
 
 def test_local_batch_indices_shards_form_the_global_batch():
-    single = data.local_batch_indices(N, GB, SEED, start_step=5)
-    procs = [data.local_batch_indices(N, GB, SEED, start_step=5, process_index=p, process_count=2)
+    single = local_batch_indices(N, GB, SEED, start_step=5)
+    procs = [local_batch_indices(N, GB, SEED, start_step=5, process_index=p, process_count=2)
              for p in range(2)]
     for _ in range(3):
         np.testing.assert_array_equal(np.concatenate([next(p) for p in procs]), next(single))
 
 
-def test_make_pretrain_input_arrays_is_array_batches():
+def test_array_source_stream_is_array_batches():
     config = _config()
-    pi = data.make_pretrain_input(config, start_step=3, process_index=1, process_count=2,
-                                  num_local_devices=4)
-    ds = data.load_array_dataset("digits", image_size=8)
-    assert not pi.host_cropped
-    assert pi.num_train_examples == len(ds.train_images) == data.count_train_examples(config)
-    assert pi.steps_per_epoch == len(ds.train_images) // 64
-    ref = data.array_batches(ds.train_images, 64, config.seed, start_step=3, process_index=1,
-                             process_count=2, num_local_devices=4)
+    source, batches, steps = pretrain_source(config, start_step=3, process_index=1, process_count=2,
+                                             num_local_devices=4)
+    ds = arrays.load_array_dataset("digits", image_size=8)
+    assert not source.host_cropped
+    assert source.num_train_examples == len(ds.train_images)
+    assert steps == len(ds.train_images) // 64
+    ref = array_batches(ds.train_images, 64, config.seed, start_step=3, process_index=1,
+                        process_count=2, num_local_devices=4)
     for _ in range(2):
-        batch = next(pi.batches)
+        batch = next(batches)
         assert batch.shape == (4, 8, 8, 8, 3)
         np.testing.assert_array_equal(batch, next(ref))
 
 
-def test_load_knn_arrays_arrays_and_cap():
-    ds = data.load_array_dataset("digits", image_size=8)
-    full = data.load_knn_arrays(_config())
+def test_knn_arrays_of_array_sources_and_cap():
+    ds = arrays.load_array_dataset("digits", image_size=8)
+    full = knn_arrays(_config())
     np.testing.assert_array_equal(full.train_images, ds.train_images)
     np.testing.assert_array_equal(full.test_labels, ds.test_labels)
-    capped = data.load_knn_arrays(_config(knn_max_train_images=100))
+    capped = knn_arrays(_config(knn_max_train_images=100))
     assert capped.train_images.shape == (100, 8, 8, 3)
-    keep = data.knn_subset(len(ds.train_images), 100, seed=0)
+    keep = knn_subset(len(ds.train_images), 100, seed=0)
     np.testing.assert_array_equal(capped.train_images, ds.train_images[keep])
     np.testing.assert_array_equal(capped.train_labels, ds.train_labels[keep])
     np.testing.assert_array_equal(capped.test_images, ds.test_images)  # queries never capped
@@ -274,11 +279,14 @@ import sys
 sys.modules['tensorflow'] = None  # any `import tensorflow` now raises ImportError
 sys.modules['tensorflow_datasets'] = None
 from configs import default
-from moco_jax import augment, data, trainer
+from moco_jax import data
+from moco_jax.core import augment
+from moco_jax.eval import knn
+from moco_jax.training import trainer
 c = default.get_config(); c.image_size = 8; c.crop_size = 8
-pi = data.make_pretrain_input(c, start_step=0, process_index=0, process_count=1, num_local_devices=1)
-assert next(pi.batches).shape == (1, 64, 8, 8, 3) and not pi.host_cropped
-assert len(data.load_knn_arrays(c).test_images) == 359
+source = data.open_source(c)
+assert next(trainer.pretrain_batches(source, c, 0)).shape == (1, 64, 8, 8, 3) and not source.host_cropped
+assert len(knn.monitor_dataset(source, c).test_images) == 359
 print('ok')
 """
     root = Path(__file__).resolve().parents[1]
@@ -292,39 +300,44 @@ def test_cifar10_arrays_pretrain_input():
         pytest.skip(f"CIFAR-10 mosaics not found: {CIFAR10_DIR} does not exist")
     config = _config(dataset="cifar10_arrays", data_dir=str(CIFAR10_DIR), image_size=32,
                      crop_size=32, batch_size=256, knn_max_train_images=1000)
-    pi = data.make_pretrain_input(config, start_step=10, process_index=0, process_count=1,
-                                  num_local_devices=8)
-    assert pi.num_train_examples == 50000 and pi.steps_per_epoch == 195 and not pi.host_cropped
+    source, batches, steps = pretrain_source(config, start_step=10, num_local_devices=8)
+    assert source.num_train_examples == 50000 and steps == 195 and not source.host_cropped
     # Uncapped, the kNN arrays are the dataset itself (loaded once, cached).
-    ds = data.load_knn_arrays(_config(dataset="cifar10_arrays", data_dir=str(CIFAR10_DIR),
-                                      image_size=32, knn_max_train_images=0))
+    ds = knn_arrays(_config(dataset="cifar10_arrays", data_dir=str(CIFAR10_DIR), image_size=32,
+                            knn_max_train_images=0))
     assert ds.train_images.shape == (50000, 32, 32, 3)
-    idx = next(data.local_batch_indices(50000, 256, config.seed, start_step=10))
-    np.testing.assert_array_equal(next(pi.batches).reshape(256, 32, 32, 3), ds.train_images[idx])
-    knn = data.load_knn_arrays(config)
+    idx = next(local_batch_indices(50000, 256, config.seed, start_step=10))
+    np.testing.assert_array_equal(next(batches).reshape(256, 32, 32, 3), ds.train_images[idx])
+    knn = knn_arrays(config)
     assert knn.train_images.shape == (1000, 32, 32, 3) and knn.test_images.shape == (10000, 32, 32, 3)
     assert np.bincount(knn.train_labels, minlength=10).min() > 50  # a spread-out subset
 
 
-def test_source_kind():
-    assert data.source_kind("digits") == "arrays"
-    assert data.source_kind("cifar10_arrays") == "arrays"
-    assert data.source_kind("image_folder") == "image_folder"
-    assert data.source_kind("cifar10") == data.source_kind("tfds:stl10") == "tfds"
+def test_source_registry():
+    assert data.source_module("digits") == "arrays"
+    assert data.source_module("cifar10_arrays") == "arrays"
+    assert data.source_module("image_folder") == "image_folder"
+    assert data.source_module("cifar10") == data.source_module("tfds:stl10") == "tfds_source"
+    assert isinstance(data.open_source(_config()), arrays.ArraySource)
 
 
-def test_train_subset_is_fixed_and_matches_a_knn_bank_of_the_same_size():
+def test_train_subset_is_fixed_and_matches_a_knn_bank_of_the_same_size(tmp_path):
+    from PIL import Image
+
     from tiny import tiny_config
 
     config = tiny_config(train_subset=320, knn_max_train_images=320)
-    assert data.count_train_examples(config) == 320
-    batches = data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
-                                       num_local_devices=8)
-    assert batches.steps_per_epoch == 320 // config.batch_size
-    bank = data.load_knn_arrays(config).train_images
-    seen = np.concatenate([next(batches.batches).reshape(-1, 8, 8, 3) for _ in range(batches.steps_per_epoch)])
+    source, batches, steps = pretrain_source(config, num_local_devices=8)
+    assert source.num_train_examples == 320
+    assert steps == 320 // config.batch_size
+    bank = knn_arrays(config).train_images
+    seen = np.concatenate([next(batches).reshape(-1, 8, 8, 3) for _ in range(steps)])
     # One epoch visits exactly the subset, which is the kNN bank.
     as_rows = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))  # noqa: E731
     assert as_rows(seen) == as_rows(bank)
+    # Sources that cannot pick examples freely refuse, pointing at the split.
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")  # listing a folder needs no TensorFlow
+    folder = data.open_source(tiny_config(dataset="image_folder", data_dir=str(tmp_path), train_split=""))
+    assert folder.with_train_subset(0, seed=0) is folder
     with pytest.raises(ValueError, match="train_split"):
-        data.count_train_examples(tiny_config(train_subset=10, dataset="image_folder"))
+        folder.with_train_subset(10, seed=0)

@@ -15,7 +15,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from moco_jax import augment, export, models, pretrained, torch_format
+from moco_jax import pretrained
+from moco_jax.core import augment, models
+from moco_jax.io import formats, torch_format
 from test_pretrained import assert_trees_equal, random_variables, tiny_pretraining
 from tiny import tiny_config
 
@@ -30,7 +32,7 @@ def test_torchvision_round_trip_is_exact(tmp_path):
     config = imagenet_config()
     variables = random_variables(config)
     path = str(tmp_path / "r18.safetensors")
-    export.write_torchvision(path, config, variables)
+    formats.write_torchvision(path, config, variables)
 
     state_dict = load_file(path)
     assert "layer2.0.downsample.0.weight" in state_dict and "layer2.0.downsample.1.running_var" in state_dict
@@ -46,7 +48,7 @@ def test_torchvision_round_trip_is_exact(tmp_path):
     assert json.loads(metadata["std"]) == list(augment.IMAGENET_STD)
     assert metadata["input_size"] == "32"
 
-    read_config, read = export.read_torchvision(path)
+    read_config, read = formats.read_torchvision(path)
     assert read_config.to_dict() == json.loads(config.to_json())
     assert_trees_equal(read, {"params": {"backbone": variables["params"]["backbone"]},
                               "batch_stats": variables["batch_stats"]})
@@ -57,8 +59,8 @@ def test_flax_round_trip_is_exact(tmp_path, include_head):
     config = tiny_config()
     variables = random_variables(config)
     path = str(tmp_path / "encoder.msgpack")
-    export.write_flax(path, config, variables, include_head=include_head)
-    read_config, read = export.read_flax(path)
+    formats.write_flax(path, config, variables, include_head=include_head)
+    read_config, read = formats.read_flax(path)
     assert read_config.to_dict() == json.loads(config.to_json())
     expected = variables if include_head else {"params": {"backbone": variables["params"]["backbone"]},
                                                "batch_stats": variables["batch_stats"]}
@@ -69,12 +71,12 @@ def test_detectron2_pickle_has_the_official_scripts_names(tmp_path):
     config = imagenet_config(depth=50, width=2)
     variables = random_variables(config)
     path = str(tmp_path / "r50.pkl")
-    export.write_detectron2(path, config, variables)
+    formats.write_detectron2(path, config, variables)
     with open(path, "rb") as f:
         checkpoint = pickle.load(f)
     assert checkpoint["__author__"] == "MOCO" and checkpoint["matching_heuristics"] is True
     model = checkpoint["model"]
-    torchvision = torch_format.backbone_to_torchvision(export.backbone_variables(variables))
+    torchvision = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
     assert len(model) == len(torchvision)
     # Renamings of convert-pretrain-to-detectron2.py, one per rule.
     expected = {
@@ -90,7 +92,7 @@ def test_detectron2_pickle_has_the_official_scripts_names(tmp_path):
         np.testing.assert_array_equal(model[d2_name], torchvision[tv_name])
     assert not any("layer" in k or "downsample" in k or ".bn" in k for k in model)
     with pytest.raises(ValueError, match="stem"):
-        export.write_detectron2(path, tiny_config(), random_variables(tiny_config()))
+        formats.write_detectron2(path, tiny_config(), random_variables(tiny_config()))
 
 
 def test_export_from_a_workdir(tmp_path):
@@ -98,7 +100,7 @@ def test_export_from_a_workdir(tmp_path):
     state = result["state"]
     for fmt, given, expected in (("flax", "encoder.msgpack", "encoder.msgpack"),
                                  ("torchvision", "encoder", "encoder.safetensors")):  # the ending is added
-        path = export.export(workdir, fmt, str(tmp_path / given))
+        path = formats.export(workdir, fmt, str(tmp_path / given))
         assert path == str(tmp_path / expected)
         _, read = pretrained.load_variables(path)
         np.testing.assert_array_equal(read["params"]["backbone"]["conv1"]["kernel"],
@@ -175,11 +177,11 @@ def torch_resnet(torch, depth, width, stem, num_classes=1000):
 
 
 def jax_features(config, variables, images):
-    mean, std = export.normalization(config)
+    mean, std = augment.normalization(config)
     x = (images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     backbone = models.build_encoder(config).backbone
     apply = jax.jit(lambda v, x: backbone.apply(v, x, train=False))
-    return np.asarray(apply(export.backbone_variables(variables), x)), x
+    return np.asarray(apply(models.backbone_variables(variables), x)), x
 
 
 @pytest.mark.parametrize("depth,stem", [(18, "imagenet"), (10, "cifar")])
@@ -190,7 +192,7 @@ def test_pytorch_resnet_loads_the_export_and_computes_the_same_features(tmp_path
     config = imagenet_config(depth=depth, stem=stem)
     variables = random_variables(config, seed=depth)
     path = str(tmp_path / "encoder.safetensors")
-    export.write_torchvision(path, config, variables)
+    formats.write_torchvision(path, config, variables)
 
     model = torch_resnet(torch, depth, width=4, stem=stem).eval()
     result = model.load_state_dict(torch_load_file(path), strict=False)
@@ -213,7 +215,7 @@ def test_resnet50_export_has_torchvisions_names_and_shapes():
     shapes = jax.eval_shape(lambda: models.build_encoder(config).init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    exported = torch_format.backbone_to_torchvision(export.backbone_variables(zeros))
+    exported = torch_format.backbone_to_torchvision(models.backbone_variables(zeros))
 
     reference = {k: tuple(v.shape) for k, v in torch_resnet(torch, 50, 64, "imagenet").state_dict().items()}
     assert {k: v.shape for k, v in exported.items()} == {k: v for k, v in reference.items() if not k.startswith("fc.")}
@@ -222,7 +224,7 @@ def test_resnet50_export_has_torchvisions_names_and_shapes():
     assert len(exported) == 320 - 2
     learned = [k for k in exported if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert sum(exported[k].size for k in learned) == 25_557_032 - 2_049_000
-    assert export.architecture_name(config) == "resnet50"
+    assert formats.architecture_name(config) == "resnet50"
 
 
 def test_official_checkpoint_file_is_imported_with_its_head(tmp_path):

@@ -16,7 +16,10 @@ from PIL import Image
 pytest.importorskip("tensorflow", reason="the image-folder source decodes with tf.data")
 
 from configs import default  # noqa: E402
-from moco_jax import augment, data, image_folder, tf_images  # noqa: E402
+from moco_jax.core import augment  # noqa: E402
+from moco_jax.data import image_folder, tf_images  # noqa: E402
+from moco_jax.data.source import local_batch_indices  # noqa: E402
+from tiny import knn_arrays, pretrain_source  # noqa: E402
 
 tf = tf_images.tf
 IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette_sample"
@@ -106,7 +109,7 @@ def test_tf_crop_boxes_match_augment_sampler():
     function of the same uniforms, fallback included."""
     u = np.random.default_rng(0).uniform(size=(64, 40)).astype(np.float32)
     for (h, w), scale in [((12, 30), (0.08, 1.0)), ((12, 30), (0.5, 1.0)), ((40, 10), (5.0, 6.0))]:
-        ref = np.asarray(jax.jit(lambda u: augment._crop_boxes_u(u, h, w, scale, (3 / 4, 4 / 3)))(u))
+        ref = np.asarray(jax.jit(lambda u: augment.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
         got = tf_images.crop_boxes_from_uniforms(tf.constant(u.reshape(64, 10, 4)), h, w, scale).numpy()
         np.testing.assert_array_equal(got, ref)
 
@@ -164,7 +167,7 @@ def full_stream(folder):
 
 def test_order_matches_local_batch_indices_and_reshuffles(folder, full_stream):
     assert full_stream[0].shape == (1, 8, 2, S, S, 3)
-    expected = data.local_batch_indices(20, 8, seed=5)
+    expected = local_batch_indices(20, 8, seed=5)
     epochs = []
     for b in full_stream:
         ids = ids_of(b).reshape(8, 2)[:, 0]
@@ -223,7 +226,7 @@ def test_corrupt_files_skipped_and_counted(corrupt_folder, caplog):
     skips = [r.getMessage() for r in caplog.records if "skipping undecodable" in r.getMessage()]
     assert len(skips) == 4 and "(4 skipped so far)" in skips[-1]
     assert {"08.jpg", "09.png"} == {Path(m.split()[3]).name for m in skips}
-    expected = data.local_batch_indices(10, 5, seed=5)
+    expected = local_batch_indices(10, 5, seed=5)
     for b in batches:
         assert b.shape == (1, 5, 2, S, S, 3)
         ids = ids_of(b, n=10, gray=()).reshape(5, 2)[:, 0]
@@ -255,17 +258,15 @@ def folder_config(root, **overrides):
     return config
 
 
-def test_make_pretrain_input_image_folder(folder):
+def test_image_folder_source_from_the_config(folder):
     config = folder_config(folder)
-    pi = data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
-                                  num_local_devices=8)
-    assert pi.host_cropped and pi.num_train_examples == 20 and pi.steps_per_epoch == 2
-    assert data.count_train_examples(config) == 20
-    assert next(pi.batches).shape == (8, 1, 2, S, S, 3)
+    source, batches, steps_per_epoch = pretrain_source(config, num_local_devices=8)
+    assert source.host_cropped and source.num_train_examples == 20 and steps_per_epoch == 2
+    assert next(batches).shape == (8, 1, 2, S, S, 3)
     with pytest.raises(ValueError, match="eval_split"):
-        data.load_knn_arrays(config)
+        knn_arrays(config)
     with pytest.raises(FileNotFoundError, match="train_split=''"):
-        data.count_train_examples(folder_config(folder, train_split="train"))
+        pretrain_source(folder_config(folder, train_split="train"))
 
 
 def test_center_crop_resizes_shorter_side():
@@ -302,7 +303,7 @@ def test_imagenette_sample_pipeline(imagenette):
 def test_imagenette_knn_arrays(imagenette):
     config = folder_config(imagenette, train_split="train", eval_split="val", crop_size=32,
                            knn_max_train_images=100)
-    ds = data.load_knn_arrays(config)
+    ds = knn_arrays(config)
     assert ds.train_images.shape == (100, 32, 32, 3) and ds.test_images.shape == (100, 32, 32, 3)
     np.testing.assert_array_equal(np.bincount(ds.test_labels), [10] * 10)
     assert ds.num_classes == 10 and ds.train_labels.max() <= 9

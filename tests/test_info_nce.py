@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moco_jax import moco
+from moco_jax.core import moco
 
 N_DEV, LOCAL, K, C, T = 8, 3, 40, 6, 0.1
 

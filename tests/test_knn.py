@@ -1,10 +1,10 @@
-"""Tests for moco_jax.knn against hand-built banks and a numpy reference."""
+"""Tests for moco_jax.eval.knn against hand-built banks and a numpy reference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moco_jax import knn
+from moco_jax.eval import knn
 
 
 def numpy_knn_scores(q, bank, labels, num_classes, k, t):

@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from moco_jax import data, export, knn_eval, pretrained
+from moco_jax import pretrained
+from moco_jax.data import arrays
+from moco_jax.io import formats
 from test_pretrained import random_variables, tiny_pretraining
 from tiny import tiny_config
 
@@ -28,14 +30,14 @@ def test_knn_cli_agrees_with_the_training_monitor():
 def test_backbone_only_encoder_gives_the_same_backbone_accuracy(tmp_path):
     config = tiny_config()
     variables = random_variables(config)
-    dataset = data.load_digits(image_size=8)
+    dataset = arrays.load_digits(image_size=8)
     paths = {fmt: str(tmp_path / f"e.{ext}") for fmt, ext in (("flax", "msgpack"), ("torchvision", "safetensors"))}
-    export.write_flax(paths["flax"], config, variables)
-    export.write_torchvision(paths["torchvision"], config, variables)
-    with_head = knn_eval.knn_eval(pretrained.load(paths["flax"]), dataset, k=20, temperature=0.07)
-    without = knn_eval.knn_eval(pretrained.load(paths["torchvision"]), dataset, k=20, temperature=0.07,
-                                features=("backbone",))
+    formats.write_flax(paths["flax"], config, variables)
+    formats.write_torchvision(paths["torchvision"], config, variables)
+    with_head = pretrained.load(paths["flax"]).knn_accuracies(dataset, k=20, temperature=0.07)
+    without = pretrained.load(paths["torchvision"]).knn_accuracies(dataset, k=20, temperature=0.07,
+                                                                   features=("backbone",))
     assert set(with_head) == {"backbone", "projection"}
     np.testing.assert_allclose(without["backbone"], with_head["backbone"], atol=1 / len(dataset.test_labels))
     with pytest.raises(ValueError, match="no projection head"):
-        knn_eval.knn_eval(pretrained.load(paths["torchvision"]), dataset)
+        pretrained.load(paths["torchvision"]).knn_accuracies(dataset)

@@ -4,9 +4,13 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from configs import linear_cifar10
-from moco_jax import augment, linear_eval, pretrained
+from moco_jax import pretrained
+from moco_jax.core import augment
+from moco_jax.eval import linear as linear_eval
+from moco_jax.io import checkpoint
 from test_pretrained import initial_variables, random_variables, tiny_pretraining
 from tiny import tiny_config
 
@@ -49,6 +53,26 @@ def test_full_protocol_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert straight["top1"] == resumed["top1"] and 0.0 <= straight["top1"] <= straight["top5"] <= 1.0
     assert straight["history"][-1]["loss"] > 0
+
+
+def test_classifier_checkpoints_fall_back_past_a_corrupt_one_and_refuse_another_encoder(tmp_path, caplog):
+    """The probe's checkpoints go through moco_jax.io.checkpoint: a corrupt
+    newest one is moved aside and the previous one resumed; a workdir of
+    another encoder is refused, naming the field."""
+    encoder = pretrained.Encoder(tiny_config(), random_variables(tiny_config()))
+    config = linear_config(batch_size=16, learning_rate=0.5, log_every_steps=2, checkpoint_every_steps=2,
+                           eval_batch_size=128, num_train_steps=4)
+    linear_eval.evaluate(config, str(tmp_path), encoder)
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "4"):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(os.path.getsize(f.name) // 3)
+    resumed = linear_eval.evaluate(linear_config(**{**config, "num_train_steps": 6}), str(tmp_path), encoder)
+    assert [h["step"] for h in resumed["history"]] == [4, 6]  # resumed from step 2
+    assert (tmp_path / "checkpoints" / "4.corrupt").is_dir() and "checkpoint 4" in caplog.text
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="pretrained"):
+        linear_eval.evaluate(linear_config(**{**config, "pretrained": "/elsewhere", "num_train_steps": 8}),
+                             str(tmp_path), encoder)
 
 
 def test_eval_view_is_resize_and_center_crop():

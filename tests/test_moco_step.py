@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from moco_jax import models, moco, sharding, state as state_lib
+from moco_jax.core import models, moco, sharding
+from moco_jax.core import state as state_lib
 from tiny import tiny_config
 
 N_DEV, LOCAL = 8, 4

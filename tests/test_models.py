@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moco_jax import models
+from moco_jax.core import models
 from tiny import tiny_config
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moco_jax import distributed, trainer
+from moco_jax.launch import distributed
+from moco_jax.training import trainer
 from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

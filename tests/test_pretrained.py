@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moco_jax import data, export, models, pretrained, state as state_lib, torch_format, trainer
+from moco_jax import pretrained
+from moco_jax.core import models, optim
+from moco_jax.core import state as state_lib
+from moco_jax.data import arrays
+from moco_jax.eval import embed
+from moco_jax.io import formats, torch_format
+from moco_jax.training import trainer
 from tiny import tiny_config
 
 
@@ -34,7 +40,7 @@ def tiny_pretraining():
 def initial_variables(config):
     """The encoder a pretraining run with `config` starts from."""
     encoder = models.build_encoder(config)
-    tx, _ = trainer.optim.make_optimizer(config, 1)
+    tx, _ = optim.make_optimizer(config, 1)
     image_shape = (config.crop_size, config.crop_size, 3)
     state = state_lib.create_train_state(jax.random.key(config.seed), encoder, tx, image_shape,
                                          config.queue_size, config.embed_dim)
@@ -63,6 +69,19 @@ def random_variables(config, seed=0):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def encoder_to_moco_state_dict(variables, prefix=torch_format.MOCO_PREFIX):
+    """`MoCoEncoder` variables -> the query-encoder entries of an official MoCo
+    `state_dict` (backbone + `fc` head, keys `prefix + name`), written here
+    independently of the importer: Dense kernels (in, out) -> Linear weights
+    (out, in); v1 head `fc`, v2 head `fc.0` / `fc.2`."""
+    flat = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
+    for name, dense in variables["params"]["head"].items():
+        torch_name = {"fc": "fc", "fc1": "fc.0", "fc2": "fc.2"}[name]
+        flat[f"{torch_name}.weight"] = np.ascontiguousarray(np.asarray(dense["kernel"], np.float32).T)
+        flat[f"{torch_name}.bias"] = np.asarray(dense["bias"], np.float32)
+    return {prefix + k: v for k, v in flat.items()}
+
+
 def assert_trees_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -82,20 +101,20 @@ def test_embed_is_the_trainers_embedding(tmp_path):
     config = tiny_config()
     variables = random_variables(config)
     path = str(tmp_path / "encoder.msgpack")
-    export.write_flax(path, config, variables)
+    formats.write_flax(path, config, variables)
 
     encoder = pretrained.load(path)                      # the three lines of the README
-    images = data.load_digits(image_size=8).test_images[:20]
+    images = arrays.load_digits(image_size=8).test_images[:20]
     features = encoder.embed(images)
 
-    reference_features, reference_z = trainer.make_embed_fn(models.build_encoder(config), config)(variables, images)
+    reference_features, reference_z = embed.make_embed_fn(config)(variables, images)
     assert features.shape == (20, encoder.feature_dim) == (20, 32)
     np.testing.assert_allclose(features, reference_features, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(encoder.project(images), reference_z, rtol=1e-6, atol=1e-6)
     # Inputs of another size are resized to the encoder's, as in the monitor.
-    big = data.load_digits(image_size=16).test_images[:4]
+    big = arrays.load_digits(image_size=16).test_images[:4]
     np.testing.assert_allclose(encoder.embed(big),
-                               trainer.make_embed_fn(models.build_encoder(config), config)(variables, big)[0],
+                               embed.make_embed_fn(config)(variables, big)[0],
                                rtol=1e-6, atol=1e-6)
 
 
@@ -105,7 +124,7 @@ def test_official_moco_state_dict_round_trip_is_exact(head):
     config = tiny_config()
     config.model.head, config.model.stem, config.model.depth = head, "imagenet", 18
     variables = random_variables(config)
-    state_dict = torch_format.encoder_to_moco_state_dict(variables)
+    state_dict = encoder_to_moco_state_dict(variables)
     assert ("module.encoder_q.fc.0.weight" in state_dict) == (head == "mlp")
     assert ("module.encoder_q.fc.weight" in state_dict) == (head == "linear")
     # What else an official checkpoint holds is ignored.
@@ -129,17 +148,17 @@ def test_architecture_is_inferred_for_every_depth():
         shapes = jax.eval_shape(lambda: models.build_encoder(config).init(
             jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-        state_dict = torch_format.backbone_to_torchvision(export.backbone_variables(zeros))
+        state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(zeros))
         assert torch_format.infer_architecture(state_dict) == {"depth": depth, "width": 4, "stem": "cifar"}
 
 
 def test_torchvision_file_has_no_head(tmp_path):
     config = tiny_config()
     path = str(tmp_path / "encoder.safetensors")
-    export.write_torchvision(path, config, random_variables(config))
+    formats.write_torchvision(path, config, random_variables(config))
     encoder = pretrained.load(path)
     assert not encoder.has_head
-    images = data.load_digits(image_size=8).test_images[:3]
+    images = arrays.load_digits(image_size=8).test_images[:3]
     assert encoder.embed(images).shape == (3, 32)
     with pytest.raises(ValueError, match="no projection head"):
         encoder.project(images)

@@ -4,7 +4,8 @@ pointer arithmetic."""
 import jax.numpy as jnp
 import numpy as np
 
-from moco_jax import moco, state as state_lib
+from moco_jax.core import moco
+from moco_jax.core import state as state_lib
 import jax
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from moco_jax import models, moco, sharding, state as state_lib
+from moco_jax.core import models, moco, sharding
+from moco_jax.core import state as state_lib
 
 N_DEV, LOCAL = 8, 16
 GLOBAL = N_DEV * LOCAL

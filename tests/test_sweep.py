@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moco_jax import sweep
+from moco_jax.launch import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -7,7 +7,8 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import default  # noqa: E402
-from moco_jax import data, tfds_source  # noqa: E402
+from moco_jax.data import tfds_source  # noqa: E402
+from tiny import knn_arrays, pretrain_source  # noqa: E402
 
 S = 8
 
@@ -21,9 +22,10 @@ def tfds_config(**overrides):
 
 
 def take(config, n, start_step=0, process_index=0, process_count=1, num_local_devices=2):
-    pi = data.make_pretrain_input(config, start_step=start_step, process_index=process_index,
-                                  process_count=process_count, num_local_devices=num_local_devices)
-    return pi, list(itertools.islice(pi.batches, n))
+    """(source, steps per epoch), and the first n batches of the stream."""
+    source, batches, steps_per_epoch = pretrain_source(config, start_step, process_index, process_count,
+                                                       num_local_devices)
+    return (source, steps_per_epoch), list(itertools.islice(batches, n))
 
 
 @pytest.fixture(scope="class")
@@ -43,9 +45,8 @@ class TestMocked:
     mock is active for this class only."""
 
     def test_pretrain_input_by_name(self, run):
-        pi, batches = run
-        assert pi.host_cropped and pi.num_train_examples == 20 and pi.steps_per_epoch == 2
-        assert data.count_train_examples(tfds_config()) == 20
+        (source, steps_per_epoch), batches = run
+        assert source.host_cropped and source.num_train_examples == 20 and steps_per_epoch == 2
         assert batches[0].shape == (2, 4, 2, S, S, 3) and batches[0].dtype == np.uint8
         # The mock's images are random noise: all crops distinct, both views differ.
         flat = np.concatenate(batches).reshape(-1, 2, S * S * 3)
@@ -57,7 +58,7 @@ class TestMocked:
         # With crop scale 1 every "random" crop of a square image is the whole
         # image, resized: the kNN view of the same example, which names it.
         config = tfds_config(crop_scale=(1.0, 1.0))
-        whole = data.load_knn_arrays(config).test_images.reshape(20, -1).astype(int)
+        whole = knn_arrays(config).test_images.reshape(20, -1).astype(int)
         _, batches = take(config, 6)
         ids = []
         for b in batches:
@@ -80,14 +81,14 @@ class TestMocked:
 
 
     def test_knn_arrays(self, mocked):
-        ds = data.load_knn_arrays(tfds_config())
+        ds = knn_arrays(tfds_config())
         assert ds.train_images.shape == (12, S, S, 3) and ds.test_images.shape == (20, S, S, 3)
         assert ds.train_images.dtype == np.uint8 and ds.test_labels.dtype == np.int32
         assert ds.num_classes == 10 and 0 <= ds.test_labels.min() and ds.test_labels.max() < 10
 
 
     def test_tfds_prefix_and_process_split(self, mocked):
-        assert tfds_source.dataset_name(tfds_config(dataset="tfds:cifar10")) == "cifar10"
+        assert tfds_source.dataset_name("tfds:cifar10") == "cifar10"
         pi, b = take(tfds_config(dataset="tfds:cifar10"), 1, process_index=1, process_count=2)
         assert b[0].shape == (2, 2, 2, S, S, 3)
         with pytest.raises(ValueError, match="process_count=3"):
@@ -99,13 +100,12 @@ class TestMocked:
 def test_not_prepared_is_one_clear_error(tmp_path):
     config = tfds_config(data_dir=str(tmp_path))
     with pytest.raises(tfds_source.DatasetNotPreparedError) as err:
-        data.make_pretrain_input(config, start_step=0, process_index=0, process_count=1,
-                                 num_local_devices=1)
+        pretrain_source(config)
     msg = str(err.value)
     assert "'cifar10'" in msg and str(tmp_path) in msg and "tfds build cifar10" in msg
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained traceback
     with pytest.raises(tfds_source.DatasetNotPreparedError, match="manual"):
-        data.load_knn_arrays(tfds_config(dataset="imagenet2012", data_dir=str(tmp_path)))
+        knn_arrays(tfds_config(dataset="imagenet2012", data_dir=str(tmp_path)))
 
 
 def test_unknown_name():

@@ -5,8 +5,11 @@ import json
 import jax
 import numpy as np
 
-from moco_jax import data, optim, sharding, state as state_lib, trainer
-from moco_jax import models
+from moco_jax.core import models, optim, sharding
+from moco_jax.core import state as state_lib
+from moco_jax.data import arrays, source
+from moco_jax.data.feed import prefetch_to_device
+from moco_jax.training import trainer
 from tiny import tiny_config
 
 _LOWERINGS = []
@@ -24,8 +27,8 @@ def test_no_recompilation_after_the_first_step():
     state = state_lib.create_train_state(jax.random.key(0), encoder, tx, (8, 8, 3), 32, config.embed_dim)
     p_state = state_lib.to_devices(state)
     p_step = trainer.make_train_step(config)
-    images = data.load_digits(image_size=8).train_images
-    batches = data.prefetch_to_device(data.array_batches(images, 16, seed=0, num_local_devices=8))
+    images = arrays.load_digits(image_size=8).train_images
+    batches = prefetch_to_device(source.array_batches(images, 16, seed=0, num_local_devices=8))
     p_state, metrics = p_step(p_state, next(batches))
     jax.block_until_ready(metrics)
     before = len(_LOWERINGS)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moco_jax.validation import validate_config
+from moco_jax.core.config import validate_config
 from tiny import tiny_config
 
 
@@ -26,6 +26,7 @@ def test_tiny_config_is_valid():
         (dict(bn_splits=2, batch_size=16), 8, "at least 2"),  # 2 per device, 1 per group
         (dict(symmetric_loss=True, batch_size=16, queue_size=48), 8, "symmetric_loss"),
         (dict(shuffle_mode="all_to_all", batch_size=32, queue_size=64), 8, "all_to_all"),  # 4 per device
+        (dict(knn_every_steps=5, knn_every_epochs=1.0), 8, "knn_every_steps=5 and knn_every_epochs=1.0"),
     ],
 )
 def test_invalid_configs_raise_naming_the_field(overrides, num_devices, field):

@@ -21,7 +21,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cache"))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 
-from moco_jax import trainer  # noqa: E402
+from moco_jax.training import trainer  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 if hang_at:

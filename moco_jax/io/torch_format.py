@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from moco_jax import models
+from moco_jax.core import models
 
 # The prefix of the query encoder in an official MoCo `state_dict`.
 MOCO_PREFIX = "module.encoder_q."
@@ -118,18 +118,8 @@ def torchvision_to_backbone(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Projection head <-> official MoCo `fc`.
+# Official MoCo checkpoints: projection head `fc`, prefixes, architecture.
 # ---------------------------------------------------------------------------
-def head_to_torch(head_params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """`ProjectionHead` params -> `fc.weight` (v1) or `fc.0.*`/`fc.2.*` (v2);
-    Dense kernels (in, out) -> Linear weights (out, in)."""
-    out = {}
-    for name, dense in head_params.items():
-        out[f"{_HEAD_TO_TORCH[name]}.weight"] = np.ascontiguousarray(np.asarray(dense["kernel"], np.float32).T)
-        out[f"{_HEAD_TO_TORCH[name]}.bias"] = np.asarray(dense["bias"], np.float32)
-    return out
-
-
 def torch_to_head(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str, int] | None:
     """The `fc*` entries of a MoCo state dict -> (head params, kind
     'linear' | 'mlp', embed_dim), or None when there is no head."""
@@ -147,18 +137,6 @@ def torch_to_head(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str, i
             "bias": np.asarray(state_dict[f"{torch_name}.bias"], np.float32),
         }
     return params, kind, int(params[names[-1]]["kernel"].shape[1])
-
-
-# ---------------------------------------------------------------------------
-# Whole encoder <-> official MoCo checkpoint.
-# ---------------------------------------------------------------------------
-def encoder_to_moco_state_dict(variables: Mapping[str, Any], prefix: str = MOCO_PREFIX) -> dict[str, np.ndarray]:
-    """`MoCoEncoder` variables -> the query-encoder entries of an official
-    MoCo `state_dict` (backbone + `fc` head, keys `prefix + name`)."""
-    backbone = {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}
-    flat = backbone_to_torchvision(backbone)
-    flat.update(head_to_torch(variables["params"]["head"]))
-    return {prefix + k: v for k, v in flat.items()}
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str | None = None) -> dict[str, Any]:

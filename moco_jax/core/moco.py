@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from moco_jax.state import MoCoState
+from moco_jax.core.state import MoCoState
 
 Views = Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]]
 SHUFFLE_MODES = ("all_gather", "all_to_all")
@@ -56,8 +56,20 @@ class MoCoHParams:
     axis_name: str = "batch"
 
     def __post_init__(self):
-        if self.shuffle_mode not in SHUFFLE_MODES:
-            raise ValueError(f"shuffle_mode must be one of {SHUFFLE_MODES}, got {self.shuffle_mode!r}")
+        check_shuffle_mode(self.shuffle_mode)
+
+
+def check_shuffle_mode(mode: str, local_batch: int | None = None, num_devices: int | None = None) -> None:
+    """The one check of `shuffle_mode`: a known mode and, for "all_to_all"
+    with the sizes given, a per-device batch that splits evenly over the
+    devices (each device sends B_local / n images to every device)."""
+    if mode not in SHUFFLE_MODES:
+        raise ValueError(f"shuffle_mode={mode!r} must be one of {SHUFFLE_MODES}")
+    if mode == "all_to_all" and local_batch is not None and local_batch % num_devices:
+        raise ValueError(
+            f"shuffle_mode='all_to_all' needs the per-device batch ({local_batch}) to be a multiple of the "
+            f"{num_devices} devices"
+        )
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -132,10 +144,7 @@ def stratified_permutation(rng: jax.Array, num_devices: int, local_batch: int) -
       (B,) int32 with B = num_devices * local_batch.
     """
     n, b = num_devices, local_batch
-    if b % n:
-        raise ValueError(
-            f"shuffle_mode='all_to_all' needs the per-device batch ({b}) to be a multiple of the {n} devices"
-        )
+    check_shuffle_mode("all_to_all", b, n)
     c = b // n
     send_rng, order_rng = jax.random.split(rng)
     # Row s: device s's local rows in a random order; chunk j of it goes to device j.

@@ -6,20 +6,20 @@ image at a time. Here the same transforms run on the accelerator inside the
 to decode images. Conventions used throughout:
 
 * images are NHWC; float images are float32 in [0, 1] until `normalize`;
-* every random function takes an explicit PRNG key first, is deterministic for
-  a given key, and draws independent parameters for every image of the batch
-  (torchvision draws them per call, i.e. per image);
+* every random op takes its randomness as uniforms `u` in [0, 1), one row
+  per image (shapes in each docstring), and is deterministic given them;
+  every image of the batch gets its own parameters (torchvision draws them
+  per call, i.e. per image);
 * nothing branches in Python on traced values: per-image decisions are
   `jnp.where` selects, so everything works under `jit`, `vmap` and `pmap`.
   Only static configuration (jitter strengths, sizes, kernel sizes, the
   `Recipe`) is looked at in Python; probabilities p may be traced scalars.
 
-Each random op `f(rng, ...)` is a thin wrapper: one `jax.random.uniform(rng,
-(B, n))` draw handed to a private `_f_u(u, ...)` that does the work. The
-pipelines (`augment_view`, `two_views`) make one draw for every step and slice
-it. The reason is compile time: every separate threefry draw is its own
-sizeable program, and on XLA:CPU a handful of them cost more to compile than
-all the image maths (measured: 6 draws 3.9 s vs 1 draw 0.9 s).
+Why uniforms rather than a PRNG key per op: the pipelines (`augment_view`,
+`two_views`) make one `jax.random.uniform` draw for a whole step and hand each
+op its columns. Every separate threefry draw is its own sizeable program, and
+on XLA:CPU a handful of them cost more to compile than all the image maths
+(measured: 6 draws 3.9 s vs 1 draw 0.9 s).
 """
 from __future__ import annotations
 
@@ -72,31 +72,23 @@ def _fallback_box(height, width, ratio):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop_boxes(rng, batch_size: int, height: int, width: int,
-                              scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                              attempts: int = 10):
-    """Sample crop boxes like torchvision `RandomResizedCrop.get_params`.
+def crop_boxes(u, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Crop boxes sampled like torchvision `RandomResizedCrop.get_params`.
 
-    For each image, up to `attempts` (10 in torchvision) candidates are drawn:
-    area fraction ~ U(scale), aspect ratio log-uniform in `ratio`,
-    w = round(sqrt(area * r)), h = round(sqrt(area / r)); the first candidate
-    with 0 < w <= width and 0 < h <= height is kept, with top/left uniform
-    integers in [0, H - h] / [0, W - w]. If none fits, torchvision's central
-    crop with the aspect ratio clamped to `ratio` is used. All attempts are
-    drawn at once and the first valid one selected, instead of looping.
+    For each image, A candidates (10 in torchvision) are drawn: area fraction
+    ~ U(scale), aspect ratio log-uniform in `ratio`, w = round(sqrt(area * r)),
+    h = round(sqrt(area / r)); the first candidate with 0 < w <= width and
+    0 < h <= height is kept, with top/left uniform integers in [0, H - h] /
+    [0, W - w]. If none fits, torchvision's central crop with the aspect ratio
+    clamped to `ratio` is used. All attempts are evaluated at once and the
+    first valid one selected, instead of looping.
 
     Args:
-      rng: PRNG key.
-      batch_size, height, width: static ints (B, H, W of the source images).
+      u: uniforms (B, 4 * A), `[area, log-ratio, top, left]` per attempt.
+      height, width: static ints, the source images' H and W.
     Returns:
       float32 (B, 4) boxes `[top, left, crop_h, crop_w]` in (integer) pixels.
     """
-    u = jax.random.uniform(rng, (batch_size, 4 * attempts))
-    return _crop_boxes_u(u, height, width, scale, ratio)
-
-
-def _crop_boxes_u(u, height, width, scale, ratio):
-    """`random_resized_crop_boxes` given uniforms u: (B, 4 * attempts)."""
     u = u.reshape(u.shape[0], -1, 4)  # [area, ratio, top, left] per attempt
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -173,15 +165,11 @@ def crop_and_resize(images, boxes, size: int):
 # Flip
 # --------------------------------------------------------------------------
 
-def random_flip(rng, images, p: float = 0.5):
-    """Horizontal flip of each image with probability p.
+def flip(u, images, p: float = 0.5):
+    """torchvision `RandomHorizontalFlip(p)`: image b is flipped where u[b] < p.
 
-    torchvision `RandomHorizontalFlip(p)`. images: (B, H, W, C) -> same shape.
+    u: (B,) uniforms; images: (B, H, W, C) -> same shape.
     """
-    return _flip_u(jax.random.uniform(rng, (images.shape[0],)), images, p)
-
-
-def _flip_u(u, images, p):
     return _select(u, p, images[:, :, ::-1, :], images)
 
 
@@ -277,18 +265,14 @@ _ADJUSTMENTS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast,
                 SATURATION: adjust_saturation, HUE: adjust_hue}
 
 
-def jitter_order(rng, batch_size: int):
+def jitter_order(u):
     """One random permutation of the 4 jitter ops per image.
 
     torchvision `ColorJitter.get_params` draws `torch.randperm(4)` per call,
-    i.e. per image. Returns int32 (B, 4); row b lists op ids (BRIGHTNESS=0,
-    CONTRAST=1, SATURATION=2, HUE=3) in the order they are applied.
+    i.e. per image. u: (B, 4) uniforms (their argsort is the permutation).
+    Returns int32 (B, 4); row b lists op ids (BRIGHTNESS=0, CONTRAST=1,
+    SATURATION=2, HUE=3) in the order they are applied.
     """
-    return _order_from_uniform(jax.random.uniform(rng, (batch_size, 4)))
-
-
-def _order_from_uniform(u):
-    """(B, 4) uniforms -> (B, 4) int32 permutations (argsort of iid keys)."""
     return jnp.argsort(u, axis=1).astype(jnp.int32)
 
 
@@ -348,7 +332,7 @@ def _factor_range(strength: float):
     return max(0.0, 1.0 - strength), 1.0 + strength
 
 
-def color_jitter(rng, images, brightness: float, contrast: float,
+def color_jitter(u, images, brightness: float, contrast: float,
                  saturation: float, hue: float, p: float = 1.0):
     """torchvision `RandomApply([ColorJitter(b, c, s, h)], p)`, per image.
 
@@ -356,16 +340,12 @@ def color_jitter(rng, images, brightness: float, contrast: float,
     [-h, h], h <= 0.5); the four ops run in an order drawn per image; a
     strength of 0 skips the op. Strengths and p are static Python floats.
 
+    u: (B, 9) uniforms `[apply, 4 order keys, 4 factors]`.
     images: (B, H, W, 3) in [0, 1] -> float32 (B, H, W, 3) in [0, 1].
     """
     if not 0.0 <= hue <= 0.5:
         raise ValueError(f"hue strength must be in [0, 0.5], got {hue}")
-    u = jax.random.uniform(rng, (images.shape[0], 9))
-    return _color_jitter_u(u, images, brightness, contrast, saturation, hue, p)
 
-
-def _color_jitter_u(u, images, brightness, contrast, saturation, hue, p):
-    """`color_jitter` given uniforms u: (B, 9) = [apply, 4 order keys, 4 factors]."""
     def factor(i, strength, is_hue=False):
         if strength == 0:
             return None
@@ -373,21 +353,17 @@ def _color_jitter_u(u, images, brightness, contrast, saturation, hue, p):
         return lo + (hi - lo) * u[:, 5 + i]
 
     jittered = apply_color_jitter(
-        images, _order_from_uniform(u[:, 1:5]),
+        images, jitter_order(u[:, 1:5]),
         brightness=factor(BRIGHTNESS, brightness), contrast=factor(CONTRAST, contrast),
         saturation=factor(SATURATION, saturation), hue=factor(HUE, hue, is_hue=True))
     return _select(u[:, 0], p, jittered, images.astype(jnp.float32))
 
 
-def random_grayscale(rng, images, p: float):
-    """torchvision `RandomGrayscale(p)`: grey (3 equal channels) w.p. p.
+def grayscale(u, images, p: float):
+    """torchvision `RandomGrayscale(p)`: grey (3 equal channels) where u < p.
 
-    images: (B, H, W, 3) -> float32 (B, H, W, 3).
+    u: (B,) uniforms; images: (B, H, W, 3) -> float32 (B, H, W, 3).
     """
-    return _grayscale_u(jax.random.uniform(rng, (images.shape[0],)), images, p)
-
-
-def _grayscale_u(u, images, p):
     gray = jnp.broadcast_to(rgb_to_grayscale(images), images.shape)
     return _select(u, p, gray, images.astype(jnp.float32))
 
@@ -448,20 +424,14 @@ def gaussian_blur(images, sigma, kernel_size: int):
     return _blur_axis(_blur_axis(x, kernel, axis=1), kernel, axis=2)
 
 
-def random_gaussian_blur(rng, images, p: float, sigma_range=(0.1, 2.0),
-                         kernel_size: Optional[int] = None):
+def blur(u, images, p: float, sigma_range=(0.1, 2.0), kernel_size: Optional[int] = None):
     """MoCo v2 `RandomApply([GaussianBlur([.1, 2.])], p)`, per image.
 
     sigma ~ U(sigma_range) per image; blurred with probability p. The
     default kernel size is `default_blur_kernel_size(min(H, W))`.
-    images: (B, H, W, C) -> float32 (B, H, W, C).
+    u: (B, 2) uniforms `[apply, sigma]`; images: (B, H, W, C) -> float32
+    (B, H, W, C).
     """
-    u = jax.random.uniform(rng, (images.shape[0], 2))
-    return _blur_u(u, images, p, sigma_range, kernel_size)
-
-
-def _blur_u(u, images, p, sigma_range, kernel_size):
-    """`random_gaussian_blur` given uniforms u: (B, 2) = [apply, sigma]."""
     if kernel_size is None:
         kernel_size = default_blur_kernel_size(min(images.shape[1:3]))
     sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * u[:, 1]
@@ -583,6 +553,20 @@ def recipe_by_name(name: str, crop_size: Optional[int] = None, **overrides) -> R
     return dataclasses.replace(recipe, **overrides)
 
 
+def recipe_from_config(config) -> Recipe:
+    """The recipe an experiment config trains with: `config.augmentation` at
+    `config.crop_size` with `config.crop_scale`. Its mean/std are also the
+    normalisation every consumer of the encoder must apply."""
+    return recipe_by_name(config.augmentation, config.crop_size, crop_scale=tuple(config.crop_scale))
+
+
+def normalization(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) over RGB in [0, 1] that an encoder trained with `config`
+    expects its inputs normalised with."""
+    recipe = recipe_from_config(config)
+    return tuple(recipe.mean), tuple(recipe.std)
+
+
 # --------------------------------------------------------------------------
 # Views
 # --------------------------------------------------------------------------
@@ -607,21 +591,21 @@ def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool):
     cols = {name: u[:, end - n:end] for (name, n), end in zip(_UNIFORMS.items(), ends)}
     x = images_uint8.astype(jnp.float32) / 255.0
     if crop:
-        boxes = _crop_boxes_u(cols['crop'], height, width, recipe.crop_scale, (3 / 4, 4 / 3))
+        boxes = crop_boxes(cols['crop'], height, width, recipe.crop_scale)
         x = crop_and_resize(x, boxes, size)
     elif (height, width) != (size, size):
         raise ValueError(f"crop=False needs (B, {size}, {size}, 3) images, "
                          f"got {images_uint8.shape}")
     for step in recipe.order:
         if step == 'grayscale' and recipe.grayscale_p > 0:
-            x = _grayscale_u(cols[step][:, 0], x, recipe.grayscale_p)
+            x = grayscale(cols[step][:, 0], x, recipe.grayscale_p)
         elif step == 'jitter' and recipe.jitter_p > 0:
-            x = _color_jitter_u(cols[step], x, recipe.brightness, recipe.contrast,
+            x = color_jitter(cols[step], x, recipe.brightness, recipe.contrast,
                                 recipe.saturation, recipe.hue, recipe.jitter_p)
         elif step == 'blur' and recipe.blur_p > 0:
-            x = _blur_u(cols[step], x, recipe.blur_p, recipe.blur_sigma, None)
+            x = blur(cols[step], x, recipe.blur_p, recipe.blur_sigma)
         elif step == 'flip' and recipe.flip:
-            x = _flip_u(cols[step][:, 0], x, 0.5)
+            x = flip(cols[step][:, 0], x, 0.5)
     return normalize(x, recipe.mean, recipe.std)
 
 
@@ -630,7 +614,7 @@ def augment_view(rng, images_uint8, recipe: Recipe, crop: bool = True):
 
     The torchvision Compose of the recipe (see its constructor), applied per
     image. The crop is RandomResizedCrop(crop_size, recipe.crop_scale, ratio
-    3/4-4/3) via the same sampling as `random_resized_crop_boxes` and
+    3/4-4/3) via the same sampling as `crop_boxes` and
     `crop_and_resize`; the blur kernel size is
     `default_blur_kernel_size(crop_size)`.
 
@@ -665,7 +649,7 @@ def make_views_fn(recipe: Recipe, host_cropped: bool):
     host_cropped False: batch is uint8 (B, H, W, 3) whole images; the two
       RandomResizedCrops happen here (`two_views`).
     host_cropped True: batch is uint8 (B, 2, S, S, 3), the two crops the host
-      already cut (`moco_jax.tf_images.two_crops`, same box sampling); the
+      already cut (`moco_jax.data.tf_images.two_crops`, same box sampling); the
       rest of the recipe runs here, independently per view.
     Returns float32 (B, S, S, 3) views, normalised.
     """

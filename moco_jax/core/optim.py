@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-
 import jax
 import optax
 from flax import traverse_util
 
-
-def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
-    """The one place that turns a duration in epochs into optimizer steps."""
-    return int(round(epochs * steps_per_epoch))
-
-
-def total_train_steps(config, steps_per_epoch: int) -> int:
-    """`config.num_train_steps` when positive, else `num_epochs` of data."""
-    if config.num_train_steps > 0:
-        return int(config.num_train_steps)
-    return epochs_to_steps(config.num_epochs, steps_per_epoch)
+from moco_jax.core.config import epochs_to_steps, total_steps
 
 
 def scaled_learning_rate(config) -> float:
@@ -36,7 +25,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     decrement), a deliberate smoothing.
     """
     peak = scaled_learning_rate(config)
-    total = total_train_steps(config, steps_per_epoch)
+    total = total_steps(config, steps_per_epoch)
     warmup = epochs_to_steps(config.warmup_epochs, steps_per_epoch)
     if config.lr_schedule == "cosine":
         main = optax.cosine_decay_schedule(peak, decay_steps=max(total - warmup, 1))
@@ -74,5 +63,3 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
         optax.scale_by_learning_rate(schedule),
     )
     return tx, schedule
-
-

@@ -29,8 +29,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from moco_jax import sharding
-from moco_jax.checkpoint import flatten_dotted
+from moco_jax.core import sharding
+from moco_jax.core.config import flatten_dotted
 
 ENV_COORDINATOR_ADDRESS = "MOCO_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MOCO_NUM_PROCESSES"

@@ -13,12 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-    """Row-wise x / max(||x||, eps), like torch.nn.functional.normalize."""
-    x = x.astype(jnp.float32)
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, eps)
+from moco_jax.core.moco import l2_normalize
+from moco_jax.data import ArrayDataset, Source
 
 
 def _chunk_scores(queries, bank, bank_labels, num_classes, k, temperature):
@@ -54,8 +50,8 @@ def knn_predict(query_features, bank_features, bank_labels, num_classes: int,
       float32 (Q, num_classes): sum of exp(sim / T) over the top-k neighbours
       of each class. argmax gives the prediction.
     """
-    queries = _l2_normalize(query_features)
-    bank = _l2_normalize(bank_features)
+    queries = l2_normalize(jnp.asarray(query_features, jnp.float32))
+    bank = l2_normalize(jnp.asarray(bank_features, jnp.float32))
     bank_labels = bank_labels.astype(jnp.int32)
     k = min(k, bank.shape[0])
     num_q = queries.shape[0]
@@ -108,3 +104,14 @@ def extract_features(apply_fn: Callable, images_uint8: np.ndarray,
         # blocked by a device->host copy; convert all at the end.
         outputs.append(apply_fn(batch))
     return np.concatenate([np.asarray(o) for o in outputs])[:num]
+
+
+def monitor_dataset(source: Source, config) -> ArrayDataset:
+    """The kNN monitor's labelled images of a pretraining config: the bank is
+    `config.knn_train_split` ('' = train_split), at most
+    `config.knn_max_train_images` images (0 = all); the queries are the
+    eval split; files are centre-cropped to `config.crop_size` after a
+    resize to crop_size / `config.knn_center_crop_fraction`."""
+    return source.labelled_arrays(size=config.crop_size, crop_fraction=config.knn_center_crop_fraction,
+                                  max_train_images=config.knn_max_train_images, seed=config.seed,
+                                  train_split=config.knn_train_split)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from moco_jax import sharding
+from moco_jax.core import sharding
 
 
 class MoCoState(train_state.TrainState):

@@ -7,16 +7,17 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from moco_jax import augment, checkpoint, data, knn, metrics, models, moco, optim, sharding, state as state_lib
-from moco_jax.validation import validate_config
-
-
-def augmentation_recipe(config) -> augment.Recipe:
-    return augment.recipe_by_name(config.augmentation, config.crop_size, crop_scale=tuple(config.crop_scale))
+from moco_jax import data
+from moco_jax.core import augment, models, moco, optim, sharding
+from moco_jax.core import state as state_lib
+from moco_jax.core.config import is_due, steps, total_steps, validate_config
+from moco_jax.data.feed import prefetch_to_device
+from moco_jax.eval import embed, knn
+from moco_jax.io import checkpoint
+from moco_jax.training import metrics
 
 
 def make_train_step(config, host_cropped: bool = False) -> Callable:
@@ -24,8 +25,8 @@ def make_train_step(config, host_cropped: bool = False) -> Callable:
 
     The batch is (n, B_local, H, W, 3) whole images (cropped on the device),
     or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
-    `data.PretrainInput`). The state's buffers are donated: updated in place."""
-    recipe = augmentation_recipe(config)
+    `data.Source.train_batches`). The state's buffers are donated: updated in place."""
+    recipe = augment.recipe_from_config(config)
     hp = moco.MoCoHParams(
         temperature=config.temperature,
         ema_momentum=config.momentum,
@@ -39,37 +40,22 @@ def make_train_step(config, host_cropped: bool = False) -> Callable:
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
 
-def make_embed_fn(encoder: models.MoCoEncoder, config) -> Callable:
-    """(variables, uint8 images (B, H, W, 3)) -> (backbone features, unit
-    projections), in eval mode (BN running statistics), as the kNN monitor and
-    downstream users see the encoder."""
-    recipe = augmentation_recipe(config)
-
-    @jax.jit
-    def embed(variables, images):
-        x = augment.eval_view(images, config.crop_size, recipe.mean, recipe.std)
-        features, z = encoder.apply(variables, x, train=False)
-        return features, moco.l2_normalize(z)
-
-    return embed
+def pretrain_batches(source: data.Source, config, start_step: int) -> Iterator:
+    """This process's share of every global batch from `start_step` on."""
+    return source.train_batches(
+        global_batch=config.batch_size, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_local_devices=jax.local_device_count(), crop_size=config.crop_size,
+        crop_scale=tuple(config.crop_scale))
 
 
-def knn_accuracies(embed: Callable, variables: Any, dataset: data.ArrayDataset, config) -> dict[str, float]:
-    """Weighted kNN top-1 on the test split, bank = un-augmented train images,
-    for backbone features and for the projection output (published numbers
-    use either; the CIFAR demo uses the projection)."""
-    both = lambda x: jnp.concatenate(embed(variables, x), axis=1)  # noqa: E731 - one pass, split below
-    banks = knn.extract_features(both, dataset.train_images, config.eval_batch_size)
-    queries = knn.extract_features(both, dataset.test_images, config.eval_batch_size)
-    split = banks.shape[1] - config.embed_dim
-    result = {}
-    for name, cols in (("backbone", slice(0, split)), ("projection", slice(split, None))):
-        bank, query = banks[:, cols], queries[:, cols]
-        result[name] = knn.knn_accuracy(
-            query, dataset.test_labels, bank, dataset.train_labels, dataset.num_classes,
-            k=config.knn_k, temperature=config.knn_temperature,
-        )
-    return result
+def knn_monitor(config, dataset: data.ArrayDataset) -> Callable[[Any], dict[str, float]]:
+    """variables -> weighted kNN accuracies of backbone and projection
+    features on `dataset` (the function compiles once)."""
+    embed_fn = embed.make_embed_fn(config)
+    return lambda variables: embed.knn_accuracies(
+        embed_fn, variables, dataset, k=config.knn_k, temperature=config.knn_temperature,
+        batch_size=config.eval_batch_size)
 
 
 def summarize(pending: list[dict[str, jax.Array]], step: int) -> dict[str, float]:
@@ -103,10 +89,6 @@ def progress(steps: range, total: int, enabled: bool) -> Iterator[int]:
                           dynamic_ncols=True, mininterval=1.0))
 
 
-def _every(step: int, interval: int, last: int) -> bool:
-    return step == last or (interval > 0 and step % interval == 0)
-
-
 def _encoder_variables(state: state_lib.MoCoState) -> dict[str, Any]:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -123,13 +105,14 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
     validate_config(config, num_devices)
     if workdir:
         checkpoint.check_writable(workdir)
-    num_train = data.count_train_examples(config)
-    steps_per_epoch = data.steps_per_epoch(num_train, config.batch_size)
-    dataset = data.load_knn_arrays(config)  # un-augmented kNN bank and queries
-    total_steps = optim.total_train_steps(config, steps_per_epoch)
+    source = data.open_source(config)
+    knn_fn = knn_monitor(config, knn.monitor_dataset(source, config))  # un-augmented bank and queries
+    source = source.with_train_subset(config.train_subset, config.seed)
+    steps_per_epoch = data.steps_per_epoch(source.num_train_examples, config.batch_size)
+    total = total_steps(config, steps_per_epoch)
     logging.info(
         "%s: %d train images, %d steps/epoch, %d steps, %d devices, global batch %d",
-        config.dataset, num_train, steps_per_epoch, total_steps, num_devices, config.batch_size,
+        config.dataset, source.num_train_examples, steps_per_epoch, total, num_devices, config.batch_size,
     )
 
     encoder = models.build_encoder(config, axis_name=sharding.AXIS)
@@ -138,25 +121,20 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
     state = state_lib.create_train_state(
         jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
     )
-    embed = make_embed_fn(encoder, config)
-    knn_random = knn_accuracies(embed, _encoder_variables(state), dataset, config)
+    knn_random = knn_fn(_encoder_variables(state))
     if workdir:
         state = checkpoint.restore_latest(workdir, state, config, num_devices) or state
     start_step = int(state.step)
 
     p_state = state_lib.to_devices(state)
     del state  # its buffers now live on the devices
-    pretrain = data.make_pretrain_input(
-        config, start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_local_devices=jax.local_device_count(),
-    )
-    batches = data.prefetch_to_device(pretrain.batches)
-    loop = TrainLoop(config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices)
-    p_state, history = loop.run(make_train_step(config, pretrain.host_cropped), p_state, batches, start_step, show_progress,
-                                knn_fn=lambda s: knn_accuracies(embed, _encoder_variables(s), dataset, config))
+    batches = prefetch_to_device(pretrain_batches(source, config, start_step))
+    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices)
+    p_state, history = loop.run(make_train_step(config, source.host_cropped), p_state, batches, start_step,
+                                show_progress, knn_fn=lambda s: knn_fn(_encoder_variables(s)))
 
     state = state_lib.from_devices(p_state)
-    knn_trained = knn_accuracies(embed, _encoder_variables(state), dataset, config)
+    knn_trained = knn_fn(_encoder_variables(state))
     final = {"step": int(state.step), **{f"knn_{k}": v for k, v in knn_trained.items()},
              **{f"knn_random_{k}": v for k, v in knn_random.items()}}
     if history:
@@ -174,30 +152,31 @@ class TrainLoop:
 
     def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn):
         """Steps start_step+1 .. total_steps; returns (p_state, logged history)."""
-        config, last = self.config, self.total_steps
+        config, last, spe = self.config, self.total_steps, self.steps_per_epoch
+        log_every, knn_every = steps(config, "log_every", spe), steps(config, "knn_every", spe)
+        checkpoint_every = steps(config, "checkpoint_every", spe)
         writer = metrics.MetricWriter(self.workdir)
         manager = checkpoint.make_manager(self.workdir, config.checkpoints_to_keep) if self.workdir else None
         history, pending = [], []
         last_time, last_step = time.perf_counter(), start_step
-        steps = range(start_step + 1, last + 1)
         try:
-            for step in progress(steps, last, show_progress and jax.process_index() == 0):
+            for step in progress(range(start_step + 1, last + 1), last, show_progress and jax.process_index() == 0):
                 p_state, step_metrics = p_train_step(p_state, next(batches))
                 pending.append(step_metrics)
-                if _every(step, config.log_every_steps, last):
+                if is_due(step, log_every, last):
                     summary = summarize(pending, step)
                     now = time.perf_counter()
                     summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
                     writer.write(step, summary)
                     history.append({"step": step, **summary})
                     pending, last_time, last_step = [], now, step
-                if _every(step, config.knn_every_steps, last) and step != last:
-                    knn = knn_fn(state_lib.from_devices(p_state))
-                    writer.write(step, {f"knn_{k}": v for k, v in knn.items()})
+                if is_due(step, knn_every, last) and step != last:  # the last one: train_and_evaluate's
+                    knn_result = knn_fn(state_lib.from_devices(p_state))
+                    writer.write(step, {f"knn_{k}": v for k, v in knn_result.items()})
                     last_time = time.perf_counter()  # the monitor's time is not training time
-                if manager and _every(step, config.checkpoint_every_steps, last):
+                if manager and is_due(step, checkpoint_every, last):
                     assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step)
-                    checkpoint.save(manager, state_lib.from_devices(p_state), config, self.num_devices)
+                    checkpoint.save(manager, state_lib.from_devices(p_state), config, num_queue_shards=self.num_devices)
                     last_time = time.perf_counter()
         finally:
             if manager:

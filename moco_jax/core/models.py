@@ -267,3 +267,9 @@ def build_encoder(config, axis_name: str = "batch") -> MoCoEncoder:
     # bfloat16's 3 significant digits would show.
     head = ProjectionHead(kind=model_config.head, embed_dim=config.embed_dim, dtype=jnp.float32, name="head")
     return MoCoEncoder(backbone=backbone, head=head)
+
+
+def backbone_variables(variables: dict[str, Any]) -> dict[str, Any]:
+    """The ResNet's {"params", "batch_stats"} out of `MoCoEncoder` variables:
+    what export, the linear probe and `Encoder.embed` run."""
+    return {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}

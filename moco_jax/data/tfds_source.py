@@ -5,8 +5,9 @@
 TFDS's default, $TFDS_DATA_DIR or ~/tensorflow_datasets), `train_split` for
 pretraining (e.g. 'unlabelled' for stl10), `knn_train_split` / `eval_split`
 for the kNN monitor. Datasets are never downloaded behind the user's back:
-an unprepared one raises one `DatasetNotPreparedError` that says where it
-looked and how to prepare it (or set `tfds_download=True`).
+an unprepared one raises one `DatasetNotPreparedError`, when the source is
+opened, that says where it looked and how to prepare it (or set
+`tfds_download=True`).
 
 Order: each process reads its own `tfds.split_for_jax_process` slice. Epoch e
 reads the files in an order shuffled by (seed, process, e), then through a
@@ -23,7 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from moco_jax import data, tf_images
+from moco_jax.data import tf_images
+from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, check_stream, steps_per_epoch
 
 tf = tf_images.tf
 
@@ -32,9 +34,9 @@ class DatasetNotPreparedError(FileNotFoundError):
     """A tensorflow-datasets dataset with no prepared data in data_dir."""
 
 
-def dataset_name(config) -> str:
-    """config.dataset without an optional 'tfds:' prefix."""
-    return config.dataset.removeprefix("tfds:")
+def dataset_name(dataset: str) -> str:
+    """A dataset name without an optional 'tfds:' prefix."""
+    return dataset.removeprefix("tfds:")
 
 
 def _default_data_dir_hint() -> str:
@@ -66,9 +68,10 @@ def prepared_builder(name: str, data_dir=None, download: bool = False):
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
+        from moco_jax.data import SOURCES  # noqa: PLC0415 - the registry imports this module
+
         raise ValueError(
-            f"unknown dataset {name!r}: not one of the in-memory datasets "
-            f"{sorted(data.ARRAY_DATASETS)}, not '{data.IMAGE_FOLDER}', and not a "
+            f"unknown dataset {name!r}: not one of {sorted(SOURCES)} and not a "
             "tensorflow-datasets name (see tfds.list_builders())") from None
     if download:
         try:
@@ -100,45 +103,61 @@ def num_examples(builder, name, data_dir, split: str) -> int:
     return n
 
 
-def _image_key(config) -> str:
-    return config.get("image_key", "image")
+class TfdsSource(Source):
+    """A prepared tensorflow-datasets dataset: `train_split` for pretraining
+    (two host crops per image), `train_split` (or another) and `eval_split`
+    as the labelled arrays."""
+
+    host_cropped = True
+
+    def __init__(self, spec: SourceConfig):
+        self.spec = spec
+        self.name = dataset_name(spec.dataset)
+        self._data_dir = spec.data_dir or None
+        tf_images.configure(spec.num_threads)
+        self.builder = prepared_builder(self.name, self._data_dir, spec.tfds_download)
+        self._num_train = num_examples(self.builder, self.name, self._data_dir, spec.train_split)
+        logging.info("tfds %s[%s] in %s: %d examples", self.name, spec.train_split, self.builder.data_dir,
+                     self._num_train)
+
+    @property
+    def num_train_examples(self) -> int:
+        return self._num_train
+
+    def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
+                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
+        spec = self.spec
+        return two_crop_batches(
+            self.builder, self.name, self._data_dir, spec.train_split, self._num_train,
+            global_batch=global_batch, seed=seed, crop_size=crop_size, crop_scale=tuple(crop_scale),
+            start_step=start_step, process_index=process_index, process_count=process_count,
+            num_local_devices=num_local_devices, shuffle_buffer=spec.shuffle_buffer,
+            image_key=spec.image_key, num_threads=spec.num_threads)
+
+    def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
+                        train_split="") -> ArrayDataset:
+        """Train: the first `max_train_images` (0 = all) examples of the split in
+        file order (TFDS shuffles examples when preparing; `seed` is unused);
+        eval: all of eval_split. Both centre-cropped to `size`."""
+        check_decode_size(self.name, size)
+        del seed
+        spec = self.spec
+        label_key = spec.label_key
+        if label_key not in self.builder.info.features:
+            raise ValueError(f"{self.name} has no {label_key!r} feature for labelled images "
+                             f"(features: {list(self.builder.info.features)})")
+        kwargs = dict(size=size, crop_fraction=crop_fraction, image_key=spec.image_key, label_key=label_key,
+                      num_threads=spec.num_threads)
+        x_train, y_train = _center_crop_arrays(self.builder, self.name, self._data_dir,
+                                               train_split or spec.train_split, cap=max_train_images, **kwargs)
+        x_test, y_test = _center_crop_arrays(self.builder, self.name, self._data_dir, spec.eval_split, cap=0,
+                                             **kwargs)
+        return ArrayDataset(x_train, y_train, x_test, y_test,
+                            num_classes=self.builder.info.features[label_key].num_classes, name=self.name)
 
 
-def _num_threads(config) -> int:
-    return config.get("input_threads", 0) or tf_images.default_num_threads()
-
-
-# --------------------------------------------------------------------------
-# Pretraining.
-# --------------------------------------------------------------------------
-def count_train_examples(config) -> int:
-    """Examples in config.train_split (all processes)."""
-    name, data_dir = dataset_name(config), config.data_dir or None
-    tf_images.configure(_num_threads(config))
-    builder = prepared_builder(name, data_dir, config.get("tfds_download", False))
-    return num_examples(builder, name, data_dir, config.get("train_split", "train"))
-
-
-def make_pretrain_input(config, *, start_step: int, process_index: int,
-                        process_count: int, num_local_devices: int) -> data.PretrainInput:
-    """`data.make_pretrain_input` for a tensorflow-datasets name."""
-    name, data_dir = dataset_name(config), config.data_dir or None
-    num_threads = _num_threads(config)
-    tf_images.configure(num_threads)
-    builder = prepared_builder(name, data_dir, config.get("tfds_download", False))
-    split = config.get("train_split", "train")
-    total = num_examples(builder, name, data_dir, split)
-    batches = two_crop_batches(
-        builder, name, data_dir, split, total,
-        global_batch=config.batch_size, seed=config.seed, crop_size=config.crop_size,
-        crop_scale=tuple(config.crop_scale), start_step=start_step,
-        process_index=process_index, process_count=process_count,
-        num_local_devices=num_local_devices,
-        shuffle_buffer=config.get("shuffle_buffer", 10_000),
-        image_key=_image_key(config), num_threads=num_threads)
-    logging.info("tfds %s[%s] in %s: %d examples", name, split, builder.data_dir, total)
-    return data.PretrainInput(batches, total, data.steps_per_epoch(total, config.batch_size),
-                              host_cropped=True)
+def open_source(spec: SourceConfig) -> TfdsSource:
+    return TfdsSource(spec)
 
 
 def two_crop_batches(builder, name: str, data_dir, split: str, total: int, *,
@@ -153,12 +172,8 @@ def two_crop_batches(builder, name: str, data_dir, split: str, total: int, *,
     Yields:
       uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3).
     """
-    local = data.local_batch_size(global_batch, process_count, num_local_devices)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}")
-    spe = data.steps_per_epoch(total, global_batch)
+    local = check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
+    spe = steps_per_epoch(total, global_batch)
     process_split = tfds.split_for_jax_process(split, process_index=process_index,
                                                process_count=process_count)
     options = tf_images.pipeline_options(num_threads)
@@ -195,7 +210,7 @@ def two_crop_batches(builder, name: str, data_dir, split: str, total: int, *,
 
 
 # --------------------------------------------------------------------------
-# kNN monitor.
+# Labelled arrays.
 # --------------------------------------------------------------------------
 def _center_crop_arrays(builder, name, data_dir, split, *, size, crop_fraction, cap,
                         image_key, label_key, num_threads) -> tuple[np.ndarray, np.ndarray]:
@@ -219,31 +234,3 @@ def _center_crop_arrays(builder, name, data_dir, split, *, size, crop_fraction, 
     if not images:
         raise ValueError(f"{name}[{split}] is empty")
     return np.concatenate(images), np.concatenate(labels)
-
-
-def load_knn_arrays(config) -> data.ArrayDataset:
-    """`data.load_knn_arrays` for a tensorflow-datasets name.
-
-    Bank: the first knn_max_train_images (0 = all) examples of knn_train_split
-    ('' = train_split) in file order (TFDS shuffles examples when preparing);
-    queries: all of eval_split. Both centre-cropped to crop_size.
-    """
-    name, data_dir = dataset_name(config), config.data_dir or None
-    num_threads = _num_threads(config)
-    tf_images.configure(num_threads)
-    builder = prepared_builder(name, data_dir, config.get("tfds_download", False))
-    label_key = config.get("label_key", "label")
-    if label_key not in builder.info.features:
-        raise ValueError(f"{name} has no {label_key!r} feature for the kNN monitor "
-                         f"(features: {list(builder.info.features)})")
-    kwargs = dict(size=config.crop_size,
-                  crop_fraction=config.get("knn_center_crop_fraction", 1.0),
-                  image_key=_image_key(config), label_key=label_key, num_threads=num_threads)
-    bank_split = config.get("knn_train_split", "") or config.get("train_split", "train")
-    x_train, y_train = _center_crop_arrays(builder, name, data_dir, bank_split,
-                                           cap=config.get("knn_max_train_images", 0), **kwargs)
-    x_test, y_test = _center_crop_arrays(builder, name, data_dir,
-                                         config.get("eval_split", "test"), cap=0, **kwargs)
-    return data.ArrayDataset(x_train, y_train, x_test, y_test,
-                             num_classes=builder.info.features[label_key].num_classes,
-                             name=name)

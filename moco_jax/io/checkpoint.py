@@ -1,12 +1,15 @@
-"""Preemption-safe checkpoints of the whole MoCo state (orbax-checkpoint).
+"""Preemption-safe checkpoints (orbax-checkpoint): of the whole MoCo state
+during pretraining, and of the linear probe's classifier.
 
 A checkpoint in `<workdir>/checkpoints/<step>/` holds two items:
 
-* `state`: the host copy of `MoCoState` (step, both encoders' params, both
-  sets of BN statistics, optimizer state, the whole (K, C) queue, its pointer
-  and the PRNG key). Replicated arrays are stored once, not once per device.
-* `meta`: JSON with the experiment config, the number of queue shards (the
-  device count) and the data position, so a relaunch knows where it stands.
+* `state`: a host copy of the training state. For pretraining that is
+  `MoCoState` (step, both encoders' params, both sets of BN statistics,
+  optimizer state, the whole (K, C) queue, its pointer and the PRNG key);
+  replicated arrays are stored once, not once per device.
+* `meta`: JSON with the config, the step and what else the program needs
+  (pretraining: the number of queue shards, i.e. the device count), so a
+  relaunch knows where it stands.
 
 The data position is the step: the input pipelines derive every batch from
 (seed, global step), so restoring the step restores the data order too.
@@ -27,9 +30,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import serialization, traverse_util
+from flax import serialization
 
-from moco_jax.state import MoCoState
+from moco_jax.core.config import flatten_dotted
+from moco_jax.core.state import MoCoState
 
 # Config fields that fix the shapes of the saved arrays: a checkpoint written
 # with other values cannot be restored into this model. (model.dtype, sync_bn
@@ -38,7 +42,8 @@ MODEL_FIELDS = ("model.depth", "model.width", "model.stem", "model.head", "embed
 
 
 class CheckpointMismatchError(ValueError):
-    """The checkpoint in the workdir was written by a different model config."""
+    """The checkpoint in the workdir was written with a config whose saved
+    shapes differ from this one's."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -106,40 +111,31 @@ def reshard_queue(
 # ---------------------------------------------------------------------------
 # Save and restore.
 # ---------------------------------------------------------------------------
-def _meta(config: ml_collections.ConfigDict, step: int, num_shards: int) -> dict[str, Any]:
-    return {"config": config.to_dict(), "step": int(step), "num_queue_shards": int(num_shards)}
-
-
-def save(manager: ocp.CheckpointManager, host_state: MoCoState, config, num_shards: int) -> None:
-    """Start an asynchronous save of a host state (see `state.from_devices`)."""
+def save(manager: ocp.CheckpointManager, host_state: Any, config, **meta) -> None:
+    """Start an asynchronous save of a host state (a flax struct, e.g. from
+    `state.from_devices`), with the config, its step and `meta` as JSON."""
     step = int(host_state.step)
-    state_dict = serialization.to_state_dict(host_state)
+    state_dict = jax.tree.map(np.asarray, serialization.to_state_dict(host_state))
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(_meta(config, step, num_shards))
+            state=ocp.args.StandardSave(state_dict),
+            meta=ocp.args.JsonSave({"config": config.to_dict(), "step": step, **meta}),
         ),
     )
 
 
-
-def flatten_dotted(tree: dict) -> dict[str, Any]:
-    """{"model": {"depth": 50}} -> {"model.depth": 50}: config fields by their
-    command-line names."""
-    return traverse_util.flatten_dict(tree, sep=".")
-
-
-def check_compatible(saved: dict, config) -> None:
-    """Raise CheckpointMismatchError naming every model field that differs."""
+def check_compatible(saved: dict, config, fields: tuple[str, ...] = MODEL_FIELDS) -> None:
+    """Raise CheckpointMismatchError naming every one of `fields` that differs."""
     saved, current = flatten_dotted(saved), flatten_dotted(config.to_dict())
     diffs = [
         f"{name}: checkpoint {saved.get(name)!r} != config {current.get(name)!r}"
-        for name in MODEL_FIELDS
+        for name in fields
         if saved.get(name) != current.get(name)
     ]
     if diffs:
         raise CheckpointMismatchError(
-            "the checkpoint was written by a different model config; mismatching fields: " + "; ".join(diffs)
+            "the checkpoint was written with a different config; mismatching fields: " + "; ".join(diffs)
             + ". Use a new --workdir, or the config the checkpoint was trained with."
         )
 
@@ -153,12 +149,13 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
         os.replace(path, target)
 
 
-def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -> MoCoState | None:
-    """The newest readable checkpoint in `workdir` as a host state, or None.
+def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...]) -> tuple[Any, dict] | None:
+    """The newest readable checkpoint in `workdir` as (host state, meta), or None.
 
-    The queue is re-laid out for `num_shards` devices if it was written on a
-    different number. Unreadable checkpoints are moved aside to
-    `<step>.corrupt` with a warning and the next older one is tried.
+    The checkpoint's config must agree with `config` on `fields` (those that
+    fix the saved shapes), else CheckpointMismatchError. Unreadable
+    checkpoints are moved aside to `<step>.corrupt` with a warning and the
+    next older one is tried; if none is readable, RuntimeError.
     """
     manager = make_manager(workdir)
     try:
@@ -170,19 +167,15 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -
                 logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one", step, workdir, e)
                 _move_aside(manager, step)
                 continue
-            check_compatible(meta["config"], config)
+            check_compatible(meta["config"], config, fields)
             try:
                 restored = _restore_state(manager, step, template)
             except Exception as e:  # noqa: BLE001
                 logging.warning("checkpoint %d in %s is corrupt (%s); trying the previous one", step, workdir, e)
                 _move_aside(manager, step)
                 continue
-            queue, ptr = reshard_queue(
-                np.asarray(restored.queue), int(restored.queue_ptr), meta["num_queue_shards"], num_shards,
-                config.batch_size, meta["config"]["batch_size"],
-            )
             logging.info("resumed from checkpoint %d in %s", step, workdir)
-            return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32))
+            return restored, meta
         if steps:
             # Starting over in a workdir whose every checkpoint is bad would
             # silently throw a long run away: let a person decide.
@@ -195,7 +188,22 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -
         manager.close()
 
 
-def _restore_state(manager, step: int, template: MoCoState) -> MoCoState:
+def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -> MoCoState | None:
+    """The newest readable pretraining checkpoint in `workdir` as a host
+    state, or None (see `restore_newest`). The queue is re-laid out for
+    `num_shards` devices and this config's batch if it was written with others."""
+    newest = restore_newest(workdir, template, config, MODEL_FIELDS)
+    if newest is None:
+        return None
+    restored, meta = newest
+    queue, ptr = reshard_queue(
+        np.asarray(restored.queue), int(restored.queue_ptr), meta["num_queue_shards"], num_shards,
+        config.batch_size, meta["config"]["batch_size"],
+    )
+    return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32))
+
+
+def _restore_state(manager, step: int, template: Any) -> Any:
     target = jax.tree.map(np.asarray, serialization.to_state_dict(template))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     state = serialization.from_state_dict(template, restored)

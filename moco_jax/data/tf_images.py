@@ -1,13 +1,14 @@
 """Host-side image decoding and random-resized cropping in tf.data.
 
 This module imports TensorFlow at module level, so only the data-source
-modules (`image_folder`, `tfds_source`) import it, and only lazily: the core
-library, the trainer and the in-memory datasets never need TensorFlow.
+modules (`image_folder`, `tfds_source`) import it, and only when such a
+source is used: the core library, the trainer and the in-memory datasets
+never need TensorFlow.
 
 What runs here, per image (everything else happens on the accelerator, see
-`moco_jax.augment`):
+`moco_jax.core.augment`):
   encoded bytes -> two RandomResizedCrop boxes (torchvision's sampling, the
-  same as `augment.random_resized_crop_boxes`) -> decode only each box (JPEG:
+  same as `augment.crop_boxes`) -> decode only each box (JPEG:
   `tf.image.decode_and_crop_jpeg`; other formats are decoded whole, then
   sliced) -> bilinear resize to S x S -> uint8 (2, S, S, 3).
 
@@ -16,7 +17,6 @@ Shapes: boxes are int32 `[top, left, height, width]`; crops uint8 (S, S, 3).
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -56,11 +56,6 @@ def configure(num_threads: int) -> None:
         pass
 
 
-def default_num_threads() -> int:
-    """All cores but one (left to the JAX host thread), at least one."""
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
 def pipeline_options(num_threads: int) -> tf.data.Options:
     """tf.data options: a private pool of `num_threads` decode threads plus
     one for reading/batching (sharing one pool starves the decoders), one
@@ -87,7 +82,7 @@ def _fallback_box(height, width, ratio):
 
 
 def crop_boxes_from_uniforms(u, height, width, scale, ratio=RATIO):
-    """`augment._crop_boxes_u` for one image of dynamic size, in TF ops.
+    """`augment.crop_boxes` for one image of dynamic size, in TF ops.
 
     u: float32 (V, attempts, 4) uniforms `[area, log-ratio, top, left]` per
     try, for V boxes of the same image; height, width: int32 scalars. For

@@ -1,9 +1,10 @@
 """A folder of images as a MoCo dataset: `root/<class>/*.jpg|png` (class
 folders optional: images directly in `root` get label -1).
 
-Decoding and cropping run in tf.data (`moco_jax.tf_images`, imported lazily
-here so that listing files needs no TensorFlow). The example order is the one
-of every source, `data.local_batch_indices`: deterministic for a seed,
+The folder is listed once, when the source is opened. Decoding and cropping
+run in tf.data (`moco_jax.data.tf_images`, imported only when images are
+decoded, so that listing files needs no TensorFlow). The example order is the
+one of every source, `source.local_batch_indices`: deterministic for a seed,
 reshuffled each epoch, resumable at any step, a disjoint slice per process.
 
 Undecodable files (corrupt, truncated, not an image): by default the first
@@ -22,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from absl import logging
 
-from moco_jax import data
+from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, knn_subset, local_batch_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 NO_LABEL = -1
@@ -84,46 +85,80 @@ def split_folder(data_dir, split: str) -> Path:
     return Path(data_dir) / split if split else Path(data_dir)
 
 
-def train_files(config) -> ImageFiles:
-    """The pretraining images: data_dir/train_split ('' = data_dir itself)."""
-    if not config.data_dir:
-        raise ValueError("dataset='image_folder' needs --config.data_dir=ROOT "
-                         "(images in ROOT/<train_split>/<class>/)")
-    folder = split_folder(config.data_dir, config.get("train_split", ""))
+def _split_files(data_dir, split: str, field: str) -> ImageFiles:
+    folder = split_folder(data_dir, split)
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"image folder {folder} does not exist (data_dir={config.data_dir}, "
-            f"train_split={config.get('train_split', '')!r}; "
-            "--config.train_split='' reads data_dir itself)")
+            f"image folder {folder} does not exist (data_dir={data_dir}, {field}={split!r}; "
+            f"--config.{field}='' reads data_dir itself)")
     return list_image_files(folder)
 
 
-def _num_threads(config) -> int:
-    from moco_jax import tf_images
-    return config.get("input_threads", 0) or tf_images.default_num_threads()
+class ImageFolderSource(Source):
+    """`data_dir/<train_split>` for pretraining (two host crops per image);
+    `data_dir/<train_split>` and `data_dir/<eval_split>`, matched by class
+    folder names, as the labelled arrays."""
+
+    host_cropped = True
+
+    def __init__(self, spec: SourceConfig):
+        if not spec.data_dir:
+            raise ValueError("dataset='image_folder' needs --config.data_dir=ROOT "
+                             "(images in ROOT/<train_split>/<class>/)")
+        self.spec = spec
+        self.files = _split_files(spec.data_dir, spec.train_split, "train_split")
+        self.name = f"image_folder:{self.files.root}"
+        logging.info("image folder %s: %d images, %d classes", self.files.root, len(self.files.paths),
+                     len(self.files.class_names))
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.files.paths)
+
+    def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
+                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
+        return two_crop_batches(
+            self.files.paths, global_batch=global_batch, seed=seed, crop_size=crop_size,
+            crop_scale=tuple(crop_scale), start_step=start_step, process_index=process_index,
+            process_count=process_count, num_local_devices=num_local_devices,
+            skip_corrupt=self.spec.skip_corrupt_images, num_threads=self.spec.num_threads)
+
+    def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
+                        train_split="") -> ArrayDataset:
+        """Classes are matched by folder name; the eval images of a class the
+        train folder lacks are an error."""
+        check_decode_size(self.name, size)
+        spec = self.spec
+        train = (self.files if train_split in ("", spec.train_split)
+                 else _split_files(spec.data_dir, train_split, "knn_train_split"))
+        if not spec.eval_split:
+            raise ValueError("the kNN monitor and the linear probe need labelled eval images: set "
+                             "--config.eval_split to a sub-folder of data_dir (e.g. 'val')")
+        test = _split_files(spec.data_dir, spec.eval_split, "eval_split")
+        unknown = sorted(set(test.class_names) - set(train.class_names))
+        if not train.class_names or unknown or (test.labels == NO_LABEL).any():
+            raise ValueError(
+                f"labelled images need class folders in both {train.root} and {test.root}, with the same "
+                f"names (eval classes missing from train: {unknown[:5]})")
+        to_train_label = np.asarray([train.class_names.index(c) for c in test.class_names], np.int32)
+        keep = knn_subset(len(train.paths), max_train_images, seed)
+        kwargs = dict(crop_fraction=crop_fraction, skip_corrupt=spec.skip_corrupt_images,
+                      num_threads=spec.num_threads)
+        train_images, train_kept = center_crops(train.paths[keep], size, **kwargs)
+        test_images, test_kept = center_crops(test.paths, size, **kwargs)
+        return ArrayDataset(
+            train_images, train.labels[keep][train_kept],
+            test_images, to_train_label[test.labels[test_kept]],
+            num_classes=len(train.class_names), name=self.name)
+
+
+def open_source(spec: SourceConfig) -> ImageFolderSource:
+    return ImageFolderSource(spec)
 
 
 # --------------------------------------------------------------------------
 # Pretraining: two host crops per image.
 # --------------------------------------------------------------------------
-def make_pretrain_input(config, *, start_step: int, process_index: int,
-                        process_count: int, num_local_devices: int) -> data.PretrainInput:
-    """`data.make_pretrain_input` for `config.dataset == 'image_folder'`."""
-    files = train_files(config)
-    batches = two_crop_batches(
-        files.paths, global_batch=config.batch_size, seed=config.seed,
-        crop_size=config.crop_size, crop_scale=tuple(config.crop_scale),
-        start_step=start_step, process_index=process_index, process_count=process_count,
-        num_local_devices=num_local_devices,
-        skip_corrupt=config.get("skip_corrupt_images", False),
-        num_threads=_num_threads(config))
-    logging.info("image folder %s: %d images, %d classes", files.root, len(files.paths),
-                 len(files.class_names))
-    return data.PretrainInput(batches, len(files.paths),
-                              data.steps_per_epoch(len(files.paths), config.batch_size),
-                              host_cropped=True)
-
-
 def two_crop_batches(paths: Sequence[str], *, global_batch: int, seed: int,
                      crop_size: int, crop_scale, start_step: int = 0,
                      process_index: int = 0, process_count: int = 1,
@@ -131,7 +166,7 @@ def two_crop_batches(paths: Sequence[str], *, global_batch: int, seed: int,
                      num_threads: int = 2) -> Iterator[np.ndarray]:
     """Two independent RandomResizedCrops of each image of each step.
 
-    The images of step s are `data.local_batch_indices(len(paths), ...)`'s;
+    The images of step s are `local_batch_indices(len(paths), ...)`'s;
     the crops of an example are drawn from a seed fixed by (seed,
     process_index, its position in the stream), so they too repeat on resume.
 
@@ -140,14 +175,14 @@ def two_crop_batches(paths: Sequence[str], *, global_batch: int, seed: int,
     Raises (eagerly): ValueError for bad batch divisibility; while iterating,
       UndecodableImageError naming the file unless skip_corrupt.
     """
-    from moco_jax import tf_images
+    from moco_jax.data import tf_images
     tf = tf_images.tf
     paths = np.asarray(paths)
-    indices = data.local_batch_indices(len(paths), global_batch, seed, start_step,
+    indices = local_batch_indices(len(paths), global_batch, seed, start_step,
                                        process_index, process_count, num_local_devices)
     # A second, identical stream tells the Python side which file sat at each
     # position, to name the ones that fail.
-    expected = data.local_batch_indices(len(paths), global_batch, seed, start_step,
+    expected = local_batch_indices(len(paths), global_batch, seed, start_step,
                                         process_index, process_count, num_local_devices)
     local = global_batch // process_count
     tf_images.configure(num_threads)
@@ -181,7 +216,7 @@ def two_crop_batches(paths: Sequence[str], *, global_batch: int, seed: int,
 
 def _decode_error(path: str, crop_size: int, crop_scale) -> str:
     """Why TensorFlow cannot load `path` (reproduced eagerly, outside tf.data)."""
-    from moco_jax import tf_images
+    from moco_jax.data import tf_images
     tf = tf_images.tf
     try:
         tf_images.two_crops(tf.io.read_file(path), tf.constant([0, 0], tf.int64), crop_size, crop_scale)
@@ -246,7 +281,7 @@ def _take(pending: collections.deque, chunks):
 
 
 # --------------------------------------------------------------------------
-# kNN monitor: centre crops of the train and eval folders.
+# Labelled arrays: centre crops of the train and eval folders.
 # --------------------------------------------------------------------------
 def center_crops(paths: Sequence[str], size: int, *, crop_fraction: float = 1.0,
                  skip_corrupt: bool = False, num_threads: int = 2,
@@ -258,7 +293,7 @@ def center_crops(paths: Sequence[str], size: int, *, crop_fraction: float = 1.0,
       decoded files, in order). Raises UndecodableImageError naming the first
       undecodable file unless skip_corrupt (then they are logged and left out).
     """
-    from moco_jax import tf_images
+    from moco_jax.data import tf_images
     tf = tf_images.tf
     paths = np.asarray(paths)
     tf_images.configure(num_threads)
@@ -286,30 +321,3 @@ def center_crops(paths: Sequence[str], size: int, *, crop_fraction: float = 1.0,
         logging.warning("skipping undecodable image %s", paths[i])
     images = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
     return images, kept
-
-
-def load_knn_arrays(config) -> data.ArrayDataset:
-    """`data.load_knn_arrays` for image folders: data_dir/train_split is the
-    bank, data_dir/eval_split the queries; classes are matched by folder name."""
-    train = list_image_files(split_folder(config.data_dir, config.get("knn_train_split", "")
-                                          or config.get("train_split", "")))
-    if not config.get("eval_split", ""):
-        raise ValueError("the kNN monitor needs labelled eval images: set "
-                         "--config.eval_split to a sub-folder of data_dir (e.g. 'val')")
-    test = list_image_files(split_folder(config.data_dir, config.eval_split))
-    unknown = sorted(set(test.class_names) - set(train.class_names))
-    if not train.class_names or unknown or (test.labels == NO_LABEL).any():
-        raise ValueError(
-            f"kNN needs class folders in both {train.root} and {test.root}, with the same "
-            f"names (eval classes missing from train: {unknown[:5]})")
-    to_train_label = np.asarray([train.class_names.index(c) for c in test.class_names], np.int32)
-    keep = data.knn_subset(len(train.paths), config.get("knn_max_train_images", 0), config.seed)
-    kwargs = dict(crop_fraction=config.get("knn_center_crop_fraction", 1.0),
-                  skip_corrupt=config.get("skip_corrupt_images", False),
-                  num_threads=_num_threads(config))
-    train_images, train_kept = center_crops(train.paths[keep], config.crop_size, **kwargs)
-    test_images, test_kept = center_crops(test.paths, config.crop_size, **kwargs)
-    return data.ArrayDataset(
-        train_images, train.labels[keep][train_kept],
-        test_images, to_train_label[test.labels[test_kept]],
-        num_classes=len(train.class_names), name=f"image_folder:{train.root}")

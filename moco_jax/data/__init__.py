@@ -1,0 +1,46 @@
+"""Datasets for pretraining and evaluation: one `Source` per kind of data.
+
+    source = data.open_source(config)          # config.dataset and its data fields
+    source.num_train_examples
+    source.train_batches(global_batch=..., seed=..., start_step=...)   # this process's share
+    source.labelled_arrays(size=...)           # un-augmented train / eval images
+
+A new kind of dataset is one new module here with an `open_source(spec)`
+function returning a `Source` (see `source.py`), plus one line in `SOURCES`.
+The modules are imported only when their dataset is opened, so the
+TensorFlow-based sources cost nothing to a run that does not use them.
+"""
+from __future__ import annotations
+
+import importlib
+
+from moco_jax.data.source import ArrayDataset, Source, SourceConfig, steps_per_epoch
+
+__all__ = ["ArrayDataset", "Source", "SourceConfig", "SOURCES", "open_source", "steps_per_epoch"]
+
+# config.dataset -> the module of moco_jax.data that opens it.
+SOURCES = {
+    "digits": "arrays",  # scikit-learn's digits, in memory
+    "cifar10_arrays": "arrays",  # CIFAR-10 from the shared mosaics, in memory
+    "image_folder": "image_folder",  # data_dir/<split>/<class>/*.jpg|png, tf.data
+}
+# Any other name is a tensorflow-datasets name (optionally written 'tfds:NAME').
+DEFAULT_SOURCE = "tfds_source"
+
+
+def source_module(dataset: str) -> str:
+    """The module of moco_jax.data that opens `dataset`."""
+    return SOURCES.get(dataset, DEFAULT_SOURCE)
+
+
+def open_source(config) -> Source:
+    """The source of `config.dataset`, opened once (an image folder is listed,
+    a TFDS builder checked to be prepared).
+
+    Args:
+      config: an experiment config declaring the data fields (see
+        `SourceConfig`), or a `SourceConfig`.
+    """
+    spec = config if isinstance(config, SourceConfig) else SourceConfig.from_config(config)
+    module = importlib.import_module(f"moco_jax.data.{source_module(spec.dataset)}")
+    return module.open_source(spec)

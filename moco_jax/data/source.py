@@ -1,0 +1,270 @@
+"""What every data source is and shares: the `Source` interface, the options
+it is opened with, in-memory labelled arrays, and the example order.
+
+A `Source` is one dataset opened once from the config (`moco_jax.data.
+open_source`). It knows how many examples its pretraining split holds, yields
+this process's share of every global batch from any start step, and gives
+the un-augmented labelled arrays the kNN monitor and the linear probe use.
+
+The order is the same for every source (`local_batch_indices`): epoch e is a
+permutation seeded by (seed, e), global step s takes the next global batch of
+it, process p its contiguous p-th share of that batch, and the last partial
+batch of an epoch is dropped (MoCo enqueues whole batches). So any step can
+be recomputed directly, on every process, and a resumed run reads exactly the
+batches an uninterrupted one would.
+
+Shapes:
+  images  uint8 (N, H, W, 3), labels int32 (N,)
+  a host batch for pmap: uint8 (num_local_devices, per_device_batch, H, W, 3),
+  or, host-cropped, (num_local_devices, per_device_batch, 2, S, S, 3)
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """How to find and read a dataset: the data fields that the pretraining
+    and the linear-evaluation configs both declare (see configs/default.py,
+    `add_data_fields`, for what each one means).
+
+    The defaults here serve configs that lack a field: the config of weights
+    trained elsewhere, or one stored by an older version of moco_jax.
+    """
+
+    dataset: str
+    data_dir: str = ""
+    image_size: int = 0
+    train_split: str = "train"
+    eval_split: str = "test"
+    skip_corrupt_images: bool = False
+    input_threads: int = 0
+    shuffle_buffer: int = 10_000
+    tfds_download: bool = False
+    image_key: str = "image"
+    label_key: str = "label"
+
+    @property
+    def num_threads(self) -> int:
+        """Host decode threads: `input_threads`, or all cores but one (left to
+        the JAX host thread) when 0."""
+        return self.input_threads or max(1, (os.cpu_count() or 2) - 1)
+
+    @classmethod
+    def from_config(cls, config) -> "SourceConfig":
+        """The data fields of an experiment config."""
+        given = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
+        return cls(**given)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+    """A labelled image dataset held fully in host memory.
+
+    Attributes:
+      train_images: uint8 (N_train, H, W, 3).
+      train_labels: int32 (N_train,).
+      test_images: uint8 (N_test, H, W, 3).
+      test_labels: int32 (N_test,).
+      num_classes: number of label values (labels lie in [0, num_classes)).
+      name: short dataset name, e.g. 'digits'.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    name: str
+
+
+class Source(abc.ABC):
+    """One dataset, opened once from a `SourceConfig`.
+
+    Attributes:
+      name: a short name for logs and reports.
+      host_cropped: False: `train_batches` yields whole images, which the
+        device crops (`augment.make_views_fn`); True: it yields two
+        independent RandomResizedCrops of each image, cut on the host.
+    """
+
+    name: str
+    host_cropped: bool
+
+    @property
+    @abc.abstractmethod
+    def num_train_examples(self) -> int:
+        """Examples in the pretraining stream (all processes together)."""
+
+    @abc.abstractmethod
+    def train_batches(self, *, global_batch: int, seed: int, start_step: int = 0, process_index: int = 0,
+                      process_count: int = 1, num_local_devices: int = 1, crop_size: int = 0,
+                      crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
+        """Infinite stream of this process's share of each global batch, from
+        global step `start_step`, in the order of `local_batch_indices`.
+
+        crop_size, crop_scale: the host crops' side and area range (only
+        sources with `host_cropped` use them).
+        Yields:
+          uint8 (num_local_devices, per_device, H, W, 3), or with
+          `host_cropped` (num_local_devices, per_device, 2, S, S, 3).
+        Raises (eagerly): ValueError for a batch that does not split evenly.
+        """
+
+    @abc.abstractmethod
+    def labelled_arrays(self, *, size: int, crop_fraction: float = 1.0, max_train_images: int = 0,
+                        seed: int = 0, train_split: str = "") -> "ArrayDataset":
+        """The un-augmented labelled train and eval images, in host memory.
+
+        Args:
+          size: sources that decode files resize the shorter side to
+            round(size / crop_fraction) and keep the central size x size
+            square; in-memory arrays come at their own size.
+          max_train_images: at most this many train images (0 = all), the
+            fixed random subset `knn_subset(N, max_train_images, seed)`.
+          train_split: the labelled train split ('' = the source's train_split).
+        """
+
+    def with_train_subset(self, size: int, seed: int) -> "Source":
+        """This source with its pretraining stream restricted to the fixed random
+        subset `knn_subset(N, size, seed)` (size 0: unchanged). Only in-memory
+        sources can pick examples freely; the others refuse."""
+        if not size:
+            return self
+        raise ValueError(
+            f"train_subset works for the in-memory datasets; for {self.name!r} select a subset with the split, "
+            "e.g. --config.train_split='train[:10000]' (tensorflow-datasets slicing)")
+
+
+def check_decode_size(name: str, size: int) -> None:
+    """Sources that decode files need the side to decode labelled images to."""
+    if size <= 0:
+        raise ValueError(f"{name}: labelled images need a positive size to decode to, got {size} "
+                         "(linear evaluation: set --config.image_size)")
+
+
+# --------------------------------------------------------------------------
+# The example order: deterministic, resumable, multi-process aware.
+# --------------------------------------------------------------------------
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """Shuffle order of epoch `epoch`: int64 (num_examples,), a permutation.
+
+    Seeded by (seed, epoch) so any epoch can be recomputed directly on resume
+    and on every process without replaying earlier epochs.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch; the partial remainder is dropped.
+
+    MoCo enqueues whole batches into its key queue, so every step needs a full
+    batch. Raises ValueError when not even one full batch fits.
+    """
+    steps = num_examples // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"global_batch={global_batch} exceeds the {num_examples} examples: "
+            "no full batch per epoch")
+    return steps
+
+
+def local_batch_size(global_batch: int, process_count: int,
+                      num_local_devices: int) -> int:
+    """Per-process batch size, validating that the splits are exact."""
+    if global_batch % process_count:
+        raise ValueError(
+            f"global_batch={global_batch} is not divisible by process_count={process_count}")
+    local = global_batch // process_count
+    if local % num_local_devices:
+        raise ValueError(
+            f"per-process batch {local} (global_batch={global_batch} / "
+            f"process_count={process_count}) is not divisible by "
+            f"num_local_devices={num_local_devices}")
+    return local
+
+
+def check_stream(global_batch: int, start_step: int, process_index: int, process_count: int,
+                 num_local_devices: int) -> int:
+    """Validate one process's view of the stream; returns its share of each
+    global batch (`local_batch_size`)."""
+    local = local_batch_size(global_batch, process_count, num_local_devices)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    return local
+
+
+def local_batch_indices(num_examples: int, global_batch: int, seed: int,
+                        start_step: int = 0, process_index: int = 0,
+                        process_count: int = 1,
+                        num_local_devices: int = 1) -> Iterator[np.ndarray]:
+    """Infinite, resumable stream of the example indices of this process's
+    share of each global batch; the order every source uses.
+
+    Global step s (epoch e = s // steps_per_epoch) uses the global batch
+    epoch_permutation(N, seed, e)[(s % spe) * global_batch:][:global_batch];
+    process p takes its contiguous p-th 1/process_count slice of it.
+
+    Yields:
+      int64 (global_batch // process_count,), starting at global step `start_step`.
+    Raises (eagerly, at call time):
+      ValueError: bad divisibility, process_index or start_step.
+    """
+    local = check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
+    spe = steps_per_epoch(num_examples, global_batch)
+    # Validation above runs now; the generator below only runs on next().
+    return _index_generator(num_examples, global_batch, seed, start_step, spe,
+                            process_index * local, local)
+
+
+def _index_generator(num_examples, global_batch, seed, step, spe, offset, local):
+    epoch, perm = None, None
+    while True:
+        if step // spe != epoch:
+            epoch = step // spe
+            perm = epoch_permutation(num_examples, seed, epoch)
+        start = (step % spe) * global_batch + offset
+        yield perm[start:start + local]
+        step += 1
+
+
+def array_batches(images: np.ndarray, global_batch: int, seed: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1,
+                  num_local_devices: int = 1) -> Iterator[np.ndarray]:
+    """Infinite, resumable stream of this process's share of each global batch.
+
+    The examples of each step are those of `local_batch_indices` (same
+    arguments), so the order is deterministic for a seed and a run resumed at
+    `start_step` continues exactly where it stopped.
+
+    Args:
+      images: uint8 (N, H, W, C).
+    Yields:
+      uint8 (num_local_devices, global_batch // process_count // num_local_devices,
+      H, W, C), starting at global step `start_step`.
+    Raises (eagerly, at call time):
+      ValueError: bad divisibility, process_index, start_step or image shape.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+    indices = local_batch_indices(len(images), global_batch, seed, start_step,
+                                  process_index, process_count, num_local_devices)
+    return (images[idx].reshape(num_local_devices, -1, *images.shape[1:])
+            for idx in indices)
+
+
+def knn_subset(num_examples: int, cap: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `cap` examples (all when cap <= 0), drawn
+    without replacement by `seed`: int64 (min(cap, N),)."""
+    if cap <= 0 or cap >= num_examples:
+        return np.arange(num_examples)
+    return np.sort(np.random.default_rng(seed).permutation(num_examples)[:cap])

@@ -1,0 +1,295 @@
+"""Linear classification on frozen MoCo features (the standard protocol).
+
+  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
+      --config.pretrained=/tmp/moco --workdir /tmp/moco_linear
+  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
+      --config.pretrained=/tmp/moco --config.mode=features          # quick CPU check
+
+`mode=full` (default) is the reference `main_lincls.py` of
+facebookresearch/moco: the backbone is frozen and runs with BN in inference
+mode (the reference calls `model.eval()` during training, so the running
+statistics stay those of pretraining); a linear layer (weights N(0, 0.01),
+bias 0) on the pooled features is trained with SGD (momentum 0.9, lr 30 per
+256 images, weight decay 0) for 100 epochs, lr x0.1 at epochs 60 and 80;
+training images get RandomResizedCrop(scale 0.08-1) + horizontal flip,
+evaluation images are resized to crop_size / 0.875 and centre-cropped (the
+reference's Resize(256) + CenterCrop(224)). Every step is pmap-ed over all
+devices (axis "batch"); the classifier state is checkpointed in
+`<workdir>/checkpoints` (`moco_jax.io.checkpoint`, with its fallback past a
+corrupt checkpoint) and a relaunch with the same workdir resumes.
+
+`mode=features` extracts the features of every image once (evaluation
+preprocessing, no augmentation) and fits the same classifier with the same
+optimizer on them, on one device: minutes become seconds, at the price of
+the augmentation. It does not checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from moco_jax import data
+from moco_jax.core import augment, optim, sharding
+from moco_jax.core.config import is_due, steps, total_steps
+from moco_jax.data.feed import prefetch_to_device
+from moco_jax.data.source import local_batch_indices
+from moco_jax.eval import knn
+from moco_jax.eval.embed import Encoder, load
+from moco_jax.io import checkpoint
+
+# Fields whose change makes a classifier checkpoint unusable: another encoder
+# (feature width) or another dataset (number of classes).
+CHECKPOINT_FIELDS = ("pretrained", "dataset")
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing.
+# ---------------------------------------------------------------------------
+def eval_view(images_uint8: jax.Array, crop_size: int, crop_fraction: float, mean, std) -> jax.Array:
+    """Resize(int(crop_size / crop_fraction)) + CenterCrop(crop_size) + normalise.
+
+    uint8 (B, H, W, 3) -> float32 (B, crop_size, crop_size, 3). Done as one
+    crop-and-resize of the centred square the reference's crop keeps, i.e.
+    a side of min(H, W) * crop_size / resize_size input pixels.
+    """
+    _, height, width, _ = images_uint8.shape
+    side = min(height, width) * crop_size / int(crop_size / crop_fraction)
+    box = jnp.asarray([(height - side) / 2, (width - side) / 2, side, side], jnp.float32)
+    boxes = jnp.broadcast_to(box, (images_uint8.shape[0], 4))
+    x = augment.crop_and_resize(images_uint8.astype(jnp.float32) / 255.0, boxes, crop_size)
+    return augment.normalize(x, mean, std)
+
+
+def train_recipe(crop_size: int, crop_scale, mean, std) -> augment.Recipe:
+    """RandomResizedCrop(crop_size, crop_scale) + flip + normalise: the
+    reference linear-classification training transform, nothing else."""
+    return augment.Recipe(
+        crop_size=crop_size, crop_scale=tuple(crop_scale), flip=True, brightness=0.0, contrast=0.0,
+        saturation=0.0, hue=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, blur_sigma=(0.1, 2.0),
+        mean=tuple(mean), std=tuple(std), order=("flip",),
+    )
+
+
+# ---------------------------------------------------------------------------
+# The classifier and its steps.
+# ---------------------------------------------------------------------------
+def make_classifier(num_classes: int) -> nn.Dense:
+    """The reference's `fc`: weights N(0, 0.01), bias 0."""
+    return nn.Dense(num_classes, kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
+
+
+def create_state(config, feature_dim: int, num_classes: int, steps_per_epoch: int) -> train_state.TrainState:
+    classifier = make_classifier(num_classes)
+    params = classifier.init(jax.random.key(config.seed), jnp.zeros((1, feature_dim)))["params"]
+    tx, _ = optim.make_optimizer(config, steps_per_epoch)
+    return train_state.TrainState.create(apply_fn=classifier.apply, params=params, tx=tx)
+
+
+def _loss_and_metrics(params, apply_fn, features, labels):
+    logits = apply_fn({"params": params}, features)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, {"loss": loss, "top1": (jnp.argmax(logits, -1) == labels).mean()}
+
+
+def classifier_step(state, features, labels, axis_name: str | None = None):
+    """One SGD step on (B, D) features and (B,) labels; gradients and metrics
+    are averaged over `axis_name` when given (pmap)."""
+    grads, metrics = jax.grad(_loss_and_metrics, has_aux=True)(state.params, state.apply_fn, features, labels)
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    return state.apply_gradients(grads=grads), metrics
+
+
+def make_full_train_step(backbone: nn.Module, recipe: augment.Recipe, seed: int):
+    """pmap-ed (state, backbone variables, uint8 images (n, b, H, W, 3),
+    labels (n, b)) -> (state, metrics). The augmentation key is derived from
+    (seed, step, device), so a resumed run draws the same crops."""
+
+    def step(state, backbone_variables, images, labels):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding.AXIS))
+        x = augment.augment_view(rng, images, recipe)
+        features = jax.lax.stop_gradient(backbone.apply(backbone_variables, x, train=False))
+        return classifier_step(state, features, labels, axis_name=sharding.AXIS)
+
+    return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
+
+
+def make_full_logits_fn(backbone: nn.Module, classifier_apply, crop_size: int, crop_fraction: float, mean, std):
+    """pmap-ed (classifier params, backbone variables, uint8 (n, b, H, W, 3))
+    -> logits (n, b, C), with the evaluation preprocessing."""
+
+    def logits(params, backbone_variables, images):
+        x = eval_view(images, crop_size, crop_fraction, mean, std)
+        return classifier_apply({"params": params}, backbone.apply(backbone_variables, x, train=False))
+
+    return jax.pmap(logits, axis_name=sharding.AXIS)
+
+
+def topk_accuracies(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+    """(N, C) logits, (N,) labels -> {"top1": ..., "top5": ...} in [0, 1]."""
+    order = np.argsort(-logits, axis=1)
+    return {f"top{k}": float(np.mean(np.any(order[:, :k] == labels[:, None], axis=1))) for k in ks}
+
+
+# ---------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------
+def labelled_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, seed: int, start_step: int = 0,
+                     num_local_devices: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless (uint8 (n, b, H, W, 3), int32 (n, b)) batches of this process's
+    share in the order of every source (`local_batch_indices`): shuffled per
+    epoch, resumable at any step, last partial batch dropped."""
+    indices = local_batch_indices(len(images), global_batch, seed, start_step, jax.process_index(),
+                                  jax.process_count(), num_local_devices)
+    return ((images[idx].reshape(num_local_devices, -1, *images.shape[1:]),
+             labels[idx].astype(np.int32).reshape(num_local_devices, -1)) for idx in indices)
+
+
+def padded_batches(images: np.ndarray, batch: int, num_devices: int) -> Iterator[np.ndarray]:
+    """(N, H, W, 3) in order as (num_devices, batch // num_devices, H, W, 3)
+    batches, the last zero-padded (callers drop the padded rows)."""
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+        yield chunk.reshape(num_devices, -1, *chunk.shape[1:])
+
+
+def load_dataset(config) -> data.ArrayDataset:
+    """The labelled train/test images of `config.dataset`, in host memory.
+
+    In-memory sources (digits, cifar10_arrays) as they are. Image folders and
+    tensorflow-datasets names are decoded once, the shorter side resized to
+    `image_size` and centre-cropped to a square (at most `max_train_images`
+    training images, 0 = all). Both modes then work on those squares; for
+    full-mode training this means RandomResizedCrop of the central square
+    rather than of the whole photo. Holding the images in memory suits
+    Imagenette-sized data, not the full ImageNet (a streaming source is not
+    implemented).
+    """
+    return data.open_source(config).labelled_arrays(
+        size=config.image_size, crop_fraction=1.0, max_train_images=config.max_train_images, seed=config.seed)
+
+
+def resolve_config(config, encoder: Encoder) -> ml_collections.ConfigDict:
+    """`config` with its 0 fields filled in from the encoder's config:
+    crop_size (the encoder's input size) and, for the dataset the encoder was
+    pretrained on, image_size (e.g. the digits' upsampled size)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if not config.crop_size:
+        config.crop_size = int(encoder.config.crop_size)
+    if not config.image_size and encoder.config.to_dict().get("dataset") == config.dataset:
+        config.image_size = int(encoder.config.image_size)
+    return config
+
+
+# ---------------------------------------------------------------------------
+# The two modes.
+# ---------------------------------------------------------------------------
+def run_full(config, encoder: Encoder, dataset: data.ArrayDataset, workdir: str | None = None) -> dict[str, Any]:
+    """The reference protocol on all local devices. Returns top1, top5 (test
+    split, in [0, 1]), the logged `history` and the host `state`."""
+    n = jax.local_device_count()
+    spe = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
+    total = total_steps(config, spe)
+    log_every, checkpoint_every = steps(config, "log_every", spe), steps(config, "checkpoint_every", spe)
+    state = create_state(config, encoder.feature_dim, dataset.num_classes, spe)
+    if workdir:
+        newest = checkpoint.restore_newest(workdir, state, config, CHECKPOINT_FIELDS)
+        state = newest[0] if newest else state
+    manager = checkpoint.make_manager(workdir) if workdir else None
+    start = int(state.step)
+    backbone, mean, std = encoder.backbone, encoder.mean, encoder.std
+    recipe = train_recipe(config.crop_size, config.train_crop_scale, mean, std)
+    p_step = make_full_train_step(backbone, recipe, config.seed)
+    p_backbone = sharding.replicate(encoder.backbone_variables)
+    p_state = sharding.replicate(state)
+    batches = prefetch_to_device(labelled_batches(
+        dataset.train_images, dataset.train_labels, config.batch_size, config.seed, start, n))
+    history, pending, t0 = [], [], time.perf_counter()
+    for step in range(start + 1, total + 1):
+        images, labels = next(batches)
+        p_state, metrics = p_step(p_state, p_backbone, images, labels)
+        pending.append(metrics)
+        if is_due(step, log_every, total):
+            summary = {k: float(np.mean([sharding.unreplicate(m)[k] for m in pending])) for k in pending[0]}
+            summary["epoch"] = step / spe
+            summary["steps_per_sec"] = len(pending) / (time.perf_counter() - t0)
+            logging.info("linear step %d: %s", step, summary)
+            history.append({"step": step, **summary})
+            pending, t0 = [], time.perf_counter()
+        if manager is not None and is_due(step, checkpoint_every, total):
+            checkpoint.save(manager, sharding.unreplicate(p_state), config)
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    state = sharding.unreplicate(p_state)
+    p_logits = make_full_logits_fn(backbone, state.apply_fn, config.crop_size, config.eval_crop_fraction, mean, std)
+    p_params = sharding.replicate(state.params)
+    eval_batch = -(-config.eval_batch_size // n) * n
+    logits = [p_logits(p_params, p_backbone, sharding.shard(x))
+              for x in padded_batches(dataset.test_images, eval_batch, n)]
+    logits = np.concatenate([np.asarray(x).reshape(-1, x.shape[-1]) for x in logits])[: len(dataset.test_images)]
+    return {**topk_accuracies(logits, dataset.test_labels), "history": history, "state": state}
+
+
+def extract_eval_features(encoder: Encoder, images: np.ndarray, crop_size: int, crop_fraction: float,
+                          batch_size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, D) backbone features, evaluation preprocessing."""
+    backbone, mean, std = encoder.backbone, encoder.mean, encoder.std
+    fn = jax.jit(lambda v, x: backbone.apply(v, eval_view(x, crop_size, crop_fraction, mean, std), train=False))
+    return knn.extract_features(lambda x: fn(encoder.backbone_variables, x), images, min(batch_size, len(images)))
+
+
+def fit_on_features(config, train_features: np.ndarray, train_labels: np.ndarray, num_classes: int):
+    """The classifier trained with the protocol's optimizer and schedule on
+    fixed (N, D) features, mini-batches in the order of every source."""
+    spe = data.steps_per_epoch(len(train_features), config.batch_size)
+    total = total_steps(config, spe)
+    log_every = steps(config, "log_every", spe)
+    state = create_state(config, train_features.shape[1], num_classes, spe)
+    step_fn = jax.jit(classifier_step, donate_argnums=(0,))
+    features, labels = jnp.asarray(train_features), jnp.asarray(train_labels, jnp.int32)
+    history = []
+    for step, idx in zip(range(1, total + 1), local_batch_indices(len(train_features), config.batch_size, config.seed)):
+        state, metrics = step_fn(state, features[idx], labels[idx])
+        if is_due(step, log_every, total):
+            history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+    return state, history
+
+
+def run_features(config, encoder: Encoder, dataset: data.ArrayDataset) -> dict[str, Any]:
+    """Features once, classifier on them. Same return value as `run_full`."""
+    extract = lambda x: extract_eval_features(  # noqa: E731
+        encoder, x, config.crop_size, config.eval_crop_fraction, config.eval_batch_size)
+    train_features, test_features = extract(dataset.train_images), extract(dataset.test_images)
+    state, history = fit_on_features(config, train_features, dataset.train_labels, dataset.num_classes)
+    logits = np.asarray(state.apply_fn({"params": state.params}, test_features))
+    return {**topk_accuracies(logits, dataset.test_labels), "history": history, "state": state}
+
+
+def evaluate(config, workdir: str | None = None, encoder: Encoder | None = None) -> dict[str, Any]:
+    """Linear evaluation of `config.pretrained` (or of `encoder` if given),
+    in `config.mode` 'full' or 'features'; checkpoints in `workdir` (full)."""
+    if encoder is None:
+        if not config.pretrained:
+            raise ValueError("set --config.pretrained to a pretraining workdir or an exported encoder")
+        encoder = load(config.pretrained)
+    config = resolve_config(config, encoder)
+    dataset = load_dataset(config)
+    if config.mode == "full":
+        return run_full(config, encoder, dataset, workdir)
+    if config.mode == "features":
+        return run_features(config, encoder, dataset)
+    raise ValueError(f"mode must be 'full' or 'features', got {config.mode!r}")

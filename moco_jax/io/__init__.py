@@ -1,0 +1,4 @@
+"""Reading and writing what training produces: checkpoints (`checkpoint`,
+orbax), encoder files in flax, torchvision, detectron2 and official MoCo
+layouts (`formats`), and the name mapping to PyTorch (`torch_format`).
+Imports only `moco_jax.core`; orbax is imported by `checkpoint` alone."""

@@ -1,0 +1,1 @@
+"""The pretraining loop (`trainer`) and where its metrics go (`metrics`)."""
