@@ -15,11 +15,13 @@ from __future__ import annotations
 from absl import app, flags
 
 from moco_jax.io import formats
+from moco_jax.training.metrics import quiet_library_logs
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     f = flags.FLAGS
     try:
         path = formats.export(f.workdir, f.format, f.output, include_head=f.include_head)

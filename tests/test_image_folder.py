@@ -16,7 +16,9 @@ from PIL import Image
 pytest.importorskip("tensorflow", reason="the image-folder source decodes with tf.data")
 
 from configs import default  # noqa: E402
+from moco_jax import data  # noqa: E402
 from moco_jax.core import augment  # noqa: E402
+from moco_jax.eval import knn  # noqa: E402
 from moco_jax.data import image_folder, tf_images  # noqa: E402
 from moco_jax.data.source import local_batch_indices  # noqa: E402
 from tiny import knn_arrays, pretrain_source  # noqa: E402
@@ -267,6 +269,27 @@ def test_image_folder_source_from_the_config(folder):
         knn_arrays(config)
     with pytest.raises(FileNotFoundError, match="train_split=''"):
         pretrain_source(folder_config(folder, train_split="train"))
+
+
+def test_the_train_folder_is_listed_once(tmp_path, monkeypatch):
+    """Opening the source lists the folder; the stream and the kNN bank of the
+    same split reuse that listing (an ImageNet-sized folder takes a while)."""
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                _save(tmp_path / split / cls / f"{i}.png", 4 * c + i, fmt="PNG")
+    listed = []
+    real = image_folder.list_image_files
+    monkeypatch.setattr(image_folder, "list_image_files", lambda root: listed.append(str(root)) or real(root))
+    config = folder_config(tmp_path, train_split="train", eval_split="val")
+    source = data.open_source(config)
+    assert listed == [str(tmp_path / "train")]
+    batches = source.train_batches(global_batch=8, seed=0, crop_size=S)
+    assert next(batches).shape == (1, 8, 2, S, S, 3)
+    bank = knn.monitor_dataset(source, config)
+    assert bank.train_images.shape == bank.test_images.shape == (8, S, S, 3)
+    assert listed == [str(tmp_path / "train"), str(tmp_path / "val")]  # the bank reused the listing
 
 
 def test_center_crop_resizes_shorter_side():

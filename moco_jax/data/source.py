@@ -126,8 +126,9 @@ class Source(abc.ABC):
           size: sources that decode files resize the shorter side to
             round(size / crop_fraction) and keep the central size x size
             square; in-memory arrays come at their own size.
-          max_train_images: at most this many train images (0 = all), the
-            fixed random subset `knn_subset(N, max_train_images, seed)`.
+          max_train_images: at most this many train images (0 = all): the
+            fixed random subset `knn_subset(N, max_train_images, seed)`
+            (tensorflow-datasets: the first ones, in file order).
           train_split: the labelled train split ('' = the source's train_split).
         """
 
