@@ -20,6 +20,7 @@ from absl import app, flags
 
 from moco_jax import data, pretrained
 from moco_jax.eval import knn
+from moco_jax.eval.embed import FEATURES
 from moco_jax.training import metrics
 
 
@@ -52,7 +53,7 @@ def main(argv):
     f = flags.FLAGS
     encoder = pretrained.load(f.pretrained)
     dataset = load_dataset(encoder, f.dataset, f.data_dir, f.image_size)
-    features = ("backbone", "projection") if f.features == "both" else (f.features,)
+    features = FEATURES if f.features == "both" else (f.features,)
     if f.features == "both" and not encoder.has_head:
         features = ("backbone",)
     result = encoder.knn_accuracies(dataset, f.k, f.temperature, f.batch_size, features)

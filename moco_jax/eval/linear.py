@@ -244,12 +244,12 @@ def run_full(config, encoder: Encoder, dataset: data.ArrayDataset, workdir: str 
     return {**topk_accuracies(logits, dataset.test_labels), "history": history, "state": state}
 
 
-def extract_eval_features(encoder: Encoder, images: np.ndarray, crop_size: int, crop_fraction: float,
-                          batch_size: int) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> (N, D) backbone features, evaluation preprocessing."""
+def make_features_fn(encoder: Encoder, crop_size: int, crop_fraction: float):
+    """uint8 (B, H, W, 3) -> (B, D) backbone features with the evaluation
+    preprocessing, jitted once for every batch of the run."""
     backbone, mean, std = encoder.backbone, encoder.mean, encoder.std
     fn = jax.jit(lambda v, x: backbone.apply(v, eval_view(x, crop_size, crop_fraction, mean, std), train=False))
-    return knn.extract_features(lambda x: fn(encoder.backbone_variables, x), images, min(batch_size, len(images)))
+    return lambda x: fn(encoder.backbone_variables, x)
 
 
 def fit_on_features(config, train_features: np.ndarray, train_labels: np.ndarray, num_classes: int):
@@ -271,8 +271,8 @@ def fit_on_features(config, train_features: np.ndarray, train_labels: np.ndarray
 
 def run_features(config, encoder: Encoder, dataset: data.ArrayDataset) -> dict[str, Any]:
     """Features once, classifier on them. Same return value as `run_full`."""
-    extract = lambda x: extract_eval_features(  # noqa: E731
-        encoder, x, config.crop_size, config.eval_crop_fraction, config.eval_batch_size)
+    features_fn = make_features_fn(encoder, config.crop_size, config.eval_crop_fraction)
+    extract = lambda x: knn.extract_features(features_fn, x, min(config.eval_batch_size, len(x)))  # noqa: E731
     train_features, test_features = extract(dataset.train_images), extract(dataset.test_images)
     state, history = fit_on_features(config, train_features, dataset.train_labels, dataset.num_classes)
     logits = np.asarray(state.apply_fn({"params": state.params}, test_features))
