@@ -15,19 +15,30 @@ host:port), the process count and its id:
 """
 
 import os
+import signal
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (tf.data, TensorBoard) start-up chatter
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from moco_jax.launch import distributed  # noqa: E402
+from moco_jax.launch import cli, distributed  # noqa: E402
 from moco_jax.training import metrics, trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")
+_CONFIG = cli.define_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics and checkpoints are written (shared by all processes).")
+_FRESH_START = flags.DEFINE_bool(
+    "fresh_start", False,
+    "Start again from step 0 in a workdir whose checkpoints are all unusable (damaged ones are set aside); "
+    "without it such a relaunch refuses. A usable checkpoint is always resumed from.",
+)
+_TAKE_OVER = flags.DEFINE_bool(
+    "take_over", False,
+    "Take the workdir from a run that still holds its lock (that run stops without saving); a lock left by a "
+    "dead run is taken over without this flag.",
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, f"host:port of process 0, for a multi-process run (or ${distributed.ENV_COORDINATOR_ADDRESS})."
 )
@@ -45,8 +56,7 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_string(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # cli.run refuses extra arguments
     # First, before anything touches a device.
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
     is_main = jax.process_index() == 0
@@ -54,7 +64,10 @@ def main(argv):
     if not is_main:
         logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn
     distributed.check_same_config(_CONFIG.value)
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=is_main)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=is_main,
+                                        fresh_start=_FRESH_START.value, take_over=_TAKE_OVER.value)
+    if result["preempted"]:
+        return _preempted(result["preempted"])
     if is_main:
         random, trained = result["knn_random"], result["knn_trained"]
         print(f"kNN accuracy (k={_CONFIG.value.knn_k}, T={_CONFIG.value.knn_temperature}) on the test split:")
@@ -62,5 +75,17 @@ def main(argv):
             print(f"  {name:<10}  random init {random[name]:6.1%}  ->  MoCo {trained[name]:6.1%}")
 
 
+def _preempted(step: int) -> int:
+    """One line, and the exit status: 0 when the step is saved, so that a
+    scheduler's requeue (or the user) simply relaunches the same command."""
+    if _WORKDIR.value:
+        if jax.process_index() == 0:
+            print(f"stopped by SIGTERM after step {step}: checkpoint {step} is saved in {_WORKDIR.value}; "
+                  "relaunch the same command to resume", flush=True)
+        return 0
+    print(f"stopped by SIGTERM after step {step}; nothing was saved (no --workdir)", file=sys.stderr, flush=True)
+    return 128 + signal.SIGTERM
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

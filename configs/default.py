@@ -3,8 +3,9 @@
 1,797 real 8x8 handwritten digits ship with scikit-learn, so this runs on a
 fresh machine with no download: a ResNet-10 of width 16 with the CIFAR stem,
 on the digits upsampled to 16x16, trained with the MoCo v2 recipe (MLP head,
-T=0.2, cosine schedule) and the CIFAR demo's augmentation. On one device,
-split BN (`bn_splits=8`) emulates the shuffle BN of 8 devices.
+T=0.2, cosine schedule) and the CIFAR demo's augmentation. Shuffle BN runs
+over 8 BN groups on any device count that divides the batch: on one device
+split BN (8 splits) emulates 8 devices (`bn_splits=0`, auto).
 
 Run:
   python train.py                     # == --config configs/default.py
@@ -71,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.sync_bn = False  # True: BN statistics over all devices (SyncBN)
     config.model.bn_momentum = 0.9  # Flax convention; = PyTorch momentum 0.1
     config.embed_dim = 128
-    config.bn_splits = 8  # BN groups per device: emulates shuffle BN over that many devices
+    # BN groups per device (split BN emulates shuffle BN over more devices);
+    # 0 = auto: 8 groups in all (8 splits on 1 device, 4 on 2, 1 from 8 on).
+    config.bn_splits = 0
 
     # MoCo.
     config.queue_size = 256  # K; divisible by batch_size; small vs the 1,438 images, so few

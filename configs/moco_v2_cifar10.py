@@ -11,9 +11,9 @@ asymmetric loss, 200 epochs, augmentation RandomResizedCrop(32, scale
 Deliberate differences from the demo:
 * split BN groups contiguous examples, the demo strided ones (both random,
   since the keys are shuffled first);
-* `bn_splits` counts BN groups per device. The demo's 8 groups of 64 are
-  `bn_splits=8` on one device; on 8 devices pass --config.bn_splits=1
-  (64 images per device, per-device BN with shuffle BN).
+* `bn_splits` counts BN groups per device; 0 (here) keeps the demo's 8
+  groups of 64 in all: 8 splits on one device, 4 on two, ..., plain
+  per-device BN with shuffle BN from 8 devices on (logged at start-up).
 * the running BN variance is the biased batch variance (Flax convention);
 * the stem conv is initialised like every conv here (kaiming normal,
   fan-out), where the demo's replaced conv1 keeps PyTorch's default init;
@@ -49,7 +49,7 @@ def get_config():
     config.model.head = "linear"  # as the demo; --config.model.head=mlp for the v2 MLP
     config.model.dtype = "float32"
     config.embed_dim = 128
-    config.bn_splits = 8
+    config.bn_splits = 0  # auto: 8 BN groups in all (see above)
 
     config.queue_size = 4096
     config.temperature = 0.1

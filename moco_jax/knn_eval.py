@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from moco_jax import data, pretrained
+from moco_jax.core.errors import ConfigError
 from moco_jax.eval import knn
 from moco_jax.eval.embed import FEATURES
+from moco_jax.launch import cli
 from moco_jax.training import metrics
 
 
@@ -28,13 +30,16 @@ def load_dataset(encoder: pretrained.Encoder, name: str = "", data_dir: str = ""
                  image_size: int = 0) -> data.ArrayDataset:
     """The labelled bank/query images: by default those the in-training
     monitor uses (the pretraining config's dataset and kNN fields); `name`
-    (with `data_dir`, `image_size`) replaces the pretraining dataset."""
+    (with `data_dir`, `image_size`) replaces the pretraining dataset, and
+    `data_dir` or `image_size` alone replace those of the pretraining one."""
     config = ml_collections.ConfigDict(encoder.config.to_dict())
     if not name and "dataset" not in config:
-        raise ValueError("the encoder's config names no dataset (imported weights): pass --dataset")
+        raise ConfigError("the encoder's config names no dataset (imported weights): pass --dataset")
     spec = data.SourceConfig.from_config(config) if "dataset" in config else data.SourceConfig(name)
     if name:
         spec = dataclasses.replace(spec, dataset=name, data_dir=data_dir, image_size=image_size)
+    else:
+        spec = dataclasses.replace(spec, data_dir=data_dir or spec.data_dir, image_size=image_size or spec.image_size)
     return knn.monitor_dataset(data.open_source(spec), _monitor_fields(config))
 
 
@@ -46,16 +51,36 @@ def _monitor_fields(config) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(crop_size=config.crop_size, **fields))
 
 
+def check_flags(f) -> None:
+    """The numeric flags, before the encoder is read."""
+    for name, value, ok, allowed in (
+        ("k", f.k, f.k >= 1, "an integer >= 1"),
+        ("temperature", f.temperature, f.temperature > 0, "a number > 0"),
+        ("batch_size", f.batch_size, f.batch_size >= 1, "an integer >= 1"),
+        ("image_size", f.image_size, f.image_size >= 0, "an integer >= 0 (0 = the dataset's default)"),
+    ):
+        if not ok:
+            raise ConfigError(f"--{name}={value} must be {allowed}")
+
+
+def features_to_evaluate(choice: str, encoder: pretrained.Encoder) -> tuple[str, ...]:
+    """--features as the kinds of feature `encoder` has."""
+    if choice == "both":
+        return FEATURES if encoder.has_head else ("backbone",)
+    if choice == "projection" and not encoder.has_head:
+        raise ConfigError("--features=projection: this encoder has no projection head (e.g. a torchvision "
+                          "export); use --features=backbone")
+    return (choice,)
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # cli.run refuses extra arguments
     metrics.quiet_library_logs()
     f = flags.FLAGS
+    check_flags(f)
     encoder = pretrained.load(f.pretrained)
+    features = features_to_evaluate(f.features, encoder)
     dataset = load_dataset(encoder, f.dataset, f.data_dir, f.image_size)
-    features = FEATURES if f.features == "both" else (f.features,)
-    if f.features == "both" and not encoder.has_head:
-        features = ("backbone",)
     result = encoder.knn_accuracies(dataset, f.k, f.temperature, f.batch_size, features)
     print(f"weighted kNN (k={f.k}, T={f.temperature}) of {f.pretrained} on {dataset.name}:")
     for name, accuracy in result.items():
@@ -66,11 +91,11 @@ if __name__ == "__main__":
     flags.DEFINE_string("pretrained", None, "Pretraining workdir or exported encoder (see moco_jax.pretrained).")
     flags.DEFINE_string("dataset", "", f"One of {sorted(data.SOURCES)} or a tensorflow-datasets name; "
                         "'' = the encoder's pretraining dataset.")
-    flags.DEFINE_string("data_dir", "", "Dataset location; '' = its default.")
-    flags.DEFINE_integer("image_size", 0, "With --dataset: load images at this size (digits); 0 = the dataset default.")
+    flags.DEFINE_string("data_dir", "", "Dataset location; '' = its default (or the pretraining one).")
+    flags.DEFINE_integer("image_size", 0, "Load in-memory images at this size (digits); 0 = the dataset default.")
     flags.DEFINE_integer("k", 200, "Neighbours.")
     flags.DEFINE_float("temperature", 0.1, "T in the neighbour weight exp(sim / T).")
     flags.DEFINE_integer("batch_size", 256, "Images per embedding batch.")
     flags.DEFINE_enum("features", "both", ["backbone", "projection", "both"], "Which features to evaluate.")
     flags.mark_flags_as_required(["pretrained"])
-    app.run(main)
+    cli.run(main)

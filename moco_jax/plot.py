@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
+from moco_jax.core.errors import InputError, NotFoundError
+from moco_jax.launch import cli
 from moco_jax.training import metrics
 
 # (file name, title, y label, metric keys)
@@ -28,15 +30,34 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def read_records(workdir: str) -> list[dict]:
+    """The records of `workdir/metrics.jsonl`, or a one-line error naming
+    what is missing or unreadable."""
+    path = os.path.join(workdir, metrics.JSONL_NAME)
+    if not os.path.isdir(workdir):
+        raise NotFoundError(f"--workdir={workdir} does not exist; give the --workdir of a train.py run")
+    if not os.path.isfile(path):
+        raise NotFoundError(f"{workdir} has no {metrics.JSONL_NAME}: expected the --workdir of a train.py run "
+                            "(it writes metrics.jsonl from its first log step on)")
+    try:
+        records = metrics.read_jsonl(workdir)
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise InputError(f"{path} is not a metrics log (expected one JSON object with a 'step' per line, as "
+                         f"train.py writes): {type(e).__name__}: {e}") from None
+    if not records:
+        raise InputError(f"{path} holds no records yet: nothing to plot (train.py logs every log_every_steps)")
+    return records
+
+
 def plot_workdir(workdir: str) -> list[str]:
     """Write the PNGs for `workdir`; returns their paths (panels with no data
     yet, e.g. kNN before the first evaluation, are left out)."""
+    records = read_records(workdir)
     import matplotlib  # noqa: PLC0415 - plotting is optional at import time
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    records = metrics.read_jsonl(workdir)
     panels = [p for p in PANELS if any(_series(records, k)[0] for k in p[3])]
     written = []
     overview, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.5), squeeze=False)
@@ -63,11 +84,11 @@ def plot_workdir(workdir: str) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-    del argv
+    del argv  # cli.run refuses extra arguments
     for path in plot_workdir(flags.FLAGS.workdir):
         print(path)
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).", required=True)
-    app.run(main)
+    cli.run(main)

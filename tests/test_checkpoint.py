@@ -82,7 +82,7 @@ def test_sigkill_and_relaunch_continues_bit_exactly(tmp_path):
         assert logged[record["step"]] == record["loss"], record["step"]
 
 
-def test_resume_on_8_devices_from_a_4_device_checkpoint(tmp_path):
+def test_resume_on_8_devices_from_a_4_device_checkpoint(tmp_path, caplog):
     overrides = dict(num_train_steps=3, log_every_steps=1, checkpoint_every_steps=3)
     # 3 steps of 16 keys into a queue of 32: the pointer is not at the start.
     _finish(_worker(4, tmp_path, overrides))
@@ -101,6 +101,7 @@ def test_resume_on_8_devices_from_a_4_device_checkpoint(tmp_path):
     # Training on 8 devices continues from it: one step replaces exactly the oldest batch.
     config.num_train_steps = 4
     trainer.train_and_evaluate(config, workdir=str(tmp_path), show_progress=False)
+    assert "resuming checkpoint 3 with a changed config: num_train_steps: 3 -> 4" in caplog.text
     after = _latest(tmp_path, config, num_shards=8)
     assert int(after.step) == 4 and int(after.queue_ptr) == 2
     assert rows(after.queue) >= rows(fifo[16:]) and not rows(after.queue) & rows(fifo[:16])
@@ -149,15 +150,162 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config.num_train_steps = 5
     trainer.train_and_evaluate(config, workdir=str(tmp_path), show_progress=False)
     assert int(_latest(tmp_path, config).step) == 5
-    # When no checkpoint is readable any more, relaunching refuses to start over.
+    # When no checkpoint is usable any more, every relaunch refuses to start
+    # over (setting them aside must not turn the next relaunch into step 0)...
     steps = [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
     assert sorted(steps, key=int) == ["2", "4", "5"]
     for step in steps:
         for root, _, files in os.walk(tmp_path / "checkpoints" / step):
             for name in files:
                 open(os.path.join(root, name), "w").close()
-    with pytest.raises(RuntimeError, match="no checkpoint .* is readable"):
-        _latest(tmp_path, config)
+    for _ in range(2):
+        with pytest.raises(checkpoint.NoUsableCheckpointError, match="has held checkpoints but none is usable.*"
+                                                                     "--fresh_start"):
+            trainer.train_and_evaluate(config, workdir=str(tmp_path), show_progress=False)
+    # ...until a fresh start is asked for: then the earlier run's files move
+    # to replaced-<time>/ and training starts at step 0.
+    result = trainer.train_and_evaluate(config, workdir=str(tmp_path), show_progress=False, fresh_start=True)
+    assert [r["step"] for r in result["history"]][0] == 2  # logged every 2 steps from step 0
+    (replaced,) = [d for d in os.listdir(tmp_path) if d.startswith("replaced-")]
+    assert sorted(os.listdir(tmp_path / replaced / "checkpoints")) == ["2.corrupt", "4.corrupt", "4.corrupt1",
+                                                                       "5.corrupt"]
+    assert (tmp_path / replaced / metrics.JSONL_NAME).exists()
+    assert [r["step"] for r in metrics.read_jsonl(str(tmp_path)) if "loss" in r] == [2, 4, 5]
+    assert int(_latest(tmp_path, config).step) == 5
+
+
+# ---------------------------------------------------------------------------
+# Damaged checkpoints: each kind of damage is found, set aside in one warning
+# line, and the previous checkpoint is used.
+# ---------------------------------------------------------------------------
+def _largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_bit(path, at=0.5):
+    with open(path, "r+b") as f:
+        size = os.path.getsize(path)
+        f.seek(int(size * at))
+        byte = f.read(1)
+        f.seek(int(size * at))
+        f.write(bytes([byte[0] ^ 0x08]))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _edit_meta(path):
+    """A plausible edit no JSON parser notices: the saved batch size."""
+    text = open(path).read()
+    assert '"batch_size": 16' in text
+    open(path, "w").write(text.replace('"batch_size": 16', '"batch_size": 32', 1))
+
+
+def _drop_checksums(path):
+    import json  # noqa: PLC0415
+
+    meta = json.load(open(path))
+    del meta["checksums"]
+    json.dump(meta, open(path, "w"))
+
+
+DAMAGE = {
+    "array_data_bit_flip": lambda d: _flip_bit(_largest_file(d / "state")),
+    "array_data_truncated": lambda d: _truncate(_largest_file(d / "state")),
+    "array_metadata_removed": lambda d: os.remove(d / "state" / "_METADATA"),
+    "meta_removed": lambda d: os.remove(d / "meta" / "metadata"),
+    "meta_edited": lambda d: _edit_meta(d / "meta" / "metadata"),
+    "checksums_removed": lambda d: _drop_checksums(d / "meta" / "metadata"),
+    "every_file_truncated": lambda d: [_truncate(os.path.join(r, n)) for r, _, ns in os.walk(d) for n in ns],
+}
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_checkpoints")
+    config = _train(workdir, num_train_steps=4, checkpoint_every_steps=2)
+    return workdir, config, _latest(workdir, config)
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoint_is_set_aside_with_one_warning(two_checkpoints, tmp_path, caplog, damage):
+    import shutil  # noqa: PLC0415
+
+    source, config, _ = two_checkpoints
+    workdir = tmp_path / "workdir"
+    shutil.copytree(source, workdir)
+    DAMAGE[damage](workdir / "checkpoints" / "4")
+    restored = _latest(workdir, config)
+    assert int(restored.step) == 2
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    assert "checkpoint 4" in warnings[0].getMessage() and "set aside as 4.corrupt" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4.corrupt"]
+
+
+def test_checkpoint_without_orbax_bookkeeping_but_verified_arrays_is_used(two_checkpoints, tmp_path, caplog):
+    """orbax's _CHECKPOINT_METADATA (handler names, timestamps) is not needed
+    to read the arrays back; the checksums prove they are intact, so the
+    checkpoint is used, silently, rather than thrown away."""
+    import shutil  # noqa: PLC0415
+
+    source, config, newest = two_checkpoints
+    workdir = tmp_path / "workdir"
+    shutil.copytree(source, workdir)
+    os.remove(workdir / "checkpoints" / "4" / "_CHECKPOINT_METADATA")
+    restored = _latest(workdir, config)
+    _assert_states_equal(restored, newest)
+    assert not [r for r in caplog.records if r.levelname != "INFO"]
+
+
+def test_non_finite_values_in_a_checkpoint_name_the_checkpoint(tmp_path, caplog):
+    """A checkpoint that is intact but holds NaN (written by other code: the
+    trainer refuses to save one) is set aside naming the array."""
+    config = _train(tmp_path, num_train_steps=2)
+    good = _latest(tmp_path, config)
+    poisoned = good.replace(step=np.asarray(3, np.int32),
+                            params=jax.tree.map(lambda p: np.full_like(p, np.nan), good.params))
+    manager = checkpoint.make_manager(str(tmp_path))
+    checkpoint.save(manager, poisoned, config, num_queue_shards=8)
+    checkpoint.finish(manager)
+    assert int(_latest(tmp_path, config).step) == 2
+    assert "checkpoint 3" in caplog.text and "non-finite values (in params/" in caplog.text
+
+
+def test_export_reads_only_verified_checkpoints_and_never_creates_folders(two_checkpoints, tmp_path, caplog):
+    import shutil  # noqa: PLC0415
+
+    from moco_jax.core.errors import NotFoundError  # noqa: PLC0415
+
+    source, _, _ = two_checkpoints
+    with pytest.raises(NotFoundError, match="not a pretraining workdir"):
+        checkpoint.load_encoder_variables(str(tmp_path))
+    assert os.listdir(tmp_path) == []  # no checkpoints/ folder appeared
+    workdir = tmp_path / "copy"
+    shutil.copytree(source, workdir)
+    _flip_bit(_largest_file(workdir / "checkpoints" / "4" / "state"))
+    _, variables = checkpoint.load_encoder_variables(str(workdir))
+    manager = checkpoint.make_manager(str(source))
+    step_2, _ = checkpoint.read_verified(manager, 2)
+    manager.close()
+    _assert_states_equal(variables["params"], step_2["params"])  # the previous, intact checkpoint
+    assert "checkpoint 4" in caplog.text
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # read-only: nothing moved
+
+
+def test_relaunch_with_nothing_left_to_train_keeps_the_final_loss(tmp_path):
+    import json  # noqa: PLC0415
+
+    _train(tmp_path, num_train_steps=2)
+    first = json.load(open(tmp_path / metrics.FINAL_NAME))
+    _train(tmp_path, num_train_steps=2)
+    again = json.load(open(tmp_path / metrics.FINAL_NAME))
+    assert {k: again[k] for k in ("loss", "top1", "top5", "step")} == {k: first[k] for k in ("loss", "top1", "top5",
+                                                                                             "step")}
 
 
 def test_checkpoint_of_another_model_config_is_refused_naming_the_fields(tmp_path):
@@ -202,3 +350,28 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     state = _latest(tmp_path, config)
     assert int(state.step) == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_train_py_on_a_workdir_whose_checkpoints_are_all_damaged_says_so_in_one_line(two_checkpoints, tmp_path):
+    """The console of the relaunch: one warning per checkpoint set aside and
+    the error, with no traceback (orbax's and asyncio's included)."""
+    import shutil  # noqa: PLC0415
+
+    from test_workdir_lock import REPO, TINY_FLAGS  # noqa: PLC0415
+
+    source, _, _ = two_checkpoints
+    workdir = tmp_path / "workdir"
+    shutil.copytree(source, workdir)
+    _flip_bit(_largest_file(workdir / "checkpoints" / "4" / "state"))
+    DAMAGE["every_file_truncated"](workdir / "checkpoints" / "2")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", *TINY_FLAGS], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert "Traceback" not in run.stderr and "Event loop" not in run.stderr, run.stderr[-3000:]
+    assert [line for line in lines if "is damaged" in line and "set aside" in line][-2:] == [
+        line for line in lines if "is damaged" in line]
+    assert len([line for line in lines if "is damaged" in line]) == 2
+    assert lines[-1].startswith(f"error: workdir {workdir} has held checkpoints but none is usable")
+    assert len(lines) < 12, run.stderr

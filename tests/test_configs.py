@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 from moco_jax.core import optim
-from moco_jax.core.config import validate_config
+from moco_jax.core.config import bn_splits_for, validate_config
 
 
 @pytest.mark.parametrize("name, devices", [
@@ -15,6 +15,15 @@ def test_config_validates(name, devices):
     config = importlib.import_module(f"configs.{name}").get_config()
     validate_config(config, devices)
     assert config.queue_size % config.batch_size == 0
+
+
+@pytest.mark.parametrize("devices, splits", [(1, 8), (2, 4), (4, 2), (8, 1), (16, 1), (32, 1)])
+def test_default_config_runs_on_every_device_count_that_divides_its_batch(devices, splits):
+    """8 BN groups in all while the devices are fewer than 8; then one per device."""
+    config = importlib.import_module("configs.default").get_config()
+    assert config.batch_size % devices == 0
+    assert bn_splits_for(config, devices) == splits
+    validate_config(config, devices)
 
 
 def test_paper_recipes():
@@ -27,7 +36,7 @@ def test_paper_recipes():
         assert (c.queue_size, c.momentum, c.model.depth, c.num_epochs, c.weight_decay) == (65536, 0.999, 50, 200, 1e-4)
         assert optim.scaled_learning_rate(c) == pytest.approx(0.03)
     assert (cifar.model.depth, cifar.model.stem, cifar.batch_size, cifar.queue_size) == (18, "cifar", 512, 4096)
-    assert (cifar.momentum, cifar.temperature, cifar.bn_splits, cifar.weight_decay) == (0.99, 0.1, 8, 5e-4)
+    assert (cifar.momentum, cifar.temperature, bn_splits_for(cifar, 1), cifar.weight_decay) == (0.99, 0.1, 8, 5e-4)
     assert optim.scaled_learning_rate(cifar) == pytest.approx(0.06)
     assert cifar.crop_scale == (0.08, 1.0) and not cifar.symmetric_loss
     assert cifar.model.head == "linear"  # the demo's resnet18(num_classes=128)

@@ -91,14 +91,18 @@ def _write_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_two_processes_train_checkpoint_and_resume_like_one_process_with_8_devices(tmp_path):
+def test_two_processes_preempted_by_sigterm_resume_like_one_process_with_8_devices(tmp_path):
+    """Process 1 alone receives SIGTERM at step 2; JAX's preemption service
+    makes both stop at the same step, which they save together; the relaunch
+    resumes from it, and every logged loss and the final state match one
+    uninterrupted process with 8 devices."""
     config_file, workdir, out = _write_config(tmp_path), tmp_path / "workdir", tmp_path / "out"
     out.mkdir()
     port = _free_port()
     commands = [
         [sys.executable, str(TESTS / "multiprocess_worker.py"), f"--config={config_file}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-         f"--workdir={workdir}", f"--out={out}", "--first_steps=3"]
+         f"--workdir={workdir}", f"--out={out}", "--sigterm_at_step=2"]
         for i in range(2)
     ]
     started = time.monotonic()
@@ -113,12 +117,14 @@ def test_two_processes_train_checkpoint_and_resume_like_one_process_with_8_devic
     ref_losses = [h["loss"] for h in reference["history"]]
 
     records = [json.loads((out / f"process_{i}.json").read_text()) for i in range(2)]
+    stopped = records[0]["preempted"]
+    assert 2 <= stopped < 5 and records[1]["preempted"] == stopped, "both processes stop at the agreed step"
     for i, record in enumerate(records):
         assert (record["process_index"], record["process_count"]) == (i, 2)
         assert (record["device_count"], record["local_device_count"]) == (8, 4)
         assert [h["step"] for h in record["history"]] == [1, 2, 3, 4, 5]
-        assert record["resumed_steps"] == [4, 5], "the second call must resume from the step-3 checkpoint"
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "5"]
+        assert record["resumed_steps"] == list(range(stopped + 1, 6)), "the relaunch resumes from the saved step"
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [str(stopped), "5"]
 
     # Not bit-exact: gloo sums the cross-process reductions in another order
     # than the in-process all-reduce (differences of ~1e-7 relative).
@@ -193,3 +199,33 @@ def test_config_differences_name_the_fields():
     other = {"learning_rate": 0.6, "model": {"width": 8}}
     assert distributed.config_differences([base, base, other]) == [
         "process 2: learning_rate=0.6 (process 0: 0.06)", "process 2: model.width=8 (process 0: 16)"]
+
+
+# ------------------------------------------------- the workdir lock, SIGTERM
+def _train_py_commands(config_file, workdir, port, *flags):
+    return [[sys.executable, str(REPO / "train.py"), f"--config={config_file}", f"--workdir={workdir}",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *flags]
+            for i in range(2)]
+
+
+def test_every_process_refuses_a_workdir_held_by_another_run(tmp_path):
+    """Process 0 finds the lock held; all processes stop with its one line."""
+    from moco_jax.io import lock as lock_lib  # noqa: PLC0415
+
+    workdir = tmp_path / "w"
+    holder = lock_lib.WorkdirLock(str(workdir))
+    holder.acquire()
+    try:
+        commands = _train_py_commands(_write_config(tmp_path), workdir, _free_port())
+        codes = _wait(_start(commands, tmp_path / "logs"), tmp_path / "logs", time.monotonic())
+    finally:
+        holder.release()
+    assert codes == [1, 1], _tails(tmp_path / "logs", 2)
+    for i in range(2):
+        text = (tmp_path / "logs" / f"process_{i}.log").read_text()
+        assert "Traceback" not in text, text[-3000:]
+        errors = [line for line in text.splitlines() if line.startswith("error:")]  # gloo may print after it
+        assert len(errors) == 1, text[-3000:]
+        last = errors[0]
+        assert last.startswith(f"error: workdir {workdir} is in use by a run on host ") and f"(pid {os.getpid()}," in last
+    assert not (workdir / "metrics.jsonl").exists()

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moco_jax.core.errors import ConfigError
+
 # ITU-R 601-2 luma, as PIL's convert("L") (torchvision's PIL path). The
 # tensor path of torchvision uses 0.2989 for red; 0.299 makes the weights sum
 # to exactly one, so grey stays grey and contrast/saturation keep the mean.
@@ -540,6 +542,7 @@ def cifar_recipe(crop_size: int = 32) -> Recipe:
 
 
 _RECIPES = {'moco_v1': moco_v1_recipe, 'moco_v2': moco_v2_recipe, 'cifar': cifar_recipe}
+RECIPE_NAMES = tuple(_RECIPES)  # the values of config.augmentation
 
 
 def recipe_by_name(name: str, crop_size: Optional[int] = None, **overrides) -> Recipe:
@@ -548,7 +551,7 @@ def recipe_by_name(name: str, crop_size: Optional[int] = None, **overrides) -> R
     crop_size None keeps the recipe's default (224, 224, 32).
     """
     if name not in _RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {sorted(_RECIPES)}")
+        raise ConfigError(f"augmentation={name!r} must be one of {', '.join(map(repr, RECIPE_NAMES))}")
     recipe = _RECIPES[name]() if crop_size is None else _RECIPES[name](crop_size)
     return dataclasses.replace(recipe, **overrides)
 

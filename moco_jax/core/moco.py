@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from moco_jax.core.errors import ConfigError
 from moco_jax.core.state import MoCoState
 
 Views = Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]]
@@ -64,9 +65,9 @@ def check_shuffle_mode(mode: str, local_batch: int | None = None, num_devices: i
     with the sizes given, a per-device batch that splits evenly over the
     devices (each device sends B_local / n images to every device)."""
     if mode not in SHUFFLE_MODES:
-        raise ValueError(f"shuffle_mode={mode!r} must be one of {SHUFFLE_MODES}")
+        raise ConfigError(f"shuffle_mode={mode!r} must be one of {', '.join(map(repr, SHUFFLE_MODES))}")
     if mode == "all_to_all" and local_batch is not None and local_batch % num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"shuffle_mode='all_to_all' needs the per-device batch ({local_batch}) to be a multiple of the "
             f"{num_devices} devices"
         )

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moco_jax.core.errors import ConfigError
+
 Dtype = Any
 
 # PyTorch initialisers, so that a model trained here starts like the reference.
@@ -167,6 +169,12 @@ ARCHITECTURES: dict[int, tuple[Sequence[int], type]] = {
 }
 
 
+STEMS = ("imagenet", "cifar")
+HEADS = ("linear", "mlp")
+# model.dtype -> the activations' dtype (params and BN statistics stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 class ResNet(nn.Module):
     """ResNet backbone: images (B, H, W, 3) -> pooled features (B, feature_dim).
 
@@ -206,7 +214,7 @@ class ResNet(nn.Module):
         elif self.stem == "cifar":
             x = nn.relu(norm(name="bn1")(_conv(self.width, 3, 1, self.dtype, "conv1")(x)))
         else:
-            raise ValueError(f"model.stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+            raise ConfigError(f"model.stem={self.stem!r} must be one of {', '.join(map(repr, STEMS))}")
         for i, num_blocks in enumerate(stages):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
@@ -232,7 +240,7 @@ class ProjectionHead(nn.Module):
             x = nn.relu(dense(in_dim, bias_init=_torch_dense_bias_init(in_dim), name="fc1")(x))
             x = dense(self.embed_dim, bias_init=_torch_dense_bias_init(in_dim), name="fc2")(x)
         else:
-            raise ValueError(f"model.head must be 'linear' or 'mlp', got {self.kind!r}")
+            raise ConfigError(f"model.head={self.kind!r} must be one of {', '.join(map(repr, HEADS))}")
         return x.astype(jnp.float32)
 
 
@@ -251,7 +259,9 @@ def build_encoder(config, axis_name: str = "batch") -> MoCoEncoder:
     """The encoder of an experiment config (`config.model`, `config.embed_dim`,
     `config.bn_splits`); SyncBN reduces over the pmap axis `axis_name`."""
     model_config = config.model
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype]
+    if model_config.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model_config.dtype!r} must be one of {', '.join(map(repr, DTYPES))}")
+    dtype = DTYPES[model_config.dtype]
     backbone = ResNet(
         depth=model_config.depth,
         width=model_config.width,

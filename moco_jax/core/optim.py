@@ -6,7 +6,8 @@ import jax
 import optax
 from flax import traverse_util
 
-from moco_jax.core.config import epochs_to_steps, total_steps
+from moco_jax.core.config import LR_SCHEDULES, WEIGHT_DECAY_MASKS, epochs_to_steps, total_steps
+from moco_jax.core.errors import ConfigError
 
 
 def scaled_learning_rate(config) -> float:
@@ -33,7 +34,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
         boundaries = {epochs_to_steps(e, steps_per_epoch) - warmup: 0.1 for e in config.lr_drop_epochs}
         main = optax.piecewise_constant_schedule(peak, boundaries)
     else:
-        raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {config.lr_schedule!r}")
+        raise ConfigError(f"lr_schedule={config.lr_schedule!r} must be one of {', '.join(map(repr, LR_SCHEDULES))}")
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
@@ -47,7 +48,7 @@ def weight_decay_mask(params, mode: str):
     if mode == "no_bn_bias":
         flat = traverse_util.flatten_dict(params)
         return traverse_util.unflatten_dict({k: v.ndim > 1 for k, v in flat.items()})
-    raise ValueError(f"weight_decay_mask must be 'all' or 'no_bn_bias', got {mode!r}")
+    raise ConfigError(f"weight_decay_mask={mode!r} must be one of {', '.join(map(repr, WEIGHT_DECAY_MASKS))}")
 
 
 def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -11,6 +11,7 @@ import optax
 from flax.training import train_state
 
 from moco_jax.core import sharding
+from moco_jax.core.errors import ConfigError
 
 
 class MoCoState(train_state.TrainState):
@@ -86,7 +87,7 @@ def to_devices(state: MoCoState, devices=None) -> MoCoState:
     n = len(sharding.pmap_devices() if devices is None else devices)
     queue = np.asarray(state.queue)
     if queue.shape[0] % n:
-        raise ValueError(f"queue_size={queue.shape[0]} is not divisible by the {n} devices")
+        raise ConfigError(f"queue_size={queue.shape[0]} must be a multiple of the {n} devices")
     replicated = sharding.replicate(state.replace(queue=None), devices)
     return replicated.replace(queue=sharding.shard_global(queue.reshape((n, -1) + queue.shape[1:]), devices))
 

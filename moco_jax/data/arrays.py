@@ -14,7 +14,15 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from moco_jax.data.source import ArrayDataset, Source, SourceConfig, array_batches, knn_subset
+from moco_jax.core.config import ARRAY_IMAGE_SIZES
+from moco_jax.core.errors import ConfigError, InputError, NotFoundError
+from moco_jax.data.source import (
+    ArrayDataset,
+    Source,
+    SourceConfig,
+    array_batches,
+    knn_subset,
+)
 
 # Environment variable that overrides where the CIFAR-10 mosaics are read from.
 CIFAR10_DIR_ENV = "MOCO_JAX_CIFAR10_DIR"
@@ -110,17 +118,21 @@ def load_cifar10_arrays(data_dir) -> ArrayDataset:
     data_dir = Path(data_dir)
     missing = [f for f in CIFAR10_FILES if not (data_dir / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"CIFAR-10 mosaics not found in {data_dir}: missing {missing} "
             f"(expected files: {list(CIFAR10_FILES)})")
-    x_train = _untile(_read_rgb(data_dir / CIFAR10_FILES[0]), 200, 250)
-    x_test = _untile(_read_rgb(data_dir / CIFAR10_FILES[1]), 100, 100)
-    with np.load(data_dir / CIFAR10_FILES[2]) as npz:
-        y_train = npz["y_train"].astype(np.int32)
-        y_test = npz["y_test"].astype(np.int32)
+    try:
+        x_train = _untile(_read_rgb(data_dir / CIFAR10_FILES[0]), 200, 250)
+        x_test = _untile(_read_rgb(data_dir / CIFAR10_FILES[1]), 100, 100)
+        with np.load(data_dir / CIFAR10_FILES[2]) as npz:
+            y_train = npz["y_train"].astype(np.int32)
+            y_test = npz["y_test"].astype(np.int32)
+    except (OSError, ValueError, KeyError) as e:  # undecodable, wrong size, or labels missing
+        raise InputError(f"{data_dir} does not hold readable CIFAR-10 mosaics (expected {list(CIFAR10_FILES)} "
+                         f"as in ../shared/data/README.md): {type(e).__name__}: {e}") from e
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise ValueError(
-            f"CIFAR-10 images/labels disagree: train {len(x_train)}/{len(y_train)}, "
+        raise InputError(
+            f"CIFAR-10 images/labels in {data_dir} disagree: train {len(x_train)}/{len(y_train)}, "
             f"test {len(x_test)}/{len(y_test)}")
     return ArrayDataset(x_train, y_train, x_test, y_test,
                         num_classes=10, name="cifar10_arrays")
@@ -137,11 +149,11 @@ def default_cifar10_dir() -> Optional[Path]:
 
 
 def _load_cifar10_by_name(data_dir=None, image_size=None) -> ArrayDataset:
-    if image_size not in (None, 32):
-        raise ValueError(f"cifar10_arrays is 32x32; image_size={image_size} unsupported")
+    if image_size not in (None, CIFAR10_SIZE):
+        raise ConfigError(f"image_size={image_size} must be 0 or 32: cifar10_arrays is 32x32")
     data_dir = data_dir if data_dir is not None else default_cifar10_dir()
     if data_dir is None:
-        raise FileNotFoundError(
+        raise NotFoundError(
             "No data_dir given for cifar10_arrays and ../shared/data/cifar10 next "
             f"to the repo does not exist (set ${CIFAR10_DIR_ENV} or pass data_dir); "
             f"expected files: {list(CIFAR10_FILES)}")
@@ -150,8 +162,11 @@ def _load_cifar10_by_name(data_dir=None, image_size=None) -> ArrayDataset:
 
 def _load_digits_by_name(data_dir=None, image_size=None) -> ArrayDataset:
     del data_dir  # bundled with scikit-learn
-    return load_digits(image_size=16 if image_size is None else image_size)
+    return load_digits(image_size=DIGITS_SIZE if image_size is None else image_size)
 
+
+DIGITS_SIZE = ARRAY_IMAGE_SIZES["digits"][0]  # image_size=0: digits upsampled from 8x8 to 16x16
+CIFAR10_SIZE = ARRAY_IMAGE_SIZES["cifar10_arrays"][1]
 
 # name -> loader(data_dir, image_size) of the in-memory datasets.
 ARRAY_DATASETS: dict[str, Callable[..., ArrayDataset]] = {
@@ -173,7 +188,7 @@ def load_array_dataset(name: str, data_dir=None, image_size=None) -> ArrayDatase
       ValueError: unknown name (the message lists the known ones).
     """
     if name not in ARRAY_DATASETS:
-        raise ValueError(f"Unknown array dataset {name!r}; known: {sorted(ARRAY_DATASETS)}")
+        raise ConfigError(f"unknown array dataset {name!r}; known: {sorted(ARRAY_DATASETS)}")
     return ARRAY_DATASETS[name](data_dir=data_dir, image_size=image_size)
 
 

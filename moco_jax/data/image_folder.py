@@ -23,13 +23,14 @@ from typing import Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from moco_jax.core.errors import ConfigError, InputError, NotFoundError
 from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, knn_subset, local_batch_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 NO_LABEL = -1
 
 
-class UndecodableImageError(ValueError):
+class UndecodableImageError(InputError):
     """An image file that TensorFlow cannot decode; the message names it."""
 
 
@@ -64,7 +65,7 @@ def list_image_files(root) -> ImageFiles:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise NotFoundError(f"image folder {root} does not exist")
     paths = _images_in(root)
     labels, classes = [NO_LABEL] * len(paths), []
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -75,7 +76,7 @@ def list_image_files(root) -> ImageFiles:
             paths += files
             classes.append(sub.name)
     if not paths:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root} or its sub-folders")
     return ImageFiles(np.asarray(paths), np.asarray(labels, np.int32), tuple(classes), root)
 
@@ -88,7 +89,7 @@ def split_folder(data_dir, split: str) -> Path:
 def _split_files(data_dir, split: str, field: str) -> ImageFiles:
     folder = split_folder(data_dir, split)
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"image folder {folder} does not exist (data_dir={data_dir}, {field}={split!r}; "
             f"--config.{field}='' reads data_dir itself)")
     return list_image_files(folder)
@@ -103,8 +104,8 @@ class ImageFolderSource(Source):
 
     def __init__(self, spec: SourceConfig):
         if not spec.data_dir:
-            raise ValueError("dataset='image_folder' needs --config.data_dir=ROOT "
-                             "(images in ROOT/<train_split>/<class>/)")
+            raise ConfigError("dataset='image_folder' needs a data_dir: --config.data_dir=ROOT (knn_eval: "
+                              "--data_dir=ROOT), with the images in ROOT/<train_split>/<class>/")
         self.spec = spec
         self.files = _split_files(spec.data_dir, spec.train_split, "train_split")
         self.name = f"image_folder:{self.files.root}"
@@ -132,12 +133,12 @@ class ImageFolderSource(Source):
         train = (self.files if train_split in ("", spec.train_split)
                  else _split_files(spec.data_dir, train_split, "knn_train_split"))
         if not spec.eval_split:
-            raise ValueError("the kNN monitor and the linear probe need labelled eval images: set "
+            raise ConfigError("the kNN monitor and the linear probe need labelled eval images: set "
                              "--config.eval_split to a sub-folder of data_dir (e.g. 'val')")
         test = _split_files(spec.data_dir, spec.eval_split, "eval_split")
         unknown = sorted(set(test.class_names) - set(train.class_names))
         if not train.class_names or unknown or (test.labels == NO_LABEL).any():
-            raise ValueError(
+            raise InputError(
                 f"labelled images need class folders in both {train.root} and {test.root}, with the same "
                 f"names (eval classes missing from train: {unknown[:5]})")
         to_train_label = np.asarray([train.class_names.index(c) for c in test.class_names], np.int32)

@@ -27,6 +27,8 @@ from typing import Iterator
 
 import numpy as np
 
+from moco_jax.core.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
@@ -138,15 +140,15 @@ class Source(abc.ABC):
         sources can pick examples freely; the others refuse."""
         if not size:
             return self
-        raise ValueError(
-            f"train_subset works for the in-memory datasets; for {self.name!r} select a subset with the split, "
+        raise ConfigError(
+            f"train_subset={size} works for the in-memory datasets; for {self.name!r} select a subset with the split, "
             "e.g. --config.train_split='train[:10000]' (tensorflow-datasets slicing)")
 
 
 def check_decode_size(name: str, size: int) -> None:
     """Sources that decode files need the side to decode labelled images to."""
     if size <= 0:
-        raise ValueError(f"{name}: labelled images need a positive size to decode to, got {size} "
+        raise ConfigError(f"{name}: labelled images need a positive size to decode to, got {size} "
                          "(linear evaluation: set --config.image_size)")
 
 
@@ -170,9 +172,9 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     """
     steps = num_examples // global_batch
     if steps == 0:
-        raise ValueError(
-            f"global_batch={global_batch} exceeds the {num_examples} examples: "
-            "no full batch per epoch")
+        raise ConfigError(
+            f"batch_size={global_batch} exceeds the {num_examples} examples: "
+            "no full batch per epoch; lower batch_size")
     return steps
 
 
@@ -180,11 +182,11 @@ def local_batch_size(global_batch: int, process_count: int,
                       num_local_devices: int) -> int:
     """Per-process batch size, validating that the splits are exact."""
     if global_batch % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch={global_batch} is not divisible by process_count={process_count}")
     local = global_batch // process_count
     if local % num_local_devices:
-        raise ValueError(
+        raise ConfigError(
             f"per-process batch {local} (global_batch={global_batch} / "
             f"process_count={process_count}) is not divisible by "
             f"num_local_devices={num_local_devices}")

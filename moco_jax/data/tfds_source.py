@@ -24,13 +24,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from moco_jax.core.errors import ConfigError, InputError, NotFoundError
 from moco_jax.data import tf_images
 from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, check_stream, steps_per_epoch
 
 tf = tf_images.tf
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(NotFoundError):
     """A tensorflow-datasets dataset with no prepared data in data_dir."""
 
 
@@ -70,8 +71,8 @@ def prepared_builder(name: str, data_dir=None, download: bool = False):
     except tfds.core.registered.DatasetNotFoundError:
         from moco_jax.data import SOURCES  # noqa: PLC0415 - the registry imports this module
 
-        raise ValueError(
-            f"unknown dataset {name!r}: not one of {sorted(SOURCES)} and not a "
+        raise ConfigError(
+            f"dataset={name!r} is not one of {sorted(SOURCES)} and not a "
             "tensorflow-datasets name (see tfds.list_builders())") from None
     if download:
         try:
@@ -87,6 +88,9 @@ def _as_dataset(builder, name, data_dir, **kwargs):
         return builder.as_dataset(**kwargs)
     except AssertionError:  # TFDS: "could not find data in ..."
         raise _not_prepared(builder, name, data_dir) from None
+    except ValueError as e:  # TFDS: "Unknown split ..."
+        raise ConfigError(f"{name}: split {kwargs.get('split')!r} cannot be read ({' '.join(str(e).split())}); "
+                          f"its splits: {sorted(builder.info.splits)}") from None
 
 
 def num_examples(builder, name, data_dir, split: str) -> int:
@@ -99,7 +103,7 @@ def num_examples(builder, name, data_dir, split: str) -> int:
         pass
     n = int(_as_dataset(builder, name, data_dir, split=split).cardinality())
     if n < 0:
-        raise ValueError(f"{name}[{split}] has an unknown number of examples")
+        raise InputError(f"{name}[{split}] has an unknown number of examples")
     return n
 
 
@@ -116,6 +120,9 @@ class TfdsSource(Source):
         self._data_dir = spec.data_dir or None
         tf_images.configure(spec.num_threads)
         self.builder = prepared_builder(self.name, self._data_dir, spec.tfds_download)
+        if spec.image_key not in self.builder.info.features:
+            raise ConfigError(f"image_key={spec.image_key!r}: {self.name} has no such feature "
+                              f"(its features: {list(self.builder.info.features)})")
         self._num_train = num_examples(self.builder, self.name, self._data_dir, spec.train_split)
         logging.info("tfds %s[%s] in %s: %d examples", self.name, spec.train_split, self.builder.data_dir,
                      self._num_train)
@@ -144,7 +151,7 @@ class TfdsSource(Source):
         spec = self.spec
         label_key = spec.label_key
         if label_key not in self.builder.info.features:
-            raise ValueError(f"{self.name} has no {label_key!r} feature for labelled images "
+            raise ConfigError(f"label_key={label_key!r}: {self.name} has no such feature for labelled images "
                              f"(features: {list(self.builder.info.features)})")
         kwargs = dict(size=size, crop_fraction=crop_fraction, image_key=spec.image_key, label_key=label_key,
                       num_threads=spec.num_threads)
@@ -232,5 +239,5 @@ def _center_crop_arrays(builder, name, data_dir, split, *, size, crop_fraction, 
         images.append(x)
         labels.append(y)
     if not images:
-        raise ValueError(f"{name}[{split}] is empty")
+        raise InputError(f"{name}[{split}] is empty")
     return np.concatenate(images), np.concatenate(labels)

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from moco_jax.core import augment, models
+from moco_jax.core.errors import ConfigError
 from moco_jax.core.moco import l2_normalize
 from moco_jax.data import ArrayDataset
 from moco_jax.eval import knn
@@ -113,7 +114,7 @@ class Encoder:
     @functools.cached_property
     def _project(self) -> Callable:
         if not self.has_head:
-            raise ValueError("this encoder has no projection head (e.g. it was loaded from a torchvision file)")
+            raise ConfigError("this encoder has no projection head (e.g. it was loaded from a torchvision file)")
         return make_embed_fn(self.config)
 
     def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -133,13 +134,13 @@ class Encoder:
         with exactly the code of the in-training monitor."""
         unknown = set(features) - set(FEATURES)
         if unknown:
-            raise ValueError(f"features must be among {FEATURES}, got {sorted(unknown)}")
+            raise ConfigError(f"features must be among {FEATURES}, got {sorted(unknown)}")
         if self.has_head:
             result = knn_accuracies(self._project, self.variables, dataset, k=k, temperature=temperature,
                                     batch_size=batch_size)
             return {name: result[name] for name in features}
         if "projection" in features:
-            raise ValueError("this encoder has no projection head; use features=('backbone',)")
+            raise ConfigError("this encoder has no projection head; use features=('backbone',)")
         embed = lambda v, x: (self._embed(v, x),)  # noqa: E731
         return knn_accuracies(embed, self.backbone_variables, dataset, k=k, temperature=temperature,
                               batch_size=batch_size, features=("backbone",))

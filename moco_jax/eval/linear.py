@@ -40,12 +40,14 @@ from flax.training import train_state
 
 from moco_jax import data
 from moco_jax.core import augment, optim, sharding
-from moco_jax.core.config import is_due, steps, total_steps
+from moco_jax.core.config import LINEAR_MODES, is_due, steps, total_steps, validate_linear_config
+from moco_jax.core.errors import ConfigError
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.data.source import local_batch_indices
 from moco_jax.eval import knn
 from moco_jax.eval.embed import Encoder, load
 from moco_jax.io import checkpoint
+from moco_jax.io import lock as workdir_lock
 
 # Fields whose change makes a classifier checkpoint unusable: another encoder
 # (feature width) or another dataset (number of classes).
@@ -197,16 +199,30 @@ def resolve_config(config, encoder: Encoder) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------
 # The two modes.
 # ---------------------------------------------------------------------------
-def run_full(config, encoder: Encoder, dataset: data.ArrayDataset, workdir: str | None = None) -> dict[str, Any]:
+def run_full(config, encoder: Encoder, dataset: data.ArrayDataset, workdir: str | None = None,
+             fresh_start: bool = False) -> dict[str, Any]:
     """The reference protocol on all local devices. Returns top1, top5 (test
-    split, in [0, 1]), the logged `history` and the host `state`."""
+    split, in [0, 1]), the logged `history` and the host `state`. With a
+    `workdir`, the probe holds its lock and resumes from its checkpoints
+    (`fresh_start`: start over if none of them is usable)."""
+    if not workdir:
+        return _run_full(config, encoder, dataset, None, False)
+    lock = workdir_lock.acquire_for_run(workdir)
+    try:
+        return _run_full(config, encoder, dataset, workdir, fresh_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_full(config, encoder, dataset, workdir, fresh_start) -> dict[str, Any]:
     n = jax.local_device_count()
     spe = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
     total = total_steps(config, spe)
     log_every, checkpoint_every = steps(config, "log_every", spe), steps(config, "checkpoint_every", spe)
     state = create_state(config, encoder.feature_dim, dataset.num_classes, spe)
     if workdir:
-        newest = checkpoint.restore_newest(workdir, state, config, CHECKPOINT_FIELDS)
+        newest = checkpoint.restore_newest(workdir, state, config, CHECKPOINT_FIELDS, fresh_start)
         state = newest[0] if newest else state
     manager = checkpoint.make_manager(workdir) if workdir else None
     start = int(state.step)
@@ -232,8 +248,7 @@ def run_full(config, encoder: Encoder, dataset: data.ArrayDataset, workdir: str 
         if manager is not None and is_due(step, checkpoint_every, total):
             checkpoint.save(manager, sharding.unreplicate(p_state), config)
     if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        checkpoint.finish(manager)
     state = sharding.unreplicate(p_state)
     p_logits = make_full_logits_fn(backbone, state.apply_fn, config.crop_size, config.eval_crop_fraction, mean, std)
     p_params = sharding.replicate(state.params)
@@ -279,17 +294,20 @@ def run_features(config, encoder: Encoder, dataset: data.ArrayDataset) -> dict[s
     return {**topk_accuracies(logits, dataset.test_labels), "history": history, "state": state}
 
 
-def evaluate(config, workdir: str | None = None, encoder: Encoder | None = None) -> dict[str, Any]:
+def evaluate(config, workdir: str | None = None, encoder: Encoder | None = None,
+             fresh_start: bool = False) -> dict[str, Any]:
     """Linear evaluation of `config.pretrained` (or of `encoder` if given),
     in `config.mode` 'full' or 'features'; checkpoints in `workdir` (full)."""
+    validate_linear_config(config, jax.device_count())
     if encoder is None:
         if not config.pretrained:
-            raise ValueError("set --config.pretrained to a pretraining workdir or an exported encoder")
+            raise ConfigError("pretrained is not set: pass --config.pretrained=<a pretraining workdir or an "
+                              "exported encoder> (see moco_jax.pretrained.load)")
         encoder = load(config.pretrained)
     config = resolve_config(config, encoder)
     dataset = load_dataset(config)
     if config.mode == "full":
-        return run_full(config, encoder, dataset, workdir)
+        return run_full(config, encoder, dataset, workdir, fresh_start)
     if config.mode == "features":
         return run_features(config, encoder, dataset)
-    raise ValueError(f"mode must be 'full' or 'features', got {config.mode!r}")
+    raise ConfigError(f"mode={config.mode!r} must be one of {', '.join(map(repr, LINEAR_MODES))}")

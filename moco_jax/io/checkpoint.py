@@ -14,15 +14,37 @@ A checkpoint in `<workdir>/checkpoints/<step>/` holds two items:
 The data position is the step: the input pipelines derive every batch from
 (seed, global step), so restoring the step restores the data order too.
 
-Orbax writes each checkpoint into a temporary directory and renames it when
-complete, so a process killed mid-save leaves no checkpoint that looks
-finished. A checkpoint that is finished but unreadable (a corrupt file) is
-moved aside with a warning, and the previous one is used.
+Integrity. Orbax writes each checkpoint into a temporary directory and
+renames it when complete, so a process killed mid-save leaves no checkpoint
+that looks finished. Damage after that (a truncated or bit-flipped file, a
+deleted metadata file, a bad disk) is caught because `meta` also holds
+checksums: BLAKE2b of every saved array (its dtype, shape and bytes, as the
+host had it before the save) and of the rest of `meta`. Restore recomputes
+them from what it read, so what is verified is the values the run continues
+with, whatever orbax and tensorstore do in between. A checkpoint that fails
+(or holds non-finite values) is set aside as `<step>.corrupt` with one
+warning line, and the previous one is tried.
+
+Never silently starting over. Once a checkpoint of a workdir has been
+written, `checkpoint_history.json` records it. A relaunch that then finds no
+usable checkpoint refuses, every time, until it is given `fresh_start`
+(`train.py --fresh_start`); that moves what the earlier run left (the
+set-aside checkpoints, the history, the metrics) to `replaced-<time>/` in the
+workdir and starts at step 0. Nothing is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import glob
+import hashlib
+import json
+import logging as logging_lib
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
@@ -30,9 +52,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import serialization
+from flax import serialization, traverse_util
 
 from moco_jax.core.config import flatten_dotted
+from moco_jax.core.errors import ConfigError, NotFoundError, PathError, WorkdirError
 from moco_jax.core.state import MoCoState
 
 # Config fields that fix the shapes of the saved arrays: a checkpoint written
@@ -41,7 +64,13 @@ from moco_jax.core.state import MoCoState
 MODEL_FIELDS = ("model.depth", "model.width", "model.stem", "model.head", "embed_dim", "queue_size")
 
 
-class CheckpointMismatchError(ValueError):
+HISTORY_NAME = "checkpoint_history.json"  # in the workdir: checkpoints have been written here
+SET_ASIDE = ".corrupt"  # suffix of a damaged checkpoint's directory
+REPLACED_PREFIX = "replaced-"  # a fresh start moves the earlier run's files to <workdir>/replaced-<time>/
+FORMAT = 2  # meta["format"]: 2 = with checksums
+
+
+class CheckpointMismatchError(ConfigError):
     """The checkpoint in the workdir was written with a config whose saved
     shapes differ from this one's."""
 
@@ -59,7 +88,7 @@ def check_writable(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise OSError(f"workdir {workdir!r} is not writable ({e}); pass a --workdir this process can write to") from e
+        raise PathError(f"workdir {workdir!r} is not writable ({e}); pass a --workdir this process can write to") from e
 
 
 def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -113,16 +142,179 @@ def reshard_queue(
 # ---------------------------------------------------------------------------
 def save(manager: ocp.CheckpointManager, host_state: Any, config, **meta) -> None:
     """Start an asynchronous save of a host state (a flax struct, e.g. from
-    `state.from_devices`), with the config, its step and `meta` as JSON."""
+    `state.from_devices`), with the config, its step, `meta` and the
+    checksums of both as JSON. Waits for the previous save first."""
+    manager.wait_until_finished()
+    note_written(manager)
     step = int(host_state.step)
     state_dict = jax.tree.map(np.asarray, serialization.to_state_dict(host_state))
+    meta = _json_roundtrip({"config": config.to_dict(), "step": step, "format": FORMAT, **meta})
+    meta["checksums"] = {"meta": _meta_digest(meta), "state": array_digests(state_dict)}
     manager.save(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_dict),
-            meta=ocp.args.JsonSave({"config": config.to_dict(), "step": step, **meta}),
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)),
     )
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight (a good save is completed, even when the
+    run stops on an error), record it, and close the manager."""
+    try:
+        manager.wait_until_finished()
+        note_written(manager)
+    finally:
+        manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Checksums.
+# ---------------------------------------------------------------------------
+def _json_roundtrip(tree: dict) -> dict:
+    """`tree` as it reads back from JSON (tuples become lists), so that its
+    digest is the same before the save and after the restore."""
+    return json.loads(json.dumps(tree))
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksums"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _flat_arrays(tree: Any) -> dict[str, np.ndarray]:
+    flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {"": tree}
+    return {path: np.asarray(leaf) for path, leaf in flat.items()}
+
+
+def array_digests(tree: Any) -> dict[str, str]:
+    """{"params/encoder/...": BLAKE2b of (dtype, shape, bytes)} for every
+    array of a (nested dict) state."""
+    digests = {}
+    for path, array in sorted(_flat_arrays(tree).items()):
+        h = hashlib.blake2b(f"{array.dtype.str}{array.shape}".encode(), digest_size=16)
+        h.update(np.ascontiguousarray(array).data)
+        digests[path] = h.hexdigest()
+    return digests
+
+
+class DamagedCheckpointError(Exception):
+    """A finished checkpoint whose files do not give back what was saved."""
+
+
+def verify_meta(meta: Any) -> dict:
+    """`meta` if its checksum matches, else DamagedCheckpointError."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("checksums"), dict):
+        raise DamagedCheckpointError("it has no checksums (written by an older moco_jax, or its metadata was altered)")
+    if meta["checksums"].get("meta") != _meta_digest(meta):
+        raise DamagedCheckpointError("its metadata does not match its checksum")
+    return meta
+
+
+def verify_arrays(restored: Any, meta: dict) -> None:
+    """DamagedCheckpointError unless every array read back has the checksum
+    it was saved with, and all are finite."""
+    expected, found = meta["checksums"]["state"], array_digests(restored)
+    bad = sorted(p for p in expected.keys() | found.keys() if expected.get(p) != found.get(p))
+    if bad:
+        raise DamagedCheckpointError(f"{len(bad)} of {len(expected)} arrays differ from their checksums "
+                                     f"(first: {bad[0]})")
+    for path, array in _flat_arrays(restored).items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise DamagedCheckpointError(f"it holds non-finite values (in {path})")
+
+
+def _reason(error: Exception) -> str:
+    """An exception as a short one-line reason (orbax's can run to pages)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+class _OrbaxSilenced(logging_lib.Filter):
+    """Drops every record orbax logs: while a checkpoint is being verified,
+    its errors about the damaged files (with their contents) would bury the
+    one warning that says what happened."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _drop_closed_loop_noise(previous):
+    """A sys.unraisablehook that drops the "Event loop is closed" errors
+    orbax's background reads leave behind after a failed restore (they are
+    reported when their futures are collected, after the failure itself has
+    been handled) and passes everything else on."""
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_noise = True
+    return hook
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    # On the logger, not a handler: every handler (a console, a log file,
+    # pytest's capture) then misses them alike.
+    handler, quiet = logging_lib.getLogger("absl"), _OrbaxSilenced()
+    handler.addFilter(quiet)
+    asyncio_logger = logging_lib.getLogger("asyncio")
+    level = asyncio_logger.level
+    asyncio_logger.setLevel(logging_lib.CRITICAL)  # "Event loop is closed" after a failed async read
+    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        gc.collect()  # let a failed read's leftovers be reported now, while the hook above is in place
+        handler.removeFilter(quiet)
+        asyncio_logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------
+# What a workdir has held.
+# ---------------------------------------------------------------------------
+def note_written(manager: ocp.CheckpointManager) -> None:
+    """Record in the workdir that it holds finished checkpoints (process 0)."""
+    steps = manager.all_steps()
+    if not steps or jax.process_index() != 0:
+        return
+    path = os.path.join(os.path.dirname(str(manager.directory)), HISTORY_NAME)
+    record = {"checkpoints": sorted(int(s) for s in steps), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                   time.gmtime())}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def set_aside_checkpoints(workdir: str) -> list[str]:
+    """The damaged checkpoints moved aside in `workdir` (directory names)."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(d for d in os.listdir(directory) if SET_ASIDE in d)
+
+
+def has_held_checkpoints(workdir: str) -> bool:
+    """Whether checkpoints were ever written to `workdir` by this library."""
+    return os.path.exists(os.path.join(workdir, HISTORY_NAME)) or bool(set_aside_checkpoints(workdir))
+
+
+def start_fresh(workdir: str, also_move: tuple[str, ...] = ()) -> str:
+    """Move what an earlier run left in `workdir` (set-aside checkpoints, the
+    checkpoint history and the files matching `also_move`, e.g. metrics) to
+    `<workdir>/replaced-<UTC time>/`; returns that directory (process 0 moves)."""
+    target = os.path.join(workdir, REPLACED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(target, "checkpoints"), exist_ok=True)
+        for name in set_aside_checkpoints(workdir):
+            shutil.move(os.path.join(checkpoint_dir(workdir), name), os.path.join(target, "checkpoints", name))
+        for pattern in (HISTORY_NAME, *also_move):
+            for path in glob.glob(os.path.join(glob.escape(workdir), pattern)):
+                shutil.move(path, os.path.join(target, os.path.basename(path)))
+    return target
 
 
 def check_compatible(saved: dict, config, fields: tuple[str, ...] = MODEL_FIELDS) -> None:
@@ -140,59 +332,142 @@ def check_compatible(saved: dict, config, fields: tuple[str, ...] = MODEL_FIELDS
         )
 
 
-def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
     path = os.path.join(str(manager.directory), str(step))
+    target, n = f"{path}{SET_ASIDE}", 1
+    while os.path.exists(target):  # the same step may go bad twice
+        target, n = f"{path}{SET_ASIDE}{n}", n + 1
     if jax.process_index() == 0 and os.path.isdir(path):
-        target, n = f"{path}.corrupt", 1
-        while os.path.exists(target):  # the same step may go bad twice
-            target, n = f"{path}.corrupt{n}", n + 1
         os.replace(path, target)
+    return os.path.basename(target)
 
 
-def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...]) -> tuple[Any, dict] | None:
-    """The newest readable checkpoint in `workdir` as (host state, meta), or None.
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (all processes call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    The checkpoint's config must agree with `config` on `fields` (those that
-    fix the saved shapes), else CheckpointMismatchError. Unreadable
-    checkpoints are moved aside to `<step>.corrupt` with a warning and the
-    next older one is tried; if none is readable, RuntimeError.
-    """
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+class NoUsableCheckpointError(WorkdirError):
+    """The workdir has held checkpoints, and none of them is usable now."""
+
+
+def read_verified(manager: ocp.CheckpointManager, step: int, config=None,
+                  fields: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Checkpoint `step` as (state dict, meta), verified against its
+    checksums (DamagedCheckpointError if it fails). With `config`, it must
+    agree on `fields` (CheckpointMismatchError).
+
+    The arrays are read as saved, without a target to cast them to (a fresh
+    state's Python-int step would make the step int64), so that the checksums
+    compare exactly what was written."""
+    try:
+        with _orbax_quiet():
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - whatever orbax raises, the checkpoint is unusable
+        raise DamagedCheckpointError(f"its metadata cannot be read: {_reason(e)}") from None
+    verify_meta(meta)
+    if config is not None:
+        check_compatible(meta["config"], config, fields)
+    try:
+        with _orbax_quiet():
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    except Exception as e:  # noqa: BLE001
+        raise DamagedCheckpointError(f"its arrays cannot be read: {_reason(e)}") from None
+    restored = jax.tree.map(np.asarray, restored)
+    verify_arrays(restored, meta)
+    return restored, meta
+
+
+def _newest_usable(workdir: str, template: Any, config, fields: tuple[str, ...]) -> tuple[Any, dict] | None:
+    """The newest checkpoint that passes `read_verified`, setting aside those that fail."""
     manager = make_manager(workdir)
     try:
         steps = sorted(manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
-                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one", step, workdir, e)
-                _move_aside(manager, step)
-                continue
-            check_compatible(meta["config"], config, fields)
-            try:
-                restored = _restore_state(manager, step, template)
-            except Exception as e:  # noqa: BLE001
-                logging.warning("checkpoint %d in %s is corrupt (%s); trying the previous one", step, workdir, e)
-                _move_aside(manager, step)
+                restored, meta = read_verified(manager, step, config, fields)
+                state = serialization.from_state_dict(template, restored)
+                damage = None
+            except DamagedCheckpointError as e:
+                damage = str(e)
+            except (KeyError, ValueError) as e:  # arrays fine, structure not this state's
+                if isinstance(e, CheckpointMismatchError):
+                    raise
+                damage = f"its contents do not fit this state: {_reason(e)}"
+            if any_process(damage is not None):
+                name = _move_aside(manager, step)
+                logging.warning("checkpoint %d in %s is damaged (%s); set aside as %s, trying the previous one",
+                                step, workdir, damage or "on another process", name)
                 continue
             logging.info("resumed from checkpoint %d in %s", step, workdir)
-            return restored, meta
-        if steps:
-            # Starting over in a workdir whose every checkpoint is bad would
-            # silently throw a long run away: let a person decide.
-            raise RuntimeError(
-                f"no checkpoint in {checkpoint_dir(workdir)} is readable (moved aside as *.corrupt: steps "
-                f"{steps}); delete them or pass a new --workdir to start from scratch"
-            )
-        return None
+            return state, meta
     finally:
         manager.close()
+    return None
 
 
-def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -> MoCoState | None:
-    """The newest readable pretraining checkpoint in `workdir` as a host
+def config_changes(saved: dict, config) -> list[str]:
+    """"field: saved -> now" for every field whose value differs from the
+    checkpoint's config (after a JSON round trip, as it was saved)."""
+    saved, current = flatten_dotted(saved), flatten_dotted(_json_roundtrip(config.to_dict()))
+    return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in sorted(saved.keys() | current.keys())
+            if saved.get(name) != current.get(name)]
+
+
+def _log_config_changes(meta: dict, config) -> None:
+    changes = config_changes(meta["config"], config)
+    if changes:
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        logging.warning("resuming checkpoint %d with a changed config: %s", meta["step"], shown)
+
+
+def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...],
+                   fresh_start: bool = False) -> tuple[Any, dict] | None:
+    """The newest usable checkpoint in `workdir` as (host state, meta), or
+    None for a workdir that never held one.
+
+    The checkpoint's config must agree with `config` on `fields` (those that
+    fix the saved shapes), else CheckpointMismatchError. A damaged checkpoint
+    is moved aside to `<step>.corrupt` with a one-line warning and the next
+    older one is tried. If the workdir has held checkpoints and none is
+    usable: NoUsableCheckpointError, unless `fresh_start`, which moves the
+    remains aside (`start_fresh`) and returns None.
+    """
+    with _orbax_quiet():  # the one warning below says what orbax would say at length
+        newest = _newest_usable(workdir, template, config, fields)
+    if newest is not None:
+        _log_config_changes(newest[1], config)
+        return newest
+    if not has_held_checkpoints(workdir):
+        return None
+    set_aside = set_aside_checkpoints(workdir)
+    if fresh_start:
+        target = start_fresh(workdir, also_move=_RUN_FILES)
+        logging.warning("fresh start: no usable checkpoint in %s; what the earlier run left is now in %s",
+                        workdir, target)
+        return None
+    raise NoUsableCheckpointError(
+        f"workdir {workdir} has held checkpoints but none is usable now (set aside in "
+        f"{checkpoint_dir(workdir)}: {', '.join(set_aside) or 'none'}); relaunch with --fresh_start to start "
+        "again from step 0 (the earlier files are kept in a replaced-<time>/ folder), or use another --workdir"
+    )
+
+
+# What else a fresh start moves out of the way: the earlier run's metrics and
+# TensorBoard events (else its curves and the new run's would interleave).
+_RUN_FILES = ("metrics.jsonl", "final_metrics.json", "events.out.tfevents.*")
+
+
+def restore_latest(workdir: str, template: MoCoState, config, num_shards: int,
+                   fresh_start: bool = False) -> MoCoState | None:
+    """The newest usable pretraining checkpoint in `workdir` as a host
     state, or None (see `restore_newest`). The queue is re-laid out for
     `num_shards` devices and this config's batch if it was written with others."""
-    newest = restore_newest(workdir, template, config, MODEL_FIELDS)
+    newest = restore_newest(workdir, template, config, MODEL_FIELDS, fresh_start)
     if newest is None:
         return None
     restored, meta = newest
@@ -203,31 +478,28 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int) -
     return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32))
 
 
-def _restore_state(manager, step: int, template: Any) -> Any:
-    target = jax.tree.map(np.asarray, serialization.to_state_dict(template))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    state = serialization.from_state_dict(template, restored)
-    for leaf in jax.tree.leaves(state):
-        if not np.all(np.isfinite(np.asarray(leaf, np.float64))):
-            raise ValueError("non-finite values in the saved state")
-    return state
-
-
 def load_encoder_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """The query encoder of the newest checkpoint in a pretraining workdir.
+    """The query encoder of the newest usable checkpoint in a pretraining workdir.
 
     Returns (config, {"params", "batch_stats"}) for `models.build_encoder(config)`:
-    backbone and head, as downstream evaluation and export need them.
+    backbone and head, as downstream evaluation and export need them. Reads
+    only: a damaged checkpoint is skipped with a warning, not moved.
     """
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "meta"))
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise NotFoundError(f"{workdir} is not a pretraining workdir (it has no checkpoints/ folder); pass the "
+                            "--workdir of a train.py run, or an exported .msgpack / .safetensors / .pth.tar file")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored, meta = read_verified(manager, step)
+            except DamagedCheckpointError as e:
+                logging.warning("checkpoint %d in %s is damaged (%s); trying the previous one", step, workdir, e)
+                continue
+            config = ml_collections.ConfigDict(meta["config"])
+            return config, {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     finally:
         manager.close()
-    config = ml_collections.ConfigDict(meta["config"])
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-    return config, jax.tree.map(np.asarray, variables)
+    raise NotFoundError(f"no usable checkpoint in {directory}")

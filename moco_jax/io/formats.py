@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import warnings
 from typing import Any, Mapping
 
 import ml_collections
@@ -35,10 +37,33 @@ import numpy as np
 from flax import serialization
 
 from moco_jax.core import augment, models
+from moco_jax.core.config import PRETRAINING_RULES, check_fields
+from moco_jax.core.errors import ConfigError, InputError, NotFoundError, UserError
 from moco_jax.io import torch_format
 
 FLAX_FORMAT = "moco_jax.encoder/v1"
 TORCH_SUFFIXES = (".pth", ".pt", ".tar")
+
+# What each readable file must be, for the message when it is not.
+EXPECTED = {
+    "flax": "a moco_jax flax export (expected a msgpack file written by `python -m moco_jax.export --format flax`)",
+    "torchvision": "a torchvision ResNet (expected a safetensors file of torchvision ResNet weights, e.g. written by "
+                   "`python -m moco_jax.export --format torchvision`)",
+    "torch": "a MoCo PyTorch checkpoint (expected a torch.save file holding a ResNet state_dict, e.g. the "
+             "checkpoint_0199.pth.tar of facebookresearch/moco main_moco.py)",
+}
+
+
+class MissingDependencyError(UserError, ImportError):
+    """Reading this file needs an optional package that is not installed."""
+
+
+def unreadable(path: str, fmt: str, error: Exception | str) -> InputError:
+    """The error for a file that exists but is not the `fmt` file its name
+    says: the file, the format expected, and a short reason."""
+    reason = error if isinstance(error, (str, UserError)) else f"{type(error).__name__}: {error}"
+    reason = " ".join(str(reason).split())
+    return InputError(f"{path} is not {EXPECTED[fmt]}: {reason[:300]}{'...' if len(reason) > 300 else ''}")
 
 
 def architecture_name(config) -> str:
@@ -70,12 +95,45 @@ def write_flax(path: str, config, variables: Mapping[str, Any], include_head: bo
 
 
 def read_flax(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """The inverse of `write_flax`: (config, {"params", "batch_stats"})."""
+    """The inverse of `write_flax`: (config, {"params", "batch_stats"}).
+    Raises InputError naming the file if it is anything else."""
     with open(path, "rb") as f:
-        payload = serialization.msgpack_restore(f.read())
-    if payload.get("format") != FLAX_FORMAT:
-        raise ValueError(f"{path} is not a moco_jax flax export (format {payload.get('format')!r})")
-    return ml_collections.ConfigDict(json.loads(payload["config"])), payload["variables"]
+        raw = f.read()
+    try:
+        payload = serialization.msgpack_restore(raw)
+    except Exception as e:  # noqa: BLE001 - msgpack raises many kinds; each means "not this format"
+        raise unreadable(path, "flax", e) from None
+    if not isinstance(payload, Mapping) or payload.get("format") != FLAX_FORMAT:
+        found = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__
+        raise unreadable(path, "flax", f"its format is {found!r}, not {FLAX_FORMAT!r}")
+    try:
+        config = ml_collections.ConfigDict(json.loads(payload["config"]))
+        _check_encoder_config(config)
+        variables = payload["variables"]
+        _check_encoder_variables(variables)
+    except (KeyError, TypeError, ValueError) as e:
+        raise unreadable(path, "flax", e) from None
+    return config, variables
+
+
+# The config fields that rebuild an encoder and its input view.
+ENCODER_FIELDS = ("model.depth", "model.width", "model.stem", "model.dtype", "model.bn_momentum",
+                  "crop_size", "augmentation")
+
+
+def _check_encoder_config(config) -> None:
+    """ValueError (a ConfigError) unless `config` describes an encoder this
+    version can build (a file's stored config may have been edited)."""
+    check_fields(config, {name: PRETRAINING_RULES[name] for name in ENCODER_FIELDS})
+
+
+def _check_encoder_variables(variables) -> None:
+    """KeyError unless `variables` has the backbone's params and BN statistics."""
+    if not isinstance(variables, Mapping):
+        raise TypeError(f"its variables are a {type(variables).__name__}, not a dict")
+    for collection in ("params", "batch_stats"):
+        if not isinstance(variables.get(collection), Mapping) or "backbone" not in variables[collection]:
+            raise KeyError(f"no {collection}/backbone in its variables")
 
 
 def _to_numpy(tree):
@@ -123,15 +181,25 @@ def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, An
     from safetensors import safe_open  # noqa: PLC0415
     from safetensors.numpy import load_file  # noqa: PLC0415
 
-    with safe_open(path, framework="np") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError and friends: not this format
+        raise unreadable(path, "torchvision", e) from None
     # A torchvision `fc` is a classifier, not a MoCo projection head: dropped.
-    state_dict = {k: v for k, v in load_file(path).items() if not k.startswith("fc.")}
-    variables, architecture = torch_format.moco_state_dict_to_encoder(state_dict, prefix="")
-    if "moco_jax_config" in metadata:
-        config = ml_collections.ConfigDict(json.loads(metadata["moco_jax_config"]))
-    else:
-        config = imported_config(architecture)
+    state_dict = {k: v for k, v in tensors.items() if not k.startswith("fc.")}
+    try:
+        variables, architecture = torch_format.moco_state_dict_to_encoder(state_dict, prefix="")
+        if "moco_jax_config" in metadata:
+            config = ml_collections.ConfigDict(json.loads(metadata["moco_jax_config"]))
+            _check_encoder_config(config)
+        else:
+            config = imported_config(architecture)
+    except (KeyError, TypeError, ValueError) as e:
+        raise unreadable(path, "torchvision", e) from None
     return config, variables
 
 
@@ -140,8 +208,8 @@ def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, An
 # ---------------------------------------------------------------------------
 def detectron2_checkpoint(config, variables: Mapping[str, Any]) -> dict[str, Any]:
     if config.model.stem != "imagenet":
-        raise ValueError("detectron2's ResNet has the 7x7 ImageNet stem; this encoder has the "
-                         f"{config.model.stem!r} stem")
+        raise ConfigError("detectron2's ResNet has the 7x7 ImageNet stem; this encoder has the "
+                          f"{config.model.stem!r} stem: export it as --format=flax or torchvision")
     state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
     return {"model": torch_format.torchvision_to_detectron2(state_dict), "__author__": "MOCO",
             "matching_heuristics": True}
@@ -188,11 +256,34 @@ def read_torch_checkpoint(path: str, prefix: str | None = None):
     try:
         import torch  # noqa: PLC0415 - optional dependency
     except ImportError as e:
-        raise ImportError(f"reading {path} needs PyTorch: pip install torch (the CPU build is enough)") from e
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("state_dict", checkpoint)
+        raise MissingDependencyError(
+            f"reading {path} needs PyTorch, which is not installed: pip install torch (the CPU build is enough), "
+            "or convert the file where PyTorch is") from e
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: noise next to the result or error
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unpickling raises many kinds; each means "not this format"
+        raise unreadable(path, "torch", _torch_load_reason(e)) from None
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state_dict, Mapping):
+        raise unreadable(path, "torch", f"it holds a {type(checkpoint).__name__}, not a state_dict")
     state_dict = {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, "numpy")}
-    return from_torch_state_dict(state_dict, prefix)
+    try:
+        return from_torch_state_dict(state_dict, prefix)
+    except (KeyError, TypeError, ValueError) as e:
+        raise unreadable(path, "torch", e) from None
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """torch.load's error in a few words: its weights_only refusal is a page
+    of advice around the one line that says what was found."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(error), re.S)
+    if found:
+        return f"it cannot be unpickled as tensors and containers (torch.load weights_only): {found.group(1)}"
+    return f"{type(error).__name__}: {error}"
 
 
 def load_variables(source) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -208,15 +299,19 @@ def load_variables(source) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
 
         return checkpoint.load_encoder_variables(source)
     if not os.path.exists(source):
-        raise FileNotFoundError(f"no pretrained encoder at {source}")
+        raise NotFoundError(f"no pretrained encoder at {source}: no such file or directory (expected a pretraining "
+                            "workdir, a .msgpack or .safetensors export, or a MoCo .pth.tar checkpoint)")
     if source.endswith(".msgpack"):
         return read_flax(source)
     if source.endswith(".safetensors"):
         return read_torchvision(source)
     if source.endswith(TORCH_SUFFIXES):
         return read_torch_checkpoint(source)
-    raise ValueError(f"don't know how to read {source}: expected a workdir, .msgpack, .safetensors or "
-                     f"one of {TORCH_SUFFIXES}")
+    if source.endswith(SUFFIXES["detectron2"]):
+        raise InputError(f"don't know how to read {source}: detectron2 .pkl exports are written for detectron2, "
+                         "not read back; pass the workdir or .msgpack it was exported from")
+    raise InputError(f"don't know how to read {source}: expected a pretraining workdir, a .msgpack (flax) or "
+                     f".safetensors (torchvision) export, or a PyTorch checkpoint ({', '.join(TORCH_SUFFIXES)})")
 
 
 # ---------------------------------------------------------------------------
@@ -233,14 +328,18 @@ WRITERS = {
 SUFFIXES = {"flax": ".msgpack", "torchvision": ".safetensors", "detectron2": ".pkl"}
 
 
+def output_path(output: str, fmt: str) -> str:
+    """`output` with the file ending of format `fmt` added if it lacks it."""
+    if fmt not in WRITERS:
+        raise ConfigError(f"format={fmt!r} must be one of {', '.join(map(repr, WRITERS))}")
+    return output if output.endswith(SUFFIXES[fmt]) else output + SUFFIXES[fmt]
+
+
 def export(source: str, fmt: str, output: str, include_head: bool = True) -> str:
     """Read `source` (see `load_variables`) and write `output` in
     `fmt`, adding the format's file ending if `output` lacks it. Returns the
     path written."""
-    if fmt not in WRITERS:
-        raise ValueError(f"format must be one of {sorted(WRITERS)}, got {fmt!r}")
-    if not output.endswith(SUFFIXES[fmt]):
-        output += SUFFIXES[fmt]
+    output = output_path(output, fmt)
     config, variables = load_variables(source)
     if fmt == "flax":
         write_flax(output, config, variables, include_head=include_head)

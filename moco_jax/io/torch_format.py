@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from moco_jax.core import models
+from moco_jax.core.errors import InputError
 
 # The prefix of the query encoder in an official MoCo `state_dict`.
 MOCO_PREFIX = "module.encoder_q."
@@ -85,7 +86,7 @@ def backbone_to_torchvision(backbone_variables: Mapping[str, Any],
         elif leaf in ("scale", "bias"):  # BN affine
             out[f"{module}.{'weight' if leaf == 'scale' else 'bias'}"] = value
         else:
-            raise ValueError(f"unexpected backbone parameter {'/'.join(path)}")
+            raise InputError(f"unexpected backbone parameter {'/'.join(path)}")
     for path, value in traverse_util.flatten_dict(dict(backbone_variables["batch_stats"])).items():
         module = _torch_module(path[:-1])
         out[f"{module}.{_BN_STATS[path[-1]]}"] = np.asarray(value, np.float32)
@@ -113,7 +114,7 @@ def torchvision_to_backbone(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         elif leaf in ("running_mean", "running_var"):
             stats[path + ({"running_mean": "mean", "running_var": "var"}[leaf],)] = value.astype(np.float32)
         else:
-            raise ValueError(f"unexpected torchvision key {key!r} with shape {value.shape}")
+            raise InputError(f"unexpected torchvision key {key!r} with shape {value.shape}")
     return {"params": traverse_util.unflatten_dict(params), "batch_stats": traverse_util.unflatten_dict(stats)}
 
 
@@ -164,14 +165,14 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     kernel = np.shape(state_dict["conv1.weight"])
     stem = {7: "imagenet", 3: "cifar"}.get(kernel[-1])
     if stem is None:
-        raise ValueError(f"conv1.weight has shape {kernel}; expected a 7x7 (imagenet) or 3x3 (cifar) stem")
+        raise InputError(f"conv1.weight has shape {kernel}; expected a 7x7 (imagenet) or 3x3 (cifar) stem")
     blocks = {tuple(m.groups()) for k in state_dict if (m := re.match(r"layer(\d)\.(\d+)\.", k))}
     stages = tuple(sum(1 for s, _ in blocks if s == str(i)) for i in range(1, 5))
     bottleneck = "layer1.0.conv3.weight" in state_dict
     for depth, (layout, block) in models.ARCHITECTURES.items():
         if tuple(layout) == stages and (block is models.Bottleneck) == bottleneck:
             return {"depth": depth, "width": int(kernel[0]), "stem": stem}
-    raise ValueError(f"no ResNet in models.ARCHITECTURES has {stages} blocks per stage (bottleneck={bottleneck})")
+    raise InputError(f"no ResNet in models.ARCHITECTURES has {stages} blocks per stage (bottleneck={bottleneck})")
 
 
 def moco_state_dict_to_encoder(state_dict: Mapping[str, Any], prefix: str | None = None):
@@ -188,7 +189,7 @@ def moco_state_dict_to_encoder(state_dict: Mapping[str, Any], prefix: str | None
     """
     entries = strip_prefix(state_dict, prefix)
     if "conv1.weight" not in entries:
-        raise ValueError(f"no ResNet found: no 'conv1.weight' under prefix {prefix!r}; "
+        raise InputError(f"no ResNet found: no 'conv1.weight' under prefix {prefix!r}; "
                          f"keys start {sorted(state_dict)[:5]}")
     architecture = infer_architecture(entries)
     backbone = torchvision_to_backbone(entries)

@@ -31,6 +31,7 @@ from absl import logging
 
 from moco_jax.core import sharding
 from moco_jax.core.config import flatten_dotted
+from moco_jax.core.errors import ConfigError
 
 ENV_COORDINATOR_ADDRESS = "MOCO_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MOCO_NUM_PROCESSES"
@@ -85,9 +86,13 @@ def local_device_ids_setting(
     value = local_device_ids if local_device_ids is not None else environ.get(ENV_LOCAL_DEVICE_IDS)
     if value is None or value == "":
         return None
-    if isinstance(value, str):
-        return [int(v) for v in value.split(",") if v.strip()]
-    return [int(v) for v in value]
+    try:
+        if isinstance(value, str):
+            return [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"local_device_ids={value!r} must be comma-separated device ids, e.g. '0,1' "
+                          f"(--local_device_ids or ${ENV_LOCAL_DEVICE_IDS})") from None
 
 
 def explicit_settings(
@@ -108,16 +113,27 @@ def explicit_settings(
         return None
     missing = [k for k, v in given.items() if v is None or v == ""]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"incomplete multi-process settings: {', '.join(missing)} missing (give all of coordinator_address, "
             f"num_processes and process_id, as flags or as ${ENV_COORDINATOR_ADDRESS}, ${ENV_NUM_PROCESSES}, "
             f"${ENV_PROCESS_ID})"
         )
-    count, index = int(count), int(index)
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"process_id={index} must lie in [0, num_processes={count})")
+    count = _int_setting("num_processes", count, ENV_NUM_PROCESSES)
+    index = _int_setting("process_id", index, ENV_PROCESS_ID)
+    if count < 1:
+        raise ConfigError(f"num_processes={count} must be >= 1")
+    if not 0 <= index < count:
+        raise ConfigError(f"process_id={index} must lie in [0, num_processes={count})")
     return {"coordinator_address": address, "num_processes": count, "process_id": index,
             "local_device_ids": local_device_ids_setting(local_device_ids, environ)}
+
+
+def _int_setting(name: str, value, env: str) -> int:
+    """A process count or id given as a flag or in an environment variable."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} must be an integer (--{name} or ${env})") from None
 
 
 def maybe_initialize(
@@ -205,7 +221,7 @@ def check_same_config(config) -> None:
     configs = [json.loads(p) for p in _allgather_bytes(payload)]
     differences = config_differences(configs)
     if differences:
-        raise ValueError(
+        raise ConfigError(
             "the processes of this run were started with different configs; every process must get the same "
             "--config and --config.* flags. Differences: " + "; ".join(differences)
         )

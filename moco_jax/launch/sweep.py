@@ -42,7 +42,16 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from moco_jax.training.metrics import FINAL_NAME as FINAL_METRICS  # the trainer's end-of-run record
+from moco_jax.core.config import (
+    PRETRAINING_RULES,
+    check_fields,
+    flatten_dotted,
+    no_such_field,
+)
+from moco_jax.core.errors import ConfigError, NotFoundError
+from moco_jax.training.metrics import (
+    FINAL_NAME as FINAL_METRICS,  # the trainer's end-of-run record
+)
 
 # Sweeps run from a checkout (editable installs included): the config files
 # and train.py live at the repository root, next to the package.
@@ -72,37 +81,90 @@ def load_config_module(config_path: str):
     syntax for `get_config(arg)`) is ignored here."""
     path = Path(config_path.split(":", 1)[0]).resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise NotFoundError(f"config file {path} does not exist (give a .py file with get_config() and get_sweep(), "
+                            "e.g. configs/sweep_example.py)")
     # Config files import their base config (`from configs import default`).
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     spec = importlib.util.spec_from_file_location(f"_sweep_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever the user's file raises, it is the file's error
+        raise ConfigError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
     return module
+
+
+def load_sweep(config_path: str) -> list[dict[str, Any]]:
+    """The checked points of the sweep a config file defines (see `sweep_points`
+    and `check_points`)."""
+    module = load_config_module(config_path)
+    points = sweep_points(module)
+    if hasattr(module, "get_config"):
+        argument = config_path.split(":", 1)[1:]
+        try:
+            config = module.get_config(*argument)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{module.__file__}: get_config() failed: {type(e).__name__}: {e}") from e
+        check_points(config, points, module.__file__)
+    return points
 
 
 def sweep_points(module) -> list[dict[str, Any]]:
     """The config module's `get_sweep()`, checked: a non-empty list of dicts
     with string keys and no duplicate points."""
-    if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{module.__file__} defines no get_sweep(); add one next to get_config()")
-    points = list(module.get_sweep())
+    where = getattr(module, "__file__", "the config file")
+    if not callable(getattr(module, "get_sweep", None)):
+        raise ConfigError(f"{where} defines no get_sweep(); add one next to get_config(), returning a list of "
+                          "{field: value} dicts (see configs/sweep_example.py)")
+    try:
+        points = list(module.get_sweep())
+    except Exception as e:  # noqa: BLE001 - the user's function
+        raise ConfigError(f"{where}: get_sweep() failed: {type(e).__name__}: {e}") from e
     if not points:
-        raise ValueError("get_sweep() returned no points")
+        raise ConfigError(f"{where}: get_sweep() returned no points")
     seen = set()
     for point in points:
         if not isinstance(point, Mapping) or not all(isinstance(k, str) for k in point):
-            raise ValueError(f"each sweep point must be a dict of field name -> value, got {point!r}")
+            raise ConfigError(f"{where}: each sweep point must be a dict of field name -> value, got {point!r}")
         key = json.dumps(point, sort_keys=True, default=repr)
         if key in seen:
-            raise ValueError(f"duplicate sweep point {dict(point)}")
+            raise ConfigError(f"{where}: duplicate sweep point {dict(point)}")
         seen.add(key)
     names = [point_name(p) for p in points]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise ValueError(f"sweep points that differ only in value types share a directory name: {clashes}")
+        raise ConfigError(f"sweep points that differ only in value types share a directory name: {clashes}")
     return [dict(p) for p in points]
+
+
+def check_points(config, points: Sequence[Mapping[str, Any]], where: str) -> None:
+    """Every point names fields `config` has, with values of their types and
+    in their ranges (`config.check_fields`), before any point runs. What
+    depends on the devices (batch and queue divisibility, ...) is left to
+    each point's train.py."""
+    fields = flatten_dotted(config.to_dict())
+    groups = {f.rsplit(".", 1)[0] for f in fields if "." in f}
+    for point in points:
+        candidate = config.copy_and_resolve_references()
+        for name, value in point.items():
+            if name in groups:
+                continue
+            if name not in fields:
+                raise ConfigError(f"sweep point {dict(point)}: {no_such_field(name, list(fields), where)}")
+            try:
+                *parents, leaf = name.split(".")
+                node = candidate
+                for parent in parents:
+                    node = node[parent]
+                node[leaf] = value
+            except (TypeError, ValueError):
+                raise ConfigError(f"sweep point {dict(point)}: {name}={value!r} must be of type "
+                                  f"{type(fields[name]).__name__}, like the config's {name}={fields[name]!r}") from None
+        try:
+            check_fields(candidate, PRETRAINING_RULES)
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {dict(point)}: {e}") from None
 
 
 def format_value(value: Any) -> str:
@@ -168,8 +230,10 @@ def run_point(command: Sequence[str], point_workdir: Path) -> int:
 
 def run_sweep(config_path: str, workdir: str, echo=print) -> list[PointResult]:
     """Run every unfinished point in order; write the tables after each."""
-    points = sweep_points(load_config_module(config_path))
+    points = load_sweep(config_path)
     workdir = Path(workdir).resolve()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir={workdir} is a file; give a directory for the sweep's points")
     workdir.mkdir(parents=True, exist_ok=True)
     results = {point_name(p): PointResult(point_name(p), p, "not run", {}, "") for p in points}
     for point in points:
@@ -195,7 +259,7 @@ def run_sweep(config_path: str, workdir: str, echo=print) -> list[PointResult]:
 
 def dry_run_commands(config_path: str, workdir: str) -> list[str]:
     """The shell command of every unfinished point, one string each."""
-    points = sweep_points(load_config_module(config_path))
+    points = load_sweep(config_path)
     workdir = Path(workdir).resolve()
     return [
         shlex.join(train_command(config_path, workdir / point_name(p), p))

@@ -1,4 +1,6 @@
-"""The training loop: data in, pmap-ed MoCo steps, logging, kNN evaluation."""
+"""The training loop: data in, pmap-ed MoCo steps, logging, kNN evaluation,
+checkpoints; one run per workdir (io/lock.py), and a clean stop on SIGTERM
+(training/preemption.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from absl import logging
 from moco_jax import data
 from moco_jax.core import augment, models, moco, optim, sharding
 from moco_jax.core import state as state_lib
-from moco_jax.core.config import is_due, steps, total_steps, validate_config
+from moco_jax.core.config import is_due, resolve_for_devices, steps, total_steps, validate_config
+from moco_jax.core.errors import ConfigError, DivergedError, WorkdirError
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.eval import embed, knn
 from moco_jax.io import checkpoint
-from moco_jax.training import metrics
+from moco_jax.io import lock as workdir_lock
+from moco_jax.training import metrics, preemption
 
 
 def make_train_step(config, host_cropped: bool = False) -> Callable:
@@ -58,24 +62,27 @@ def knn_monitor(config, dataset: data.ArrayDataset) -> Callable[[Any], dict[str,
         batch_size=config.eval_batch_size)
 
 
-def summarize(pending: list[dict[str, jax.Array]], step: int) -> dict[str, float]:
+def summarize(pending: list[dict[str, jax.Array]], step: int, resumed_from: int = 0) -> dict[str, float]:
     """Mean of the metrics of the steps since the last log. Within the
     training steps, this and `assert_finite` are the only places the host
     waits for the devices (the kNN monitor and checkpoints wait too)."""
     stacked = jax.device_get(pending)
     summary = {k: float(np.mean([np.asarray(m[k])[0] for m in stacked])) for k in stacked[0]}
-    assert_finite([summary["loss"], summary["grad_norm"]], step)
+    assert_finite([summary["loss"], summary["grad_norm"]], step, resumed_from)
     return summary
 
 
-def assert_finite(values, step: int) -> None:
+def assert_finite(values, step: int, resumed_from: int = 0) -> None:
     """The NaN guard on losses and gradient norms: stop before a non-finite
     state can be logged as fine or saved over the last good checkpoint."""
     values = np.asarray(jax.device_get(values), np.float64)
     if not np.all(np.isfinite(values)):
-        raise FloatingPointError(
-            f"non-finite loss or gradient at or before step {step}; training stopped. The last good checkpoint "
-            "(if any) is kept; lower the learning rate or check the data before relaunching."
+        # Restored checkpoints are verified against their checksums, so a
+        # resumed state is the one that was saved: the cause is the recipe.
+        resumed = f" (this run resumed from verified checkpoint {resumed_from})" if resumed_from else ""
+        raise DivergedError(
+            f"non-finite loss or gradient at or before step {step}{resumed}; training stopped and the last good "
+            "checkpoint (if any) is kept: lower the learning rate or check the data before relaunching"
         )
 
 
@@ -93,26 +100,49 @@ def _encoder_variables(state: state_lib.MoCoState) -> dict[str, Any]:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def train_and_evaluate(config, workdir: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str | None = None, show_progress: bool = True, *,
+                       fresh_start: bool = False, take_over: bool = False) -> dict[str, Any]:
     """Pretrain MoCo with `config`, resuming from `workdir` if it holds a
     checkpoint; return the kNN accuracies and the log.
 
+    The run holds the workdir's lock (`take_over`: also from a run that looks
+    alive). `fresh_start` allows starting at step 0 in a workdir whose
+    checkpoints are all unusable (see io/checkpoint.py).
+
     Returns a dict with `knn_random` / `knn_trained` (backbone and projection
     accuracies before and after training), `history` (the metrics logged by
-    this run), and the final host `state`.
+    this run), the final host `state`, and `preempted` (the step at which a
+    SIGTERM stopped the run after saving, else 0; then there is no
+    `knn_trained`).
     """
     num_devices = jax.device_count()
     validate_config(config, num_devices)
-    if workdir:
-        checkpoint.check_writable(workdir)
+    config = resolve_for_devices(config, num_devices)
+    if not workdir:
+        return _train(config, None, show_progress, fresh_start, lock=None)
+    checkpoint.check_writable(workdir)
+    lock = workdir_lock.acquire_for_run(workdir, take_over)
+    try:
+        return _train(config, workdir, show_progress, fresh_start, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
+    num_devices = jax.device_count()
     source = data.open_source(config)
     knn_fn = knn_monitor(config, knn.monitor_dataset(source, config))  # un-augmented bank and queries
     source = source.with_train_subset(config.train_subset, config.seed)
     steps_per_epoch = data.steps_per_epoch(source.num_train_examples, config.batch_size)
     total = total_steps(config, steps_per_epoch)
+    if total <= 0:
+        raise ConfigError(f"num_epochs={config.num_epochs} is less than half an epoch of {steps_per_epoch} steps: "
+                          "no step to train; raise num_epochs or set num_train_steps")
     logging.info(
-        "%s: %d train images, %d steps/epoch, %d steps, %d devices, global batch %d",
-        config.dataset, source.num_train_examples, steps_per_epoch, total, num_devices, config.batch_size,
+        "%s: %d train images, %d steps/epoch, %d steps, %d devices, global batch %d, BN groups: %d devices x "
+        "%d splits of %d images", config.dataset, source.num_train_examples, steps_per_epoch, total, num_devices,
+        config.batch_size, num_devices, config.bn_splits, config.batch_size // num_devices // config.bn_splits,
     )
 
     encoder = models.build_encoder(config, axis_name=sharding.AXIS)
@@ -121,37 +151,56 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
     state = state_lib.create_train_state(
         jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
     )
-    knn_random = knn_fn(_encoder_variables(state))
-    if workdir:
-        state = checkpoint.restore_latest(workdir, state, config, num_devices) or state
+    restored = checkpoint.restore_latest(workdir, state, config, num_devices, fresh_start) if workdir else None
+    knn_random = knn_fn(_encoder_variables(state))  # after the restore: a refused workdir fails at once
+    state = restored or state
     start_step = int(state.step)
 
     p_state = state_lib.to_devices(state)
     del state  # its buffers now live on the devices
     batches = prefetch_to_device(pretrain_batches(source, config, start_step))
-    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices)
+    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock)
     p_state, history = loop.run(make_train_step(config, source.host_cropped), p_state, batches, start_step,
                                 show_progress, knn_fn=lambda s: knn_fn(_encoder_variables(s)))
 
     state = state_lib.from_devices(p_state)
+    if loop.preempted_at:
+        return {"knn_random": knn_random, "history": history, "state": state, "preempted": loop.preempted_at}
     knn_trained = knn_fn(_encoder_variables(state))
     final = {"step": int(state.step), **{f"knn_{k}": v for k, v in knn_trained.items()},
              **{f"knn_random_{k}": v for k, v in knn_random.items()}}
-    if history:
-        final.update({k: history[-1][k] for k in ("loss", "top1", "top5")})
+    final.update(_last_training_metrics(history, workdir))
     metrics.write_final(workdir, final)
-    return {"knn_random": knn_random, "knn_trained": knn_trained, "history": history, "state": state}
+    return {"knn_random": knn_random, "knn_trained": knn_trained, "history": history, "state": state,
+            "preempted": 0}
+
+
+def _last_training_metrics(history: list[dict], workdir: str | None) -> dict[str, float]:
+    """Loss and accuracies of the last logged step: of this run, or (a
+    relaunch with nothing left to train) of the run that trained it."""
+    records = history
+    if not records and workdir and jax.process_index() == 0:
+        try:
+            records = metrics.read_jsonl(workdir)
+        except FileNotFoundError:
+            records = []
+    for record in reversed(records):
+        if "loss" in record:
+            return {k: record[k] for k in ("loss", "top1", "top5") if k in record}
+    return {}
 
 
 class TrainLoop:
     """Steps, logging, the kNN monitor and checkpoints of one run."""
 
-    def __init__(self, config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices):
+    def __init__(self, config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices, lock=None):
         self.config, self.workdir, self.total_steps = config, workdir, total_steps
         self.steps_per_epoch, self.lr_schedule, self.num_devices = steps_per_epoch, lr_schedule, num_devices
+        self.lock = lock  # process 0's WorkdirLock (None elsewhere, and without a workdir)
+        self.preempted_at = 0  # the step a SIGTERM stopped the run at (after saving it)
 
     def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn):
-        """Steps start_step+1 .. total_steps; returns (p_state, logged history)."""
+        """Steps start_step+1 .. total_steps, or until a SIGTERM; returns (p_state, logged history)."""
         config, last, spe = self.config, self.total_steps, self.steps_per_epoch
         log_every, knn_every = steps(config, "log_every", spe), steps(config, "knn_every", spe)
         checkpoint_every = steps(config, "checkpoint_every", spe)
@@ -160,30 +209,57 @@ class TrainLoop:
         history, pending = [], []
         last_time, last_step = time.perf_counter(), start_step
         try:
-            for step in progress(range(start_step + 1, last + 1), last, show_progress and jax.process_index() == 0):
-                p_state, step_metrics = p_train_step(p_state, next(batches))
-                pending.append(step_metrics)
-                if is_due(step, log_every, last):
-                    summary = summarize(pending, step)
-                    now = time.perf_counter()
-                    summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
-                    writer.write(step, summary)
-                    history.append({"step": step, **summary})
-                    pending, last_time, last_step = [], now, step
-                if is_due(step, knn_every, last) and step != last:  # the last one: train_and_evaluate's
-                    knn_result = knn_fn(state_lib.from_devices(p_state))
-                    writer.write(step, {f"knn_{k}": v for k, v in knn_result.items()})
-                    last_time = time.perf_counter()  # the monitor's time is not training time
-                if manager and is_due(step, checkpoint_every, last):
-                    assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step)
-                    checkpoint.save(manager, state_lib.from_devices(p_state), config, num_queue_shards=self.num_devices)
-                    last_time = time.perf_counter()
+            with preemption.PreemptionWatch() as watch:
+                for step in progress(range(start_step + 1, last + 1), last,
+                                     show_progress and jax.process_index() == 0):
+                    p_state, step_metrics = p_train_step(p_state, next(batches))
+                    pending.append(step_metrics)
+                    logged = is_due(step, log_every, last)
+                    if logged:
+                        summary = summarize(pending, step, start_step)
+                        now = time.perf_counter()
+                        summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
+                        writer.write(step, summary)
+                        history.append({"step": step, **summary})
+                        pending, last_time, last_step = [], now, step
+                    if is_due(step, knn_every, last) and step != last:  # the last one: train_and_evaluate's
+                        knn_result = knn_fn(state_lib.from_devices(p_state))
+                        writer.write(step, {f"knn_{k}": v for k, v in knn_result.items()})
+                        last_time = time.perf_counter()  # the monitor's time is not training time
+                    stop = watch.should_stop(step)
+                    save = manager is not None and (is_due(step, checkpoint_every, last) or stop)
+                    self._check_lock(every_step=logged or save)
+                    if save:
+                        assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step, start_step)
+                        checkpoint.save(manager, state_lib.from_devices(p_state), config,
+                                        num_queue_shards=self.num_devices)
+                        last_time = time.perf_counter()
+                    if stop:
+                        self.preempted_at = step
+                        logging.warning("%s at step %d: %s", watch.signal_name, step,
+                                        f"saving checkpoint {step}" if manager else "no --workdir, nothing saved")
+                        break
         finally:
             if manager:
-                manager.wait_until_finished()  # a good save in flight is completed, even on a NaN
-                manager.close()
+                checkpoint.finish(manager)  # a good save in flight is completed, even on an error
             writer.close()
         return p_state, history
+
+    def _check_lock(self, every_step: bool) -> None:
+        """Stop without saving if another launch took the workdir over.
+        Process 0's heartbeat finds out; the processes agree at log and
+        checkpoint steps, where they wait for the devices anyway."""
+        if not self.workdir:
+            return
+        if jax.process_count() == 1:
+            lost = self.lock is not None and (self.lock.lost or (every_step and not self.lock.still_held()))
+        elif every_step:
+            lost = checkpoint.any_process(self.lock is not None and not self.lock.still_held())
+        else:
+            return
+        if lost:
+            raise WorkdirError(f"another launch took over workdir {self.workdir} (--take_over); this run stopped "
+                               "without saving so as not to write over its checkpoints")
 
     def _throughput(self, steps: int, seconds: float) -> dict[str, float]:
         images_per_sec = steps * self.config.batch_size / seconds
