@@ -148,3 +148,34 @@ def test_two_concurrent_launches_on_one_workdir_train_once(tmp_path):
              if "loss" in r]
     assert steps == list(range(1, 7))
     assert not (tmp_path / "LOCK").exists()  # released at the end
+
+
+def test_a_run_whose_lock_is_taken_over_stops_without_saving(tmp_path):
+    """In-process: at step 2 another launch takes the workdir (--take_over);
+    the run stops at its next check with one line, and saves nothing more."""
+    from moco_jax.training import trainer  # noqa: PLC0415
+    from tiny import tiny_config  # noqa: PLC0415
+
+    make_real_step = trainer.make_train_step
+    taker = lock_lib.WorkdirLock(str(tmp_path))
+
+    def make_step_then_taken_over(*args):
+        real = make_real_step(*args)
+
+        def step(p_state, batch):
+            if int(p_state.step.addressable_shards[0].data[0]) == 2:
+                taker.acquire(take_over=True)
+            return real(p_state, batch)
+
+        return step
+
+    trainer.make_train_step = make_step_then_taken_over
+    try:
+        config = tiny_config(num_train_steps=8, log_every_steps=1, checkpoint_every_steps=2)
+        with pytest.raises(WorkdirError, match="another launch took over workdir .* stopped without saving"):
+            trainer.train_and_evaluate(config, workdir=str(tmp_path), show_progress=False)
+    finally:
+        trainer.make_train_step = make_real_step
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing after the takeover
+    assert json.loads((tmp_path / "LOCK").read_text())["run_id"] == taker.run_id  # the taker's lock untouched
+    taker.release()
