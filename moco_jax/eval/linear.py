@@ -205,14 +205,8 @@ def run_full(config, encoder: Encoder, dataset: data.ArrayDataset, workdir: str 
     split, in [0, 1]), the logged `history` and the host `state`. With a
     `workdir`, the probe holds its lock and resumes from its checkpoints
     (`fresh_start`: start over if none of them is usable)."""
-    if not workdir:
-        return _run_full(config, encoder, dataset, None, False)
-    lock = workdir_lock.acquire_for_run(workdir)
-    try:
+    with workdir_lock.holding(workdir):
         return _run_full(config, encoder, dataset, workdir, fresh_start)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _run_full(config, encoder, dataset, workdir, fresh_start) -> dict[str, Any]:

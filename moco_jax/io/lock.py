@@ -28,6 +28,7 @@ same verdict (`acquire_for_run`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -313,3 +314,15 @@ def acquire_for_run(workdir: str, take_over: bool = False) -> WorkdirLock | None
         logging.warning("waiting %.0f s for the previous holder of %s to stop", wait, workdir)
         time.sleep(wait)
     return lock
+
+
+@contextlib.contextmanager
+def holding(workdir: str | None, take_over: bool = False):
+    """`with holding(workdir) as lock:` the workdir's lock for a run
+    (`acquire_for_run`), released at the end; no lock (None) without a workdir."""
+    lock = acquire_for_run(workdir, take_over) if workdir else None
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()

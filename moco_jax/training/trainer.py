@@ -118,15 +118,10 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
     num_devices = jax.device_count()
     validate_config(config, num_devices)
     config = resolve_for_devices(config, num_devices)
-    if not workdir:
-        return _train(config, None, show_progress, fresh_start, lock=None)
-    checkpoint.check_writable(workdir)
-    lock = workdir_lock.acquire_for_run(workdir, take_over)
-    try:
+    if workdir:
+        checkpoint.check_writable(workdir)
+    with workdir_lock.holding(workdir, take_over) as lock:
         return _train(config, workdir, show_progress, fresh_start, lock)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
