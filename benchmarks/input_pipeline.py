@@ -1,16 +1,23 @@
 """Input-pipeline throughput: host side, on-device augmentation, and how the
 augmentation compares with the training step it feeds.
 
-  python -m benchmarks.input_pipeline                    # everything, ~3 min on 2 cores
+  python -m benchmarks.input_pipeline                    # everything, ~4 min on 2 cores
   python -m benchmarks.input_pipeline --skip_train_step  # host + augmentation only
+  python -m benchmarks.input_pipeline --skip_train_step --grain_workers=0,4,8,15 --tf_threads=15  # a 16-core host
 
 (a) Host: images/second delivered by `trainer.pretrain_batches` (what the
     trainer iterates), after a warm-up:
     * cifar10_arrays: the real CIFAR-10 arrays (../shared/data/cifar10), whole
       32px images gathered per step (the device crops them);
     * image_folder: the 224px JPEGs of ../shared/data/imagenette_sample/train,
-      decoded and random-resized-cropped twice per image in tf.data
-      (`decode_and_crop_jpeg`, only each crop window), uint8 (2, 224, 224, 3).
+      decoded and random-resized-cropped twice per image, uint8 (2, 224, 224, 3):
+      - grain (`data_loader=grain`): Pillow in W worker processes (1 thread
+        each), or in T threads of this process (W = 0);
+      - tf.data (`data_loader=tf`, if TensorFlow is installed): T threads,
+        `decode_and_crop_jpeg` of each window.
+    cpu_s_per_1k_images is the whole machine's busy CPU time (/proc/stat:
+    worker processes included) per 1,000 images, so on an otherwise idle
+    machine a host with c cores delivers at most about c x 1000 / it images/s.
 (b) Device: the rest of the augmentation (`augment.make_views_fn`, jitted) on
     the default JAX device: CIFAR recipe from whole 32px images (crop on the
     device) and MoCo v2 from host crops at 224px.
@@ -44,17 +51,18 @@ def _rate(batches, warmup: int, steps: int) -> dict:
     """Throughput of `steps` batches after `warmup`.
 
     images_per_s is wall-clock; images_per_cpu_s divides by the CPU time of
-    the whole process (all its threads), which stays meaningful when other
-    jobs share the machine: on an idle machine with c cores the pipeline can
-    reach at most about c x images_per_cpu_s.
+    this process (all its threads, not grain's worker processes), which stays
+    meaningful when other jobs share the machine: on an idle machine with c
+    cores an in-process pipeline can reach at most about c x images_per_cpu_s.
     """
     for _ in range(warmup):
-        shape = next(batches).shape
+        next(batches)
     wall, cpu = time.perf_counter(), time.process_time()
     images = 0
     for _ in range(steps):
         b = next(batches)
         images += b.shape[0] * b.shape[1]
+        shape = b.shape
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return dict(images_per_s=images / wall, views_per_s=2 * images / wall,
                 images_per_cpu_s=images / cpu, batch_shape=list(shape),
@@ -72,14 +80,48 @@ def host_cifar(args) -> dict:
                 **_rate(batches, 5, args.cifar_steps))
 
 
-def host_imagenette(args) -> dict:
+def _busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (all processes), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def host_imagenette(args, loader: str, workers: int, threads: int) -> dict:
     config = default.get_config()
     config.update(dict(dataset="image_folder", data_dir=str(args.imagenette_dir),
                        train_split="train", crop_size=224, crop_scale=(0.2, 1.0),
-                       batch_size=64, input_threads=args.threads))
+                       batch_size=64, data_loader=loader, input_workers=workers, input_threads=threads))
     batches = trainer.pretrain_batches(data.open_source(config), config, start_step=0)
-    return dict(source=f"image_folder imagenette 224px JPEG, {args.threads} decode threads",
-                **_rate(batches, 3, args.jpeg_steps))
+    for _ in range(3):  # warm-up: worker start-up, first decodes
+        next(batches)
+    start_busy = _busy_cpu_seconds()
+    row = _rate(batches, 0, args.jpeg_steps)
+    images = args.jpeg_steps * 64
+    row["cpu_s_per_1k_images"] = 1000 * (_busy_cpu_seconds() - start_busy) / images
+    batches.close()
+    what = (f"tf.data, {threads} threads" if loader == "tf" else
+            f"grain, {workers} workers x {threads} thread" if workers else f"grain, no workers, {threads} threads")
+    return dict(source=f"image_folder imagenette 224px JPEG, {what}", loader=loader, workers=workers,
+                threads=threads, **row)
+
+
+def host_imagenette_rows(args) -> list[dict]:
+    """Every loader configuration of --grain_workers / --tf_threads."""
+    rows = []
+    for workers in args.grain_workers:
+        rows.append(host_imagenette(args, "grain", workers, 1 if workers else os.cpu_count()))
+        print(json.dumps(rows[-1]), flush=True)
+    try:
+        import tensorflow  # noqa: F401 - only to know whether the tf.data rows can run
+    except ImportError:
+        print("skipping the tf.data rows: TensorFlow is not installed")
+        return rows
+    for threads in args.tf_threads:
+        rows.append(host_imagenette(args, "tf", -1, threads))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def _time(fn, *args, reps: int) -> float:
@@ -168,7 +210,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cifar_dir", type=Path, default=SHARED / "cifar10")
     parser.add_argument("--imagenette_dir", type=Path, default=SHARED / "imagenette_sample")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="tf.data decode threads")
+    cores = os.cpu_count() or 2
+    parser.add_argument("--grain_workers", type=lambda v: [int(x) for x in v.split(",")],
+                        default=list(range(cores + 1)), help="grain worker counts to measure, e.g. 0,1,2")
+    parser.add_argument("--tf_threads", type=lambda v: [int(x) for x in v.split(",")],
+                        default=list(range(1, cores + 1)), help="tf.data thread counts to measure")
     parser.add_argument("--cifar_steps", type=int, default=200)
     parser.add_argument("--jpeg_steps", type=int, default=40)
     parser.add_argument("--cifar_batch", type=int, default=256)
@@ -181,13 +227,15 @@ def main(argv=None) -> dict:
 
     result = dict(environment=environment(), host=[], device_augmentation=[], train_step=[])
     print(json.dumps(result["environment"]))
-    for name, fn, path in (("cifar10_arrays", host_cifar, args.cifar_dir),
-                           ("imagenette", host_imagenette, args.imagenette_dir)):
-        if path.is_dir():
-            result["host"].append(fn(args))
-            print(json.dumps(result["host"][-1]))
-        else:
-            print(f"skipping the {name} host benchmark: {path} does not exist")
+    if args.cifar_dir.is_dir():
+        result["host"].append(host_cifar(args))
+        print(json.dumps(result["host"][-1]))
+    else:
+        print(f"skipping the cifar10_arrays host benchmark: {args.cifar_dir} does not exist")
+    if args.imagenette_dir.is_dir():
+        result["host"] += host_imagenette_rows(args)
+    else:
+        print(f"skipping the imagenette host benchmark: {args.imagenette_dir} does not exist")
     for row in device_augmentation(args):
         result["device_augmentation"].append(row)
         print(json.dumps(row))

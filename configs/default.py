@@ -24,7 +24,7 @@ def add_data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     """The fields that say where the images are and how to read them
     (moco_jax/data/: `open_source`, `SourceConfig`). Pretraining and the linear
     probe (configs/linear_cifar10.py) both declare them through this function."""
-    # dataset: digits | cifar10_arrays (in memory, no TensorFlow needed) |
+    # dataset: digits | cifar10_arrays (in memory) |
     #   image_folder (data_dir/<split>/<class>/*.jpg|png) | any tensorflow-datasets
     #   name, e.g. cifar10, stl10, imagenette/320px-v2, imagenet2012 (optionally
     #   written tfds:NAME). See moco_jax/data/__init__.py. CIFAR-10 from the real arrays:
@@ -40,8 +40,17 @@ def add_data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     config.image_size = 0
     config.train_split = "train"  # tfds split / image_folder sub-folder ('' = data_dir itself)
     config.eval_split = "test"  # labelled eval images (tfds split / sub-folder, e.g. 'val')
-    config.skip_corrupt_images = False  # image_folder: True = log, count and skip undecodable files
-    config.input_threads = 0  # image_folder / tfds: host decode threads (0 = all cores but one)
+    config.skip_corrupt_images = False  # image_folder / tfds: True = log, count and skip undecodable images
+    # Which pipeline decodes image folders and tfds datasets: grain (Pillow in worker
+    # processes, no TensorFlow) or tf (tf.data). auto: grain, except tfds datasets
+    # prepared as TFRecord files, which only tf.data reads. BENCHMARKS.md compares them.
+    config.data_loader = "auto"
+    # grain worker processes: -1 = all cores but one where that makes >= 2, else none;
+    # 0 = none (decode threads in the training process).
+    config.input_workers = -1
+    # Decode threads: tf.data's (0 = all cores but one); grain's per worker (0 = 1, or
+    # one per core without workers).
+    config.input_threads = 0
     config.shuffle_buffer = 10_000  # tfds: examples in the shuffle buffer (after file shuffling)
     config.tfds_download = False  # tfds: download and prepare a missing dataset
     config.image_key = "image"  # tfds: the feature holding the image
@@ -112,4 +121,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn_k = 200
     config.knn_temperature = 0.1
     config.eval_batch_size = 256
+
+    # Weights & Biases (optional, `pip install wandb`): the same scalars as
+    # TensorBoard, from process 0. The run id is kept in the workdir
+    # (W/wandb_run_id), so a resumed run continues the same W&B run.
+    config.wandb_project = ""  # '' = off
+    config.wandb_entity = ""  # '' = your default entity
+    config.wandb_name = ""  # '' = W&B's generated run name
     return config

@@ -5,10 +5,13 @@ images with a cosine schedule, weight decay 1e-4 on all parameters, 200
 epochs, the MoCo v2 augmentation (blur, jitter p=0.8). Per-device BN with
 shuffle BN, as the reference on 8 GPUs (32 images per device).
 
-Run (ImageNet prepared for tensorflow-datasets; its manual download goes to
-`<data_dir>/downloads/manual`):
+Run (ImageNet prepared for tensorflow-datasets as ArrayRecord files, read by
+grain without TensorFlow; README "Data" says how to prepare or convert it):
   python train.py --config configs/moco_v2_imagenet.py --workdir /ckpt/moco_v2 \
       --config.data_dir /data/tfds
+or from a folder of JPEGs (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG):
+  python train.py --config configs/moco_v2_imagenet.py --workdir /ckpt/moco_v2 \
+      --config.dataset=image_folder --config.data_dir=ROOT --config.eval_split=val
 
 Expected: 67.5% linear top-1 (paper, 200 epochs, 8 V100s, about 53 hours),
 evaluated with configs/linear_imagenet.py. A bigger global batch scales the

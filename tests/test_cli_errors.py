@@ -39,6 +39,7 @@ PROGRAMS = {  # name -> (how runpy runs it, what)
     "linear_eval": ("module", "moco_jax.linear_eval"),
     "plot": ("module", "moco_jax.plot"),
     "sweep": ("module", "moco_jax.sweep"),
+    "convert_tfds": ("module", "moco_jax.convert_tfds"),
 }
 USAGE, ERROR = 2, 1  # exit codes: flag / usage errors, everything else
 
@@ -192,6 +193,8 @@ CASES = [
     ("train", ["--config.dataset=cifar10_arrays", "--config.image_size=64"], ERROR, ["image_size=64", "0 or 32"]),
     ("train", ["--config.dataset=nosuch_dataset_xyz"], ERROR,
      ["nosuch_dataset_xyz", "not a tensorflow-datasets name"]),
+    ("train", ["--config.data_loader=torch"], ERROR, ["data_loader='torch'", "'auto', 'grain', 'tf'"]),
+    ("train", ["--config.input_workers=-2"], ERROR, ["input_workers=-2", ">= -1"]),
     # --- train.py: the command line itself.
     ("train", ["--config.nosuch=1"], USAGE, ["--config.nosuch", "no field 'nosuch'"]),
     ("train", ["--config.model.widht=3"], USAGE, ["model.widht", "did you mean model.width"]),
@@ -269,6 +272,10 @@ CASES = [
     ("plot", ["--workdir", f"{T}/badmetrics"], ERROR, ["badmetrics/metrics.jsonl is not a metrics log"]),
     ("plot", ["--workdir", f"{T}/emptymetrics"], ERROR, ["no records"]),
     ("plot", [], USAGE, ["--workdir"]),
+    # --- convert_tfds: what it is pointed at.
+    ("convert_tfds", [], USAGE, ["--dataset_dir"]),
+    ("convert_tfds", [f"--dataset_dir={T}/emptydir", f"--out_data_dir={T}/out"], ERROR,
+     ["emptydir is not a prepared tensorflow-datasets dataset", "NAME/VERSION"]),
     # --- sweep: the config file and its grid, before any point runs.
     ("sweep", ["--config=configs/default.py", f"--workdir={T}/sw"], ERROR, ["default.py defines no get_sweep()"]),
     ("sweep", [f"--config={T}/bad_field_sweep.py", f"--workdir={T}/sw"], ERROR,
@@ -332,6 +339,8 @@ SUBPROCESS_CASES = {
     "plot": (["-m", "moco_jax.plot", f"--workdir={T}/emptydir"], ERROR, ["no metrics.jsonl"]),
     "sweep": (["-m", "moco_jax.sweep", "--config=configs/default.py", f"--workdir={T}/sw"], ERROR,
               ["no get_sweep()"]),
+    "convert_tfds": (["-m", "moco_jax.convert_tfds", f"--dataset_dir={T}/emptydir", f"--out_data_dir={T}/out"],
+                     ERROR, ["is not a prepared tensorflow-datasets dataset"]),
     "verbose": (["train.py", "--config.model.width=0", "--verbose"], ERROR, None),
 }
 

@@ -1,6 +1,11 @@
-"""Tests for the image-folder source and the tf.data host crops (offline).
+"""The image-folder source, offline, through both host pipelines: grain (the
+default) and tf.data (`data_loader='tf'`, when TensorFlow is installed).
+Every property is asserted for each: the order, resumption, process shards,
+undecodable files, conversions and the config entry points. Each pipeline's
+own crop arithmetic is tested in tests/test_grain_images.py and below
+(`test_tf_*`).
 
-The test writes a tiny folder of solid-colour images, one colour per file,
+The folders hold solid-colour images, one colour per file (tests/image_files.py),
 so every crop tells which file it came from.
 """
 import itertools
@@ -11,78 +16,54 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
-pytest.importorskip("tensorflow", reason="the image-folder source decodes with tf.data")
+from configs import default
+from moco_jax import data
+from moco_jax.core import augment
+from moco_jax.data import grain_stream, image_folder
+from moco_jax.data.source import has_module, local_batch_indices
+from moco_jax.eval import knn
+from image_files import _save, colour, ids_of, imagenette_or_skip, make_corrupt_folder, make_folder
+from tiny import knn_arrays, pretrain_source
 
-from configs import default  # noqa: E402
-from moco_jax import data  # noqa: E402
-from moco_jax.core import augment  # noqa: E402
-from moco_jax.eval import knn  # noqa: E402
-from moco_jax.data import image_folder, tf_images  # noqa: E402
-from moco_jax.data.source import local_batch_indices  # noqa: E402
-from tiny import knn_arrays, pretrain_source  # noqa: E402
-
-tf = tf_images.tf
-IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette_sample"
 S = 8  # crop size
-
-
-def colour(i):
-    """A distinct, JPEG-robust RGB colour for file i (steps of 40 per channel)."""
-    return (40 * (i % 6) + 20, 40 * ((i // 6) % 6) + 20, 40 * (i // 36) + 20)
-
-
-def _save(path, i, mode="RGB", fmt=None, size=(24, 16)):
-    img = Image.new("RGB", size, colour(i))
-    if mode == "L":
-        img = img.convert("L")
-    elif mode == "RGBA":
-        img = img.convert("RGBA")
-        img.putalpha(128)
-    img.save(path, format=fmt, quality=98) if fmt == "JPEG" else img.save(path, format=fmt)
+needs_tf = pytest.mark.skipif(not has_module("tensorflow"), reason="the tf.data pipeline is optional and "
+                              "TensorFlow is not installed (pip install -r requirements-tf.txt)")
+LOADERS = [pytest.param("grain"), pytest.param("tf", marks=needs_tf)]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """root/cat/{00..09}.png|jpg, root/dog/{10..19}, 1 grayscale JPEG, 1 RGBA
-    PNG, plus a text file that must be ignored. 20 images."""
-    root = tmp_path_factory.mktemp("images")
-    for cls, ids in (("cat", range(0, 10)), ("dog", range(10, 20))):
-        (root / cls).mkdir()
-        for i in ids:
-            if i == 3:
-                _save(root / cls / f"{i:02d}.jpg", i, mode="L", fmt="JPEG")
-            elif i == 14:
-                _save(root / cls / f"{i:02d}.png", i, mode="RGBA", fmt="PNG")
-            elif i % 2:
-                _save(root / cls / f"{i:02d}.JPEG", i, fmt="JPEG")
-            else:
-                _save(root / cls / f"{i:02d}.png", i, fmt="PNG")
-    (root / "cat" / "notes.txt").write_text("not an image")
-    return root
+    return make_folder(tmp_path_factory)
 
 
-def expected_colour(i, gray=(3,)):
-    if i in gray:  # grayscale: PIL's luma of the colour, replicated
-        g = round(np.dot(colour(i), (0.299, 0.587, 0.114)))
-        return (g, g, g)
-    return colour(i)
+@pytest.fixture(scope="module")
+def corrupt_folder(tmp_path_factory):
+    return make_corrupt_folder(tmp_path_factory)
 
 
-def ids_of(crops, n=20, gray=(3,)):
-    """(..., S, S, 3) solid crops -> (...) file ids, by nearest colour."""
-    means = crops.reshape(*crops.shape[:-3], -1, 3).mean(-2)
-    table = np.array([expected_colour(i, gray) for i in range(n)], np.float32)
-    dist = np.abs(means[..., None, :] - table).sum(-1)
-    assert np.all(dist.min(-1) < 6), "a crop matches no file's colour"
-    return dist.argmin(-1)
+@pytest.fixture(params=LOADERS)
+def loader(request):
+    return request.param
 
 
-def stream(paths, n, **kw):
-    args = dict(global_batch=8, seed=5, crop_size=S, crop_scale=(0.2, 1.0), num_threads=2)
+def stream(loader, paths, n, skip_corrupt=False, **kw):
+    """The first n batches of `loader`'s two-crop stream of `paths`."""
+    args = dict(global_batch=8, seed=5, crop_size=S, crop_scale=(0.2, 1.0))
     args.update(kw)
-    return list(itertools.islice(image_folder.two_crop_batches(paths, **args), n))
+    if loader == "grain":
+        options = grain_stream.Options(threads=2, skip_corrupt=skip_corrupt)
+        batches = grain_stream.two_crop_batches(image_folder.FileImages(np.asarray(paths)), options=options, **args)
+    else:
+        batches = image_folder.two_crop_batches(paths, num_threads=2, skip_corrupt=skip_corrupt, **args)
+    return list(itertools.islice(batches, n))
+
+
+def center_crops(loader, paths, size, skip_corrupt=False):
+    if loader == "grain":
+        return grain_stream.center_crops(image_folder.FileImages(np.asarray(paths)), np.arange(len(paths)), size,
+                                         options=grain_stream.Options(skip_corrupt=skip_corrupt), chunk=4)
+    return image_folder.center_crops(paths, size, skip_corrupt=skip_corrupt)
 
 
 # --------------------------------------------------------------------------- listing
@@ -105,10 +86,202 @@ def test_empty_folder_error(tmp_path):
         image_folder.list_image_files(tmp_path / "empty")
 
 
-# --------------------------------------------------------------------------- crops
-def test_tf_crop_boxes_match_augment_sampler():
+# --------------------------------------------------------------------------- the stream, both pipelines
+@pytest.fixture(scope="module")
+def full_streams(folder):
+    """Per pipeline: 6 steps (3 epochs of 2 steps, 4 images dropped each) of the 20 files."""
+    paths = image_folder.list_image_files(folder).paths
+    return {p.values[0]: stream(p.values[0], paths, 6) for p in LOADERS
+            if p.values[0] == "grain" or has_module("tensorflow")}
+
+
+def test_two_crops_content_and_conversions(folder, loader):
+    files = image_folder.list_image_files(folder)
+    batch = stream(loader, files.paths, 1, global_batch=20, num_local_devices=4)[0]
+    assert batch.shape == (4, 5, 2, S, S, 3) and batch.dtype == np.uint8
+    ids = ids_of(batch).reshape(20, 2)
+    np.testing.assert_array_equal(ids[:, 0], ids[:, 1])  # both views of one file
+    np.testing.assert_array_equal(np.sort(ids[:, 0]), np.arange(20))  # one epoch, each once
+    crops = batch.reshape(20, 2, S, S, 3)
+    gray = crops[ids[:, 0] == 3]
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])  # grayscale -> RGB
+    rgba = crops[ids[:, 0] == 14].astype(int)
+    assert np.abs(rgba.reshape(-1, 3).mean(0) - colour(14)).max() < 2  # alpha dropped, colour kept
+
+
+def test_order_matches_local_batch_indices_and_reshuffles(folder, full_streams, loader):
+    full_stream = full_streams[loader]
+    assert full_stream[0].shape == (1, 8, 2, S, S, 3)
+    expected = local_batch_indices(20, 8, seed=5)
+    epochs = []
+    for b in full_stream:
+        ids = ids_of(b).reshape(8, 2)[:, 0]
+        np.testing.assert_array_equal(ids, next(expected))
+        epochs.append(ids)
+    assert len(set(np.concatenate(epochs[:2]).tolist())) == 16  # no repeat within an epoch
+    assert not np.array_equal(epochs[0], epochs[2])  # reshuffled
+    two_dev = stream(loader, image_folder.list_image_files(folder).paths, 1, num_local_devices=2)[0]
+    np.testing.assert_array_equal(two_dev.reshape(full_stream[0].shape), full_stream[0])
+
+
+def test_deterministic_and_resumable(folder, full_streams, loader):
+    files = image_folder.list_image_files(folder)
+    resumed = stream(loader, files.paths, 3, start_step=3)
+    for a, b in zip(full_streams[loader][3:], resumed):
+        np.testing.assert_array_equal(a, b)  # same images *and* same crops
+    assert not np.array_equal(stream(loader, files.paths, 1, seed=6)[0], full_streams[loader][0])
+
+
+def test_processes_read_disjoint_shards(folder, full_streams, loader):
+    files = image_folder.list_image_files(folder)
+    procs = [stream(loader, files.paths, 3, process_index=p, process_count=2) for p in range(2)]
+    for step in range(3):
+        parts = [ids_of(procs[p][step]).reshape(4, 2)[:, 0] for p in range(2)]
+        assert not set(parts[0]) & set(parts[1])
+        np.testing.assert_array_equal(np.concatenate(parts), ids_of(full_streams[loader][step]).reshape(8, 2)[:, 0])
+        if loader == "grain":  # crops seeded by the global position: also the same crops
+            np.testing.assert_array_equal(np.concatenate([procs[0][step], procs[1][step]], axis=1),
+                                          full_streams[loader][step])
+
+
+def test_both_pipelines_read_the_same_images_at_every_step(full_streams):
+    if len(full_streams) < 2:
+        pytest.skip("the tf.data pipeline is optional and TensorFlow is not installed")
+    for a, b in zip(full_streams["grain"], full_streams["tf"]):
+        np.testing.assert_array_equal(ids_of(a), ids_of(b))
+
+
+# --------------------------------------------------------------------------- undecodable files
+def test_corrupt_file_error_names_file(corrupt_folder, loader):
+    paths = image_folder.list_image_files(corrupt_folder).paths
+    with pytest.raises(image_folder.UndecodableImageError, match=r"0[89]\.(jpg|png).*skip_corrupt_images"):
+        stream(loader, paths, 2, global_batch=5)  # one epoch: both bad files are in it
+
+
+def test_corrupt_files_skipped_and_counted(corrupt_folder, caplog, loader):
+    paths = image_folder.list_image_files(corrupt_folder).paths
+    with caplog.at_level(logging.WARNING):
+        batches = stream(loader, paths, 4, global_batch=5, skip_corrupt=True)  # 2 epochs
+    skips = [r.getMessage() for r in caplog.records if "skipping undecodable" in r.getMessage()]
+    assert len(skips) == 4 and "(4 skipped so far)" in skips[-1]
+    named = {Path(word).name for m in skips for word in m.split() if word.endswith((".jpg", ".png"))}
+    assert named == {"08.jpg", "09.png"}
+    expected = local_batch_indices(10, 5, seed=5)
+    for b in batches:
+        assert b.shape == (1, 5, 2, S, S, 3)
+        ids = ids_of(b, n=10, gray=()).reshape(5, 2)[:, 0]
+        want = next(expected)
+        good = want < 8
+        np.testing.assert_array_equal(ids[good], want[good])  # the rest are in place
+        assert set(ids[~good]) <= set(want[good])  # gaps filled from the same batch
+    # Skipping is deterministic too: a resumed run sees the same batches.
+    resumed = stream(loader, paths, 2, global_batch=5, skip_corrupt=True, start_step=2)
+    for a, b in zip(batches[2:], resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_knn_center_crops_corrupt(corrupt_folder, loader):
+    paths = image_folder.list_image_files(corrupt_folder).paths
+    with pytest.raises(image_folder.UndecodableImageError, match=r"08\.jpg"):
+        center_crops(loader, paths, S)
+    images, kept = center_crops(loader, paths, S, skip_corrupt=True)
+    assert images.shape == (8, S, S, 3) and kept.tolist() == list(range(8))
+    np.testing.assert_array_equal(ids_of(images[:, None], n=10, gray=())[:, 0], np.arange(8))
+
+
+# --------------------------------------------------------------------------- config entry points
+def folder_config(root, loader="auto", **overrides):
+    config = default.get_config()
+    config.update(dict(dataset="image_folder", data_dir=str(root), train_split="", eval_split="",
+                       crop_size=S, batch_size=8, input_threads=2, input_workers=0, data_loader=loader))
+    config.update(overrides)
+    return config
+
+
+def test_image_folder_source_from_the_config(folder, full_streams, loader):
+    config = folder_config(folder, loader, seed=5, crop_scale=(0.2, 1.0))
+    source, batches, steps_per_epoch = pretrain_source(config, num_local_devices=8)
+    assert source.loader == loader and source.host_cropped and source.num_train_examples == 20
+    assert steps_per_epoch == 2
+    first = next(batches)
+    assert first.shape == (8, 1, 2, S, S, 3)
+    np.testing.assert_array_equal(first.reshape(full_streams[loader][0].shape), full_streams[loader][0])
+    with pytest.raises(ValueError, match="eval_split"):
+        knn_arrays(config)
+    with pytest.raises(FileNotFoundError, match="train_split=''"):
+        pretrain_source(folder_config(folder, loader, train_split="train"))
+
+
+def test_the_default_pipeline_is_grain(folder):
+    assert data.open_source(folder_config(folder)).loader == "grain"
+    with pytest.raises(ValueError, match="data_loader='bogus' must be one of"):
+        data.open_source(folder_config(folder, "bogus"))
+
+
+def test_the_train_folder_is_listed_once(tmp_path, monkeypatch, loader):
+    """Opening the source lists the folder; the stream and the kNN bank of the
+    same split reuse that listing (an ImageNet-sized folder takes a while)."""
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                _save(tmp_path / split / cls / f"{i}.png", 4 * c + i, fmt="PNG")
+    listed = []
+    real = image_folder.list_image_files
+    monkeypatch.setattr(image_folder, "list_image_files", lambda root: listed.append(str(root)) or real(root))
+    config = folder_config(tmp_path, loader, train_split="train", eval_split="val")
+    source = data.open_source(config)
+    assert listed == [str(tmp_path / "train")]
+    assert next(source.train_batches(global_batch=8, seed=0, crop_size=S)).shape == (1, 8, 2, S, S, 3)
+    bank = knn.monitor_dataset(source, config)
+    assert bank.train_images.shape == bank.test_images.shape == (8, S, S, 3)
+    np.testing.assert_array_equal(ids_of(bank.train_images[:, None], n=8, gray=())[:, 0], np.arange(8))
+    np.testing.assert_array_equal(bank.train_labels, [0] * 4 + [1] * 4)
+    assert listed == [str(tmp_path / "train"), str(tmp_path / "val")]  # the bank reused the listing
+
+
+# --------------------------------------------------------------------------- real images
+@pytest.fixture(scope="module")
+def imagenette():
+    return imagenette_or_skip()
+
+
+def test_imagenette_sample_pipeline(imagenette, loader):
+    files = image_folder.list_image_files(imagenette / "train")
+    assert len(files.paths) == 400 and len(files.class_names) == 10
+    b = stream(loader, files.paths, 2, global_batch=16, crop_size=224, num_local_devices=2)
+    assert b[0].shape == (2, 8, 2, 224, 224, 3)
+    views = b[0].reshape(16, 2, 224, 224, 3).astype(np.float32)
+    assert views.std() > 30  # real photos
+    assert np.abs(views[:, 0] - views[:, 1]).mean() > 5  # two different crops
+
+
+def test_imagenette_knn_arrays(imagenette, loader):
+    config = folder_config(imagenette, loader, train_split="train", eval_split="val", crop_size=32,
+                           knn_max_train_images=100)
+    ds = knn_arrays(config)
+    assert ds.train_images.shape == (100, 32, 32, 3) and ds.test_images.shape == (100, 32, 32, 3)
+    np.testing.assert_array_equal(np.bincount(ds.test_labels), [10] * 10)
+    assert ds.num_classes == 10 and ds.train_labels.max() <= 9
+    # Validation classes map to the same indices as the train folders.
+    val = image_folder.list_image_files(imagenette / "val")
+    assert val.class_names == image_folder.list_image_files(imagenette / "train").class_names
+    assert math.isclose(ds.train_images.std(), ds.test_images.std(), rel_tol=0.3)
+
+
+# --------------------------------------------------------------------------- tf.data's own arithmetic
+@pytest.fixture(scope="module")
+def tf_images():
+    pytest.importorskip("tensorflow", reason="the tf.data pipeline is optional (pip install -r requirements-tf.txt)")
+    from moco_jax.data import tf_images
+
+    return tf_images
+
+
+def test_tf_crop_boxes_match_augment_sampler(tf_images):
     """Host (TF) and device (JAX) RandomResizedCrop boxes are the same
     function of the same uniforms, fallback included."""
+    tf = tf_images.tf
     u = np.random.default_rng(0).uniform(size=(64, 40)).astype(np.float32)
     for (h, w), scale in [((12, 30), (0.08, 1.0)), ((12, 30), (0.5, 1.0)), ((40, 10), (5.0, 6.0))]:
         ref = np.asarray(jax.jit(lambda u: augment.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
@@ -117,9 +290,10 @@ def test_tf_crop_boxes_match_augment_sampler():
 
 
 @pytest.mark.parametrize("size", [12, 48])  # mostly shrinking / always enlarging
-def test_host_crop_equals_device_crop_and_resize(size):
+def test_tf_host_crop_equals_device_crop_and_resize(tf_images, size):
     """The host's decode-crop-resize gives the pixels of the device op that
     reproduces torchvision's resized_crop (antialiased bilinear), +-1 rounding."""
+    tf = tf_images.tf
     img = np.random.default_rng(size).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     encoded = tf.io.encode_png(img)
     resize = jax.jit(lambda x, b: augment.crop_and_resize(x, b, size))
@@ -133,22 +307,9 @@ def test_host_crop_equals_device_crop_and_resize(size):
             assert np.abs(crops[v] - ref).max() <= 1.0, (size, i, v, box)
 
 
-def test_two_crops_content_and_conversions(folder):
-    files = image_folder.list_image_files(folder)
-    batch = stream(files.paths, 1, global_batch=20, num_local_devices=4)[0]
-    assert batch.shape == (4, 5, 2, S, S, 3) and batch.dtype == np.uint8
-    ids = ids_of(batch).reshape(20, 2)
-    np.testing.assert_array_equal(ids[:, 0], ids[:, 1])  # both views of one file
-    np.testing.assert_array_equal(np.sort(ids[:, 0]), np.arange(20))  # one epoch, each once
-    crops = batch.reshape(20, 2, S, S, 3)
-    gray = crops[ids[:, 0] == 3]
-    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])  # grayscale -> RGB
-    rgba = crops[ids[:, 0] == 14].astype(int)
-    assert np.abs(rgba.reshape(-1, 3).mean(0) - colour(14)).max() < 2  # alpha dropped, colour kept
-
-
-def test_two_crops_are_random_resized_crops():
+def test_tf_two_crops_are_random_resized_crops(tf_images):
     """A gradient image: crops differ per view and cover >= 20% of the area."""
+    tf = tf_images.tf
     x = np.linspace(0, 255, 64).astype(np.uint8)
     ramp = np.stack(np.broadcast_arrays(x[None, :], x[:, None], x[None, :]), axis=-1)  # R, B: x; G: y
     encoded = tf.io.encode_png(ramp)
@@ -161,140 +322,10 @@ def test_two_crops_are_random_resized_crops():
     np.testing.assert_array_equal(same, crops[0])  # deterministic per seed
 
 
-@pytest.fixture(scope="module")
-def full_stream(folder):
-    """6 steps (3 epochs of 2 steps, 4 images dropped each) of the 20 files."""
-    return stream(image_folder.list_image_files(folder).paths, 6)
-
-
-def test_order_matches_local_batch_indices_and_reshuffles(folder, full_stream):
-    assert full_stream[0].shape == (1, 8, 2, S, S, 3)
-    expected = local_batch_indices(20, 8, seed=5)
-    epochs = []
-    for b in full_stream:
-        ids = ids_of(b).reshape(8, 2)[:, 0]
-        np.testing.assert_array_equal(ids, next(expected))
-        epochs.append(ids)
-    assert len(set(np.concatenate(epochs[:2]).tolist())) == 16  # no repeat within an epoch
-    assert not np.array_equal(epochs[0], epochs[2])  # reshuffled
-    files = image_folder.list_image_files(folder)
-    two_dev = stream(files.paths, 1, num_local_devices=2)[0]
-    np.testing.assert_array_equal(two_dev.reshape(full_stream[0].shape), full_stream[0])
-
-
-def test_deterministic_and_resumable(folder, full_stream):
-    files = image_folder.list_image_files(folder)
-    resumed = stream(files.paths, 3, start_step=3)
-    for a, b in zip(full_stream[3:], resumed):
-        np.testing.assert_array_equal(a, b)  # same images *and* same crops
-    other = stream(files.paths, 1, seed=6)[0]
-    assert not np.array_equal(other, full_stream[0])
-
-
-def test_processes_read_disjoint_shards(folder, full_stream):
-    files = image_folder.list_image_files(folder)
-    procs = [stream(files.paths, 3, process_index=p, process_count=2) for p in range(2)]
-    for step in range(3):
-        parts = [ids_of(procs[p][step]).reshape(4, 2)[:, 0] for p in range(2)]
-        assert not set(parts[0]) & set(parts[1])
-        np.testing.assert_array_equal(np.concatenate(parts),
-                                      ids_of(full_stream[step]).reshape(8, 2)[:, 0])
-
-
-# --------------------------------------------------------------------------- corrupt files
-@pytest.fixture(scope="module")
-def corrupt_folder(tmp_path_factory):
-    """8 good images, a truncated JPEG (id 8) and a PNG of garbage (id 9)."""
-    root = tmp_path_factory.mktemp("corrupt")
-    for i in range(8):
-        _save(root / f"{i:02d}.png", i, fmt="PNG")
-    _save(root / "08.jpg", 8, fmt="JPEG", size=(64, 64))
-    raw = (root / "08.jpg").read_bytes()
-    (root / "08.jpg").write_bytes(raw[:len(raw) // 2])
-    (root / "09.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    return root
-
-
-def test_corrupt_file_error_names_file(corrupt_folder):
-    paths = image_folder.list_image_files(corrupt_folder).paths
-    with pytest.raises(image_folder.UndecodableImageError, match=r"0[89]\.(jpg|png).*skip_corrupt_images"):
-        stream(paths, 2, global_batch=5)  # one epoch: both bad files are in it
-
-
-def test_corrupt_files_skipped_and_counted(corrupt_folder, caplog):
-    paths = image_folder.list_image_files(corrupt_folder).paths
-    with caplog.at_level(logging.WARNING):
-        batches = stream(paths, 4, global_batch=5, skip_corrupt=True)  # 2 epochs
-    skips = [r.getMessage() for r in caplog.records if "skipping undecodable" in r.getMessage()]
-    assert len(skips) == 4 and "(4 skipped so far)" in skips[-1]
-    assert {"08.jpg", "09.png"} == {Path(m.split()[3]).name for m in skips}
-    expected = local_batch_indices(10, 5, seed=5)
-    for b in batches:
-        assert b.shape == (1, 5, 2, S, S, 3)
-        ids = ids_of(b, n=10, gray=()).reshape(5, 2)[:, 0]
-        want = next(expected)
-        good = want < 8
-        np.testing.assert_array_equal(ids[good], want[good])  # the rest are in place
-        assert set(ids[~good]) <= set(want[good])  # gaps filled from the same batch
-    # Skipping is deterministic too: a resumed run sees the same batches.
-    resumed = stream(paths, 2, global_batch=5, skip_corrupt=True, start_step=2)
-    for a, b in zip(batches[2:], resumed):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_knn_center_crops_corrupt(corrupt_folder):
-    paths = image_folder.list_image_files(corrupt_folder).paths
-    with pytest.raises(image_folder.UndecodableImageError, match=r"08\.jpg"):
-        image_folder.center_crops(paths, S)
-    images, kept = image_folder.center_crops(paths, S, skip_corrupt=True)
-    assert images.shape == (8, S, S, 3) and kept.tolist() == list(range(8))
-    np.testing.assert_array_equal(ids_of(images[:, None], n=10, gray=())[:, 0], np.arange(8))
-
-
-# --------------------------------------------------------------------------- config entry points
-def folder_config(root, **overrides):
-    config = default.get_config()
-    config.update(dict(dataset="image_folder", data_dir=str(root), train_split="", eval_split="",
-                       crop_size=S, batch_size=8, input_threads=2))
-    config.update(overrides)
-    return config
-
-
-def test_image_folder_source_from_the_config(folder):
-    config = folder_config(folder)
-    source, batches, steps_per_epoch = pretrain_source(config, num_local_devices=8)
-    assert source.host_cropped and source.num_train_examples == 20 and steps_per_epoch == 2
-    assert next(batches).shape == (8, 1, 2, S, S, 3)
-    with pytest.raises(ValueError, match="eval_split"):
-        knn_arrays(config)
-    with pytest.raises(FileNotFoundError, match="train_split=''"):
-        pretrain_source(folder_config(folder, train_split="train"))
-
-
-def test_the_train_folder_is_listed_once(tmp_path, monkeypatch):
-    """Opening the source lists the folder; the stream and the kNN bank of the
-    same split reuse that listing (an ImageNet-sized folder takes a while)."""
-    for split in ("train", "val"):
-        for c, cls in enumerate(("a", "b")):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(4):
-                _save(tmp_path / split / cls / f"{i}.png", 4 * c + i, fmt="PNG")
-    listed = []
-    real = image_folder.list_image_files
-    monkeypatch.setattr(image_folder, "list_image_files", lambda root: listed.append(str(root)) or real(root))
-    config = folder_config(tmp_path, train_split="train", eval_split="val")
-    source = data.open_source(config)
-    assert listed == [str(tmp_path / "train")]
-    batches = source.train_batches(global_batch=8, seed=0, crop_size=S)
-    assert next(batches).shape == (1, 8, 2, S, S, 3)
-    bank = knn.monitor_dataset(source, config)
-    assert bank.train_images.shape == bank.test_images.shape == (8, S, S, 3)
-    assert listed == [str(tmp_path / "train"), str(tmp_path / "val")]  # the bank reused the listing
-
-
-def test_center_crop_resizes_shorter_side():
+def test_tf_center_crop_resizes_shorter_side(tf_images):
     # 16 x 32: a left half red, right half blue; the centre 8 x 8 of the
     # 8 x 16 resize is half red, half blue.
+    tf = tf_images.tf
     img = np.zeros((16, 32, 3), np.uint8)
     img[:, :16, 0] = 255
     img[:, 16:, 2] = 255
@@ -303,34 +334,3 @@ def test_center_crop_resizes_shorter_side():
     assert out[:, :3, 0].min() == 255 and out[:, 5:, 2].min() == 255
     zoom = tf_images.center_crop(tf.io.encode_png(img), 8, crop_fraction=0.5).numpy()
     assert zoom.shape == (8, 8, 3)  # 16 x 32 -> centre 8 x 8 of the unchanged image
-
-
-# --------------------------------------------------------------------------- real images
-@pytest.fixture(scope="module")
-def imagenette():
-    if not IMAGENETTE.is_dir():
-        pytest.skip(f"imagenette sample not found: {IMAGENETTE} does not exist")
-    return IMAGENETTE
-
-
-def test_imagenette_sample_pipeline(imagenette):
-    files = image_folder.list_image_files(imagenette / "train")
-    assert len(files.paths) == 400 and len(files.class_names) == 10
-    b = stream(files.paths, 2, global_batch=16, crop_size=224, num_local_devices=2)
-    assert b[0].shape == (2, 8, 2, 224, 224, 3)
-    views = b[0].reshape(16, 2, 224, 224, 3).astype(np.float32)
-    assert views.std() > 30  # real photos
-    assert np.abs(views[:, 0] - views[:, 1]).mean() > 5  # two different crops
-
-
-def test_imagenette_knn_arrays(imagenette):
-    config = folder_config(imagenette, train_split="train", eval_split="val", crop_size=32,
-                           knn_max_train_images=100)
-    ds = knn_arrays(config)
-    assert ds.train_images.shape == (100, 32, 32, 3) and ds.test_images.shape == (100, 32, 32, 3)
-    np.testing.assert_array_equal(np.bincount(ds.test_labels), [10] * 10)
-    assert ds.num_classes == 10 and ds.train_labels.max() <= 9
-    # Validation classes map to the same indices as the train folders.
-    val = image_folder.list_image_files(imagenette / "val")
-    assert val.class_names == image_folder.list_image_files(imagenette / "train").class_names
-    assert math.isclose(ds.train_images.std(), ds.test_images.std(), rel_tol=0.3)

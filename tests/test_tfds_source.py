@@ -1,9 +1,13 @@
-"""Tests for the tensorflow-datasets source, offline (`tfds.testing.mock_data`)."""
+"""Tests for the tensorflow-datasets source through tf.data, offline
+(`tfds.testing.mock_data` serves TFRecord datasets, which only tf.data reads;
+tests/test_tfds_grain.py covers ArrayRecord datasets through grain)."""
 import itertools
 
 import numpy as np
 import pytest
 
+pytest.importorskip("tensorflow", reason="these tests exercise the optional tf.data pipeline "
+                    "(pip install -r requirements-tf.txt)")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import default  # noqa: E402
@@ -102,7 +106,7 @@ def test_not_prepared_is_one_clear_error(tmp_path):
     with pytest.raises(tfds_source.DatasetNotPreparedError) as err:
         pretrain_source(config)
     msg = str(err.value)
-    assert "'cifar10'" in msg and str(tmp_path) in msg and "tfds build cifar10" in msg
+    assert "'cifar10'" in msg and str(tmp_path) in msg and "tfds.builder('cifar10'" in msg
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained traceback
     with pytest.raises(tfds_source.DatasetNotPreparedError, match="manual"):
         knn_arrays(tfds_config(dataset="imagenet2012", data_dir=str(tmp_path)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import numbers
 from typing import Any, Callable, Mapping, Sequence
@@ -186,6 +187,8 @@ _SHARED_RULES = {
     "dataset": NAME, "data_dir": STRING, "image_size": integer(0), "train_split": STRING,
     "eval_split": STRING, "skip_corrupt_images": BOOL, "input_threads": integer(0),
     "shuffle_buffer": integer(1), "tfds_download": BOOL, "image_key": NAME, "label_key": NAME,
+    "data_loader": one_of(("auto", "grain", "tf")),
+    "input_workers": integer(-1, note=" (-1: automatic, 0: no worker processes)"),
     # Optimisation.
     "batch_size": integer(1), "num_epochs": number(0),
     "num_train_steps": integer(note=" (> 0: the run's length in steps; else num_epochs decides)"),
@@ -208,6 +211,7 @@ PRETRAINING_RULES = {
     "shuffle_bn": BOOL, "shuffle_mode": one_of(moco.SHUFFLE_MODES), "symmetric_loss": BOOL,
     **interval_rules("log_every", "checkpoint_every", "knn_every"),
     "checkpoints_to_keep": integer(1), "knn_k": integer(1), "knn_temperature": POSITIVE,
+    "wandb_project": STRING, "wandb_entity": STRING, "wandb_name": STRING,
 }
 
 # Every field of a linear-probe config (configs/linear_cifar10.py).
@@ -259,6 +263,21 @@ def check_image_sizes(config) -> None:
             f"(image_size={config.image_size}): set crop_size <= {size} {how}".strip())
 
 
+def wandb_missing(project: str) -> ConfigError:
+    """The error for a W&B project set where the wandb package is missing."""
+    return ConfigError(f"wandb_project={project!r} needs the wandb package: `pip install wandb` "
+                       "(or --config.wandb_project='')")
+
+
+def check_wandb(config) -> None:
+    """wandb must be importable where config.wandb_project is set: checked on
+    every process before the data and model are built, not when the first
+    metrics are written (find_spec does not import it)."""
+    project = config.get("wandb_project", "")
+    if project and importlib.util.find_spec("wandb") is None:
+        raise wandb_missing(project)
+
+
 def validate_config(config, num_devices: int) -> None:
     """Raise ConfigError naming the offending field(s) of a pretraining config.
 
@@ -268,6 +287,7 @@ def validate_config(config, num_devices: int) -> None:
     """
     check_fields(config, PRETRAINING_RULES)  # types and ranges first: the relations below rely on them
     check_length(config, ("log_every", "checkpoint_every", "knn_every"))
+    check_wandb(config)
     check_image_sizes(config)
     batch, queue, splits = config.batch_size, config.queue_size, bn_splits_for(config, num_devices)
     if batch % num_devices:

@@ -7,8 +7,9 @@
 
 A new kind of dataset is one new module here with an `open_source(spec)`
 function returning a `Source` (see `source.py`), plus one line in `SOURCES`.
-The modules are imported only when their dataset is opened, so the
-TensorFlow-based sources cost nothing to a run that does not use them.
+The modules are imported only when their dataset is opened, and the
+pipelines (grain, tf.data) only when images are decoded, so a run on the
+in-memory arrays imports neither.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ __all__ = ["ArrayDataset", "Source", "SourceConfig", "SOURCES", "open_source", "
 SOURCES = {
     "digits": "arrays",  # scikit-learn's digits, in memory
     "cifar10_arrays": "arrays",  # CIFAR-10 from the shared mosaics, in memory
-    "image_folder": "image_folder",  # data_dir/<split>/<class>/*.jpg|png, tf.data
+    "image_folder": "image_folder",  # data_dir/<split>/<class>/*.jpg|png, grain or tf.data
 }
 # Any other name is a tensorflow-datasets name (optionally written 'tfds:NAME').
 DEFAULT_SOURCE = "tfds_source"

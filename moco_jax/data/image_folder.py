@@ -2,10 +2,13 @@
 folders optional: images directly in `root` get label -1).
 
 The folder is listed once, when the source is opened. Decoding and cropping
-run in tf.data (`moco_jax.data.tf_images`, imported only when images are
-decoded, so that listing files needs no TensorFlow). The example order is the
+run in grain (`moco_jax.data.grain_stream`, Pillow in worker processes; the
+default, no TensorFlow needed) or, with `data_loader='tf'`, in tf.data
+(`moco_jax.data.tf_images`, imported only then). The example order is the
 one of every source, `source.local_batch_indices`: deterministic for a seed,
-reshuffled each epoch, resumable at any step, a disjoint slice per process.
+reshuffled each epoch, resumable at any step, a disjoint slice per process;
+both pipelines read the same images at every step (their crops differ: each
+seeds its own random numbers).
 
 Undecodable files (corrupt, truncated, not an image): by default the first
 one stops the run with an error naming it. With `skip_corrupt_images` each is
@@ -24,14 +27,13 @@ import numpy as np
 from absl import logging
 
 from moco_jax.core.errors import ConfigError, InputError, NotFoundError
-from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, knn_subset, local_batch_indices
+from moco_jax.data.source import (ArrayDataset, Source, SourceConfig, UndecodableImageError, check_decode_size,
+                                  choose_loader, knn_subset, local_batch_indices)
+
+__all__ = ["FileImages", "ImageFiles", "ImageFolderSource", "UndecodableImageError", "list_image_files"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 NO_LABEL = -1
-
-
-class UndecodableImageError(InputError):
-    """An image file that TensorFlow cannot decode; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,23 @@ class ImageFiles:
     labels: np.ndarray
     class_names: tuple[str, ...]
     root: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class FileImages:
+    """Image files as `grain_stream.EncodedImages` (pickles as the paths)."""
+
+    paths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> bytes:
+        with open(self.paths[index], "rb") as f:
+            return f.read()
+
+    def describe(self, index: int) -> str:
+        return f"file {self.paths[index]}"
 
 
 def _images_in(folder: Path) -> list[str]:
@@ -107,10 +126,11 @@ class ImageFolderSource(Source):
             raise ConfigError("dataset='image_folder' needs a data_dir: --config.data_dir=ROOT (knn_eval: "
                               "--data_dir=ROOT), with the images in ROOT/<train_split>/<class>/")
         self.spec = spec
+        self.loader = choose_loader(spec)
         self.files = _split_files(spec.data_dir, spec.train_split, "train_split")
         self.name = f"image_folder:{self.files.root}"
-        logging.info("image folder %s: %d images, %d classes", self.files.root, len(self.files.paths),
-                     len(self.files.class_names))
+        logging.info("image folder %s: %d images, %d classes, decoded by %s", self.files.root,
+                     len(self.files.paths), len(self.files.class_names), describe_loader(self.loader, spec))
 
     @property
     def num_train_examples(self) -> int:
@@ -118,6 +138,13 @@ class ImageFolderSource(Source):
 
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
                       num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
+        if self.loader == "grain":
+            from moco_jax.data import grain_stream
+            return grain_stream.two_crop_batches(
+                FileImages(self.files.paths), global_batch=global_batch, seed=seed, crop_size=crop_size,
+                crop_scale=crop_scale, start_step=start_step, process_index=process_index,
+                process_count=process_count, num_local_devices=num_local_devices,
+                options=grain_stream.Options.from_spec(self.spec))
         return two_crop_batches(
             self.files.paths, global_batch=global_batch, seed=seed, crop_size=crop_size,
             crop_scale=tuple(crop_scale), start_step=start_step, process_index=process_index,
@@ -143,14 +170,31 @@ class ImageFolderSource(Source):
                 f"names (eval classes missing from train: {unknown[:5]})")
         to_train_label = np.asarray([train.class_names.index(c) for c in test.class_names], np.int32)
         keep = knn_subset(len(train.paths), max_train_images, seed)
-        kwargs = dict(crop_fraction=crop_fraction, skip_corrupt=spec.skip_corrupt_images,
-                      num_threads=spec.num_threads)
-        train_images, train_kept = center_crops(train.paths[keep], size, **kwargs)
-        test_images, test_kept = center_crops(test.paths, size, **kwargs)
+        train_images, train_kept = self._center_crops(train.paths[keep], size, crop_fraction)
+        test_images, test_kept = self._center_crops(test.paths, size, crop_fraction)
         return ArrayDataset(
             train_images, train.labels[keep][train_kept],
             test_images, to_train_label[test.labels[test_kept]],
             num_classes=len(train.class_names), name=self.name)
+
+
+    def _center_crops(self, paths, size, crop_fraction):
+        if self.loader == "grain":
+            from moco_jax.data import grain_stream
+            return grain_stream.center_crops(FileImages(paths), np.arange(len(paths)), size,
+                                             crop_fraction=crop_fraction,
+                                             options=grain_stream.Options.from_spec(self.spec))
+        return center_crops(paths, size, crop_fraction=crop_fraction, skip_corrupt=self.spec.skip_corrupt_images,
+                            num_threads=self.spec.num_threads)
+
+
+def describe_loader(loader: str, spec: SourceConfig) -> str:
+    """For the start-up log: which pipeline decodes, with how many workers."""
+    if loader == "tf":
+        return f"tf.data ({spec.num_threads} threads)"
+    if spec.grain_workers:
+        return f"grain ({spec.grain_workers} worker processes x {spec.grain_threads} threads)"
+    return f"grain ({spec.grain_threads} threads, no worker processes)"
 
 
 def open_source(spec: SourceConfig) -> ImageFolderSource:

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import importlib.util
 import os
 from typing import Iterator
 
 import numpy as np
 
-from moco_jax.core.errors import ConfigError
+from moco_jax.core.errors import ConfigError, InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +53,33 @@ class SourceConfig:
     tfds_download: bool = False
     image_key: str = "image"
     label_key: str = "label"
+    data_loader: str = "auto"
+    input_workers: int = -1
 
     @property
     def num_threads(self) -> int:
-        """Host decode threads: `input_threads`, or all cores but one (left to
-        the JAX host thread) when 0."""
+        """tf.data decode threads: `input_threads`, or all cores but one (left
+        to the JAX host thread) when 0."""
         return self.input_threads or max(1, (os.cpu_count() or 2) - 1)
+
+    @property
+    def grain_workers(self) -> int:
+        """grain worker processes: `input_workers`, or when -1 all cores but
+        one if that makes at least 2, else none (one worker process delivers
+        less than threads of the training process: BENCHMARKS.md)."""
+        if self.input_workers >= 0:
+            return self.input_workers
+        spare = (os.cpu_count() or 2) - 1
+        return spare if spare >= 2 else 0
+
+    @property
+    def grain_threads(self) -> int:
+        """Decode threads per grain worker, or of the training process without
+        workers: `input_threads`, or when 0 one per worker (processes are what
+        scales: Python holds the GIL for about a third of each image), one
+        per core without workers (Pillow releases the GIL while it decodes
+        and resizes)."""
+        return self.input_threads or (1 if self.grain_workers else (os.cpu_count() or 2))
 
     @classmethod
     def from_config(cls, config) -> "SourceConfig":
@@ -84,6 +107,48 @@ class ArrayDataset:
     test_labels: np.ndarray
     num_classes: int
     name: str
+
+
+class UndecodableImageError(InputError):
+    """An image file that cannot be decoded; the message names it."""
+
+
+LOADERS = ("auto", "grain", "tf")  # config.data_loader
+TF_INSTALL = "pip install tensorflow-cpu==2.21.0"
+
+
+def has_module(name: str) -> bool:
+    """Whether `name` can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def choose_loader(spec: SourceConfig, tf_only: str = "", grain_only: str = "") -> str:
+    """'grain' or 'tf': the pipeline that decodes the files of `spec`.
+
+    auto is grain (no TensorFlow needed; at least tf.data's speed, see
+    BENCHMARKS.md), unless `tf_only` says why only tf.data can read this
+    dataset (a tensorflow-datasets dataset prepared as TFRecord files);
+    `grain_only` says why tf.data cannot (one prepared as ArrayRecord files).
+    Raises ConfigError when the chosen pipeline cannot read the dataset or
+    its package is missing.
+    """
+    if spec.data_loader not in LOADERS:
+        raise ConfigError(f"data_loader={spec.data_loader!r} must be one of {list(LOADERS)}")
+    loader = spec.data_loader
+    if loader == "auto":
+        loader = "tf" if tf_only else "grain"
+    why_not = {"grain": tf_only, "tf": grain_only}[loader]
+    if why_not:
+        raise ConfigError(f"data_loader={loader!r} cannot read {spec.dataset}: {why_not}")
+    if loader == "tf" and not has_module("tensorflow"):
+        why = f" ({tf_only})" if tf_only else "; data_loader='grain' reads it without TensorFlow"
+        raise ConfigError(f"data_loader='tf' needs TensorFlow, which is not installed: `{TF_INSTALL}`{why}")
+    if loader == "grain" and not has_module("grain"):
+        raise ConfigError("data_loader='grain' needs grain: `pip install grain==0.2.18`")
+    return loader
 
 
 class Source(abc.ABC):
@@ -226,6 +291,23 @@ def local_batch_indices(num_examples: int, global_batch: int, seed: int,
     # Validation above runs now; the generator below only runs on next().
     return _index_generator(num_examples, global_batch, seed, start_step, spe,
                             process_index * local, local)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    return epoch_permutation(num_examples, seed, epoch)
+
+
+def step_indices(num_examples: int, global_batch: int, seed: int, step: int, process_index: int = 0,
+                 process_count: int = 1) -> np.ndarray:
+    """The example indices of this process's share of global step `step`:
+    int64 (global_batch // process_count,), what `local_batch_indices` yields
+    at that step, computed directly (random access, e.g. from a grain
+    worker). The epoch's permutation is cached, so one costs one shuffle."""
+    spe = steps_per_epoch(num_examples, global_batch)
+    local = global_batch // process_count
+    start = (step % spe) * global_batch + process_index * local
+    return _cached_permutation(num_examples, seed, step // spe)[start:start + local]
 
 
 def _index_generator(num_examples, global_batch, seed, step, spe, offset, local):

@@ -1,4 +1,4 @@
-"""Any tensorflow-datasets image dataset by name, through tf.data.
+"""Any tensorflow-datasets image dataset by name.
 
 `--config.dataset=cifar10` (or `tfds:cifar10`, `stl10`, `imagenette/320px-v2`,
 `imagenet2012`, ...) with `--config.data_dir` the TFDS data directory ('' =
@@ -9,102 +9,86 @@ an unprepared one raises one `DatasetNotPreparedError`, when the source is
 opened, that says where it looked and how to prepare it (or set
 `tfds_download=True`).
 
-Order: each process reads its own `tfds.split_for_jax_process` slice. Epoch e
-reads the files in an order shuffled by (seed, process, e), then through a
-shuffle buffer seeded the same way, so the stream is deterministic for a
-seed; a run resumed at step s rebuilds epoch s // steps_per_epoch and skips
-the records of the steps already done (before decoding them).
+Two readers, chosen by `choose_loader`:
+* grain (the default), for datasets prepared in the ArrayRecord format:
+  `tfds.data_source` reads examples by index without TensorFlow, and the
+  order, crops and resumption are those of every random-access source
+  (`moco_jax.data.grain_stream`). Prepare a dataset this way once, on any
+  machine with TensorFlow:
+    python -c "import tensorflow_datasets as tfds; tfds.builder('imagenet2012',
+      data_dir='DIR', file_format='array_record').download_and_prepare()"
+  or convert one prepared as TFRecord files, without TensorFlow:
+    python -m moco_jax.convert_tfds --dataset_dir=DIR/imagenet2012/5.1.0 --out_data_dir=NEW_DIR
+* tf.data (`moco_jax.data.tfds_tf`, `data_loader='tf'`), which also reads
+  TFRecord files; it needs TensorFlow.
 """
 from __future__ import annotations
 
-import itertools
+import dataclasses
+import functools
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from moco_jax.core.errors import ConfigError, InputError, NotFoundError
-from moco_jax.data import tf_images
-from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, check_stream, steps_per_epoch
+from moco_jax.core.errors import ConfigError, InputError
+from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, choose_loader, knn_subset
+from moco_jax.data.tfds_builder import (ARRAY_RECORD, DatasetNotPreparedError, dataset_name, default_data_dir_hint,
+                                        file_format, prepared_builder)
 
-tf = tf_images.tf
-
-
-class DatasetNotPreparedError(NotFoundError):
-    """A tensorflow-datasets dataset with no prepared data in data_dir."""
+__all__ = ["DatasetNotPreparedError", "RecordImages", "TfdsSource", "dataset_name", "open_source", "prepared_builder"]
 
 
-def dataset_name(dataset: str) -> str:
-    """A dataset name without an optional 'tfds:' prefix."""
-    return dataset.removeprefix("tfds:")
-
-
-def _default_data_dir_hint() -> str:
-    return "TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-
-
-def _not_prepared(builder, name: str, data_dir) -> DatasetNotPreparedError:
-    where = data_dir or _default_data_dir_hint()
-    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-    how = f"tfds build {name} --data_dir={data_dir or '<DIR>'}"
-    if manual:
-        how += (" --manual_dir=<DIR WITH THE MANUAL DOWNLOAD> (this dataset needs a manual "
-                f"download: {' '.join(manual.split())[:300]})")
-    return DatasetNotPreparedError(
-        f"tensorflow-datasets dataset {name!r} is not prepared: no data in {builder.data_dir} "
-        f"(data_dir searched: {where}). Prepare it once, on a machine that can download it: "
-        f"`{how}`, then pass that directory as --config.data_dir; or set "
-        "--config.tfds_download=True to let the trainer download and prepare it.")
-
-
-def prepared_builder(name: str, data_dir=None, download: bool = False):
-    """The TFDS builder of `name`, checked to be usable.
-
-    Raises:
-      ValueError: `name` is neither one of ours nor a TFDS dataset.
-      DatasetNotPreparedError: no prepared data in data_dir (and download is
-        False, or downloading failed).
-    """
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-    except tfds.core.registered.DatasetNotFoundError:
-        from moco_jax.data import SOURCES  # noqa: PLC0415 - the registry imports this module
-
-        raise ConfigError(
-            f"dataset={name!r} is not one of {sorted(SOURCES)} and not a "
-            "tensorflow-datasets name (see tfds.list_builders())") from None
-    if download:
-        try:
-            builder.download_and_prepare()
-        except Exception as e:  # noqa: BLE001 - any download failure means "not prepared"
-            raise _not_prepared(builder, name, data_dir) from e
-    return builder
-
-
-def _as_dataset(builder, name, data_dir, **kwargs):
-    """builder.as_dataset, with TFDS's missing-data assertion made readable."""
-    try:
-        return builder.as_dataset(**kwargs)
-    except AssertionError:  # TFDS: "could not find data in ..."
-        raise _not_prepared(builder, name, data_dir) from None
-    except ValueError as e:  # TFDS: "Unknown split ..."
-        raise ConfigError(f"{name}: split {kwargs.get('split')!r} cannot be read ({' '.join(str(e).split())}); "
-                          f"its splits: {sorted(builder.info.splits)}") from None
-
-
-def num_examples(builder, name, data_dir, split: str) -> int:
-    """Examples in `split` (from the metadata, else the dataset's cardinality)."""
+def num_examples(builder, name, data_dir, split: str, loader: str) -> int:
+    """Examples in `split` (from the metadata, else counted by the reader)."""
     try:
         n = builder.info.splits[split].num_examples
         if n:
             return int(n)
     except (KeyError, ValueError, TypeError):
         pass
-    n = int(_as_dataset(builder, name, data_dir, split=split).cardinality())
-    if n < 0:
-        raise InputError(f"{name}[{split}] has an unknown number of examples")
-    return n
+    if loader == "grain":
+        return len(_data_source(name, data_dir, split, ""))
+    from moco_jax.data import tfds_tf
+    return tfds_tf.cardinality(builder, name, data_dir, split)
+
+
+@functools.lru_cache(maxsize=8)
+def _data_source(name: str, data_dir, split: str, image_key: str):
+    """`tfds.data_source` of one split, the image left encoded (bytes); one per
+    process (grain workers open their own)."""
+    decoders = {image_key: tfds.decode.SkipDecoding()} if image_key else None
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders)
+    except ValueError as e:  # TFDS: "Unknown split ..."
+        raise ConfigError(f"{name}: split {split!r} cannot be read ({' '.join(str(e).split())})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordImages:
+    """The encoded images of `split` as `grain_stream.EncodedImages`; pickles
+    as its fields (grain workers open the files themselves)."""
+
+    name: str
+    data_dir: str | None
+    split: str
+    image_key: str
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, index: int) -> bytes:
+        return _data_source(self.name, self.data_dir, self.split, self.image_key)[index][self.image_key]
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{self.split}] example {index} (in {self.data_dir or default_data_dir_hint()})"
+
+    def labels(self, indices: np.ndarray, label_key: str) -> np.ndarray:
+        """int32 labels of `indices`."""
+        source = _data_source(self.name, self.data_dir, self.split, self.image_key)
+        return np.asarray([source[int(i)][label_key] for i in indices], np.int32)
 
 
 class TfdsSource(Source):
@@ -118,126 +102,87 @@ class TfdsSource(Source):
         self.spec = spec
         self.name = dataset_name(spec.dataset)
         self._data_dir = spec.data_dir or None
-        tf_images.configure(spec.num_threads)
         self.builder = prepared_builder(self.name, self._data_dir, spec.tfds_download)
+        fmt = file_format(self.builder)
+        if fmt == ARRAY_RECORD:
+            self.loader = choose_loader(spec, grain_only=f"it is prepared as {fmt} files, which tf.data does not read")
+        else:
+            self.loader = choose_loader(spec, tf_only=(
+                f"it is prepared as {fmt} files, which only tf.data reads; convert it once, without TensorFlow: "
+                f"`python -m moco_jax.convert_tfds --dataset_dir={self.builder.data_dir} --out_data_dir=NEW_DIR`, "
+                "then --config.data_dir=NEW_DIR"))
+        if self.loader == "tf":
+            from moco_jax.data import tf_images
+            tf_images.configure(spec.num_threads)
         if spec.image_key not in self.builder.info.features:
             raise ConfigError(f"image_key={spec.image_key!r}: {self.name} has no such feature "
                               f"(its features: {list(self.builder.info.features)})")
-        self._num_train = num_examples(self.builder, self.name, self._data_dir, spec.train_split)
-        logging.info("tfds %s[%s] in %s: %d examples", self.name, spec.train_split, self.builder.data_dir,
-                     self._num_train)
+        self._num_train = num_examples(self.builder, self.name, self._data_dir, spec.train_split, self.loader)
+        logging.info("tfds %s[%s] in %s (%s): %d examples, read by %s", self.name, spec.train_split,
+                     self.builder.data_dir, fmt, self._num_train, self.loader)
 
     @property
     def num_train_examples(self) -> int:
         return self._num_train
 
+    def _records(self, split: str, size: int = 0) -> RecordImages:
+        size = size or num_examples(self.builder, self.name, self._data_dir, split, "grain")
+        return RecordImages(self.name, self._data_dir, split, self.spec.image_key, size)
+
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
                       num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
         spec = self.spec
-        return two_crop_batches(
-            self.builder, self.name, self._data_dir, spec.train_split, self._num_train,
-            global_batch=global_batch, seed=seed, crop_size=crop_size, crop_scale=tuple(crop_scale),
-            start_step=start_step, process_index=process_index, process_count=process_count,
-            num_local_devices=num_local_devices, shuffle_buffer=spec.shuffle_buffer,
-            image_key=spec.image_key, num_threads=spec.num_threads)
+        kwargs = dict(global_batch=global_batch, seed=seed, crop_size=crop_size, crop_scale=tuple(crop_scale),
+                      start_step=start_step, process_index=process_index, process_count=process_count,
+                      num_local_devices=num_local_devices)
+        if self.loader == "grain":
+            from moco_jax.data import grain_stream
+            return grain_stream.two_crop_batches(self._records(spec.train_split, self._num_train),
+                                                 options=grain_stream.Options.from_spec(spec), **kwargs)
+        from moco_jax.data import tfds_tf
+        return tfds_tf.two_crop_batches(self.builder, self.name, self._data_dir, spec.train_split, self._num_train,
+                                        shuffle_buffer=spec.shuffle_buffer, image_key=spec.image_key,
+                                        num_threads=spec.num_threads, **kwargs)
 
     def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
                         train_split="") -> ArrayDataset:
-        """Train: the first `max_train_images` (0 = all) examples of the split in
-        file order (TFDS shuffles examples when preparing; `seed` is unused);
-        eval: all of eval_split. Both centre-cropped to `size`."""
+        """Eval: all of eval_split; train: `max_train_images` (0 = all) of the
+        split: grain takes the fixed random subset `knn_subset(N, cap, seed)`,
+        tf.data the first ones in file order (TFDS shuffled the examples when
+        preparing). Both centre-cropped to `size`."""
         check_decode_size(self.name, size)
-        del seed
         spec = self.spec
         label_key = spec.label_key
         if label_key not in self.builder.info.features:
             raise ConfigError(f"label_key={label_key!r}: {self.name} has no such feature for labelled images "
                              f"(features: {list(self.builder.info.features)})")
-        kwargs = dict(size=size, crop_fraction=crop_fraction, image_key=spec.image_key, label_key=label_key,
-                      num_threads=spec.num_threads)
-        x_train, y_train = _center_crop_arrays(self.builder, self.name, self._data_dir,
-                                               train_split or spec.train_split, cap=max_train_images, **kwargs)
-        x_test, y_test = _center_crop_arrays(self.builder, self.name, self._data_dir, spec.eval_split, cap=0,
-                                             **kwargs)
+        train_split = train_split or spec.train_split
+        if self.loader == "grain":
+            x_train, y_train = self._grain_arrays(train_split, size, crop_fraction, max_train_images, seed)
+            x_test, y_test = self._grain_arrays(spec.eval_split, size, crop_fraction, 0, seed)
+        else:
+            from moco_jax.data import tfds_tf
+            kwargs = dict(size=size, crop_fraction=crop_fraction, image_key=spec.image_key, label_key=label_key,
+                          num_threads=spec.num_threads)
+            x_train, y_train = tfds_tf.center_crop_arrays(self.builder, self.name, self._data_dir, train_split,
+                                                          cap=max_train_images, **kwargs)
+            x_test, y_test = tfds_tf.center_crop_arrays(self.builder, self.name, self._data_dir, spec.eval_split,
+                                                        cap=0, **kwargs)
         return ArrayDataset(x_train, y_train, x_test, y_test,
                             num_classes=self.builder.info.features[label_key].num_classes, name=self.name)
+
+    def _grain_arrays(self, split, size, crop_fraction, cap, seed) -> tuple[np.ndarray, np.ndarray]:
+        from moco_jax.data import grain_stream
+        records = self._records(split)
+        if not len(records):
+            raise InputError(f"{self.name}[{split}] is empty")
+        indices = knn_subset(len(records), cap, seed)
+        images, kept = grain_stream.center_crops(records, indices, size, crop_fraction=crop_fraction,
+                                                 options=grain_stream.Options.from_spec(self.spec))
+        return images, records.labels(indices[kept], self.spec.label_key)
 
 
 def open_source(spec: SourceConfig) -> TfdsSource:
     return TfdsSource(spec)
 
 
-def two_crop_batches(builder, name: str, data_dir, split: str, total: int, *,
-                     global_batch: int, seed: int, crop_size: int, crop_scale,
-                     start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                     num_local_devices: int = 1, shuffle_buffer: int = 10_000,
-                     image_key: str = "image", num_threads: int = 2) -> Iterator[np.ndarray]:
-    """Infinite stream of two RandomResizedCrops of each image, per step.
-
-    Every process runs the same number of steps per epoch,
-    total // global_batch, from its own slice of the split.
-    Yields:
-      uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3).
-    """
-    local = check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
-    spe = steps_per_epoch(total, global_batch)
-    process_split = tfds.split_for_jax_process(split, process_index=process_index,
-                                               process_count=process_count)
-    options = tf_images.pipeline_options(num_threads)
-
-    def epoch_batches(epoch: int, skip_steps: int):
-        shuffle_seed = tf_images.mix_seeds(seed, process_index, epoch) % (2**31 - 1)
-        ds = _as_dataset(
-            builder, name, data_dir, split=process_split, shuffle_files=True,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, options=options,
-                                        try_autocache=False))
-
-        def crops(position, encoded):
-            example_seed = tf_images.example_seed(position, seed, process_index, epoch)
-            return tf_images.two_crops(encoded, example_seed, crop_size, crop_scale)
-
-        ds = (ds.map(lambda ex: ex[image_key])
-              .shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-              .take(spe * local)
-              .skip(skip_steps * local)  # resume: drop the records, undecoded
-              .enumerate(start=skip_steps * local)
-              .map(crops, num_parallel_calls=num_threads, deterministic=True)
-              .batch(local, drop_remainder=True)
-              .prefetch(2)
-              .with_options(options))
-        return ds.as_numpy_iterator()
-
-    def steps():
-        epoch, skip = divmod(start_step, spe)
-        for e in itertools.count(epoch):
-            yield from epoch_batches(e, skip if e == epoch else 0)
-
-    return (b.reshape(num_local_devices, local // num_local_devices, *b.shape[1:]) for b in steps())
-
-
-# --------------------------------------------------------------------------
-# Labelled arrays.
-# --------------------------------------------------------------------------
-def _center_crop_arrays(builder, name, data_dir, split, *, size, crop_fraction, cap,
-                        image_key, label_key, num_threads) -> tuple[np.ndarray, np.ndarray]:
-    """The first `cap` (0 = all) examples of split, centre-cropped:
-    (uint8 (M, size, size, 3), int32 (M,))."""
-    ds = _as_dataset(builder, name, data_dir, split=split, shuffle_files=False,
-                     decoders={image_key: tfds.decode.SkipDecoding()},
-                     read_config=tfds.ReadConfig(options=tf_images.pipeline_options(num_threads),
-                                                 try_autocache=False))
-    if cap > 0:
-        ds = ds.take(cap)
-    ds = (ds.map(lambda ex: (tf_images.center_crop(ex[image_key], size, crop_fraction),
-                             tf.cast(ex[label_key], tf.int32)),
-                 num_parallel_calls=num_threads, deterministic=True)
-          .batch(512)
-          .prefetch(1))
-    images, labels = [], []
-    for x, y in ds.as_numpy_iterator():
-        images.append(x)
-        labels.append(y)
-    if not images:
-        raise InputError(f"{name}[{split}] is empty")
-    return np.concatenate(images), np.concatenate(labels)

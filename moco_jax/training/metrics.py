@@ -1,11 +1,13 @@
-"""Where training metrics go: TensorBoard (clu), JSON lines, the console.
+"""Where training metrics go: JSON lines, TensorBoard, optionally Weights &
+Biases, and the console.
 
-Only process 0 writes files. `metrics.jsonl` in the workdir is the
-machine-readable record (one JSON object per logged step; `moco_jax.plot`
-and `moco_jax.sweep` read it); TensorBoard event files are written through
-clu's writers when TensorFlow is installed (clu's TensorBoard writer uses
-tf.summary) and skipped with one warning where it is not, e.g. on GPU hosts
-that only have JAX.
+Only process 0 writes. `metrics.jsonl` in the workdir is the machine-readable
+record (one JSON object per logged step; `moco_jax.plot` and `moco_jax.sweep`
+read it). TensorBoard event files go into the workdir through tensorboardX,
+which needs no TensorFlow (`tensorboard --logdir W`; a resumed run adds one
+file, which TensorBoard merges). With `config.wandb_project` set, the same
+scalars go to a W&B run whose id is kept in `W/wandb_run_id`, so a resumed
+run continues that run; `wandb` is imported only then.
 """
 
 from __future__ import annotations
@@ -13,20 +15,24 @@ from __future__ import annotations
 import json
 import logging as logging_lib
 import os
+import time
 from typing import Any, Mapping
 
 import jax
 from absl import logging
 
+from moco_jax.core import config as config_lib
+
 JSONL_NAME = "metrics.jsonl"
 FINAL_NAME = "final_metrics.json"
+WANDB_ID_NAME = "wandb_run_id"
 
 
 class _LibraryInfoFilter(logging_lib.Filter):
-    """Drops INFO records logged from inside orbax and clu (every save and
-    writer set-up logs several long lines), keeping their warnings."""
+    """Drops INFO records logged from inside orbax (every save logs several
+    long lines), keeping its warnings."""
 
-    _PATHS = (f"{os.sep}orbax{os.sep}", f"{os.sep}clu{os.sep}")
+    _PATHS = (f"{os.sep}orbax{os.sep}",)
 
     def filter(self, record: logging_lib.LogRecord) -> bool:
         return record.levelno >= logging_lib.WARNING or not any(p in record.pathname for p in self._PATHS)
@@ -41,40 +47,84 @@ def quiet_library_logs() -> None:
 
 def _tensorboard_writer(workdir: str):
     try:
-        from clu import metric_writers  # noqa: PLC0415 - imports TensorFlow
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 - only process 0 with a workdir needs it
     except ImportError as e:
         logging.warning("TensorBoard event files disabled (%s); metrics still go to %s", e, JSONL_NAME)
         return None
-    return metric_writers.create_default_writer(workdir, asynchronous=True)
+    # The default file name has a 1 s resolution and tensorboardX opens it with
+    # "wb": a relaunch within the same second would clobber the previous file.
+    return SummaryWriter(logdir=workdir, flush_secs=30, filename_suffix=f".{time.time_ns()}")
+
+
+def _wandb_run_id(workdir: str, new_id) -> str:
+    """The W&B run id of `workdir`: the saved one, or `new_id()` saved now, so
+    that every relaunch of the workdir logs into the same W&B run."""
+    path = os.path.join(workdir, WANDB_ID_NAME)
+    if os.path.exists(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    run_id = new_id()
+    with open(path + ".tmp", "w") as f:
+        f.write(run_id + "\n")
+    os.replace(path + ".tmp", path)  # never a half-written id for the next launch
+    return run_id
+
+
+def wandb_run(workdir: str | None, config):
+    """The W&B run of `config.wandb_project` (None where it is '' or absent);
+    raises ConfigError when wandb is not installed."""
+    project = config.get("wandb_project", "") if config is not None else ""
+    if not project:
+        return None
+    try:
+        import wandb  # noqa: PLC0415 - optional dependency, imported only when used
+    except ImportError:
+        raise config_lib.wandb_missing(project) from None
+    resume = dict(id=_wandb_run_id(workdir, wandb.util.generate_id), resume="allow") if workdir else {}
+    return wandb.init(project=project, entity=config.get("wandb_entity", "") or None,
+                      name=config.get("wandb_name", "") or None, dir=workdir or None,
+                      config=config_lib.flatten_dotted(config.to_dict()), **resume)
 
 
 class MetricWriter:
-    """Scalars per step to TensorBoard, `metrics.jsonl` and the absl log."""
+    """Scalars per step to `metrics.jsonl`, TensorBoard, W&B and the absl log."""
 
-    def __init__(self, workdir: str | None):
-        self._is_writer = bool(workdir) and jax.process_index() == 0
+    def __init__(self, workdir: str | None, config=None):
+        self._is_writer = jax.process_index() == 0
         self._jsonl = None
         self._tensorboard = None
-        if self._is_writer:
+        self._wandb = None
+        if not self._is_writer:
+            return
+        if workdir:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a")
             self._tensorboard = _tensorboard_writer(workdir)
+        self._wandb = wandb_run(workdir, config)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        if jax.process_index() == 0:
-            logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        if not self._is_writer:
+            return
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        values = {k: float(v) for k, v in scalars.items()}
         if self._jsonl:
-            self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+            self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
             self._jsonl.flush()
         if self._tensorboard:
-            self._tensorboard.write_scalars(int(step), dict(scalars))
+            for name, value in values.items():
+                self._tensorboard.add_scalar(name, value, int(step))
+        if self._wandb:
+            self._wandb.log(values, step=int(step))
 
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
         if self._tensorboard:
-            self._tensorboard.flush()
-            self._tensorboard.close()
+            self._tensorboard.close()  # flushes
+        if self._wandb:
+            self._wandb.finish()
 
 
 def read_jsonl(workdir: str) -> list[dict[str, Any]]:

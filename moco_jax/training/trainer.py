@@ -153,10 +153,15 @@ def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
 
     p_state = state_lib.to_devices(state)
     del state  # its buffers now live on the devices
-    batches = prefetch_to_device(pretrain_batches(source, config, start_step))
+    host_batches = pretrain_batches(source, config, start_step)
     loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock)
-    p_state, history = loop.run(make_train_step(config, source.host_cropped), p_state, batches, start_step,
-                                show_progress, knn_fn=lambda s: knn_fn(_encoder_variables(s)))
+    try:
+        p_state, history = loop.run(make_train_step(config, source.host_cropped), p_state,
+                                    prefetch_to_device(host_batches), start_step, show_progress,
+                                    knn_fn=lambda s: knn_fn(_encoder_variables(s)))
+    finally:
+        if hasattr(host_batches, "close"):
+            host_batches.close()  # stops grain's worker processes now, not at exit
 
     state = state_lib.from_devices(p_state)
     if loop.preempted_at:
@@ -199,7 +204,7 @@ class TrainLoop:
         config, last, spe = self.config, self.total_steps, self.steps_per_epoch
         log_every, knn_every = steps(config, "log_every", spe), steps(config, "knn_every", spe)
         checkpoint_every = steps(config, "checkpoint_every", spe)
-        writer = metrics.MetricWriter(self.workdir)
+        writer = metrics.MetricWriter(self.workdir, config)
         manager = checkpoint.make_manager(self.workdir, config.checkpoints_to_keep) if self.workdir else None
         history, pending = [], []
         last_time, last_step = time.perf_counter(), start_step
