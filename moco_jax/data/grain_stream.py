@@ -131,11 +131,11 @@ class _Steps:
             except DECODE_ERRORS as e:
                 ok[j] = False
                 reasons.append((j, _error(e)))
-        if not ok.all():
+        if ok.any() and not ok.all():  # (none decoded: the training process raises)
             # Fill each gap with the nearest decoded image before it (else after).
             valid = np.flatnonzero(ok)
-            nearest = valid[np.clip(np.searchsorted(valid, np.arange(n)) - 1, 0, None)] if len(valid) else None
-            out[~ok] = out[nearest[~ok]] if len(valid) else 0
+            nearest = valid[np.clip(np.searchsorted(valid, np.arange(n)) - 1, 0, None)]
+            out[~ok] = out[nearest[~ok]]
         return {"crops": out, "indices": indices, "ok": ok, "reasons": tuple(r for _, r in sorted(reasons))}
 
 
