@@ -240,6 +240,35 @@ def test_the_train_folder_is_listed_once(tmp_path, monkeypatch, loader):
     assert listed == [str(tmp_path / "train"), str(tmp_path / "val")]  # the bank reused the listing
 
 
+@needs_tf
+def test_resuming_through_another_pipeline_is_logged(tmp_path, caplog):
+    """A run moved from a TensorFlow host to one without (data_loader auto ->
+    tf there, grain here) resumes, and says that the data stream changed."""
+    from moco_jax.training import trainer
+    from tiny import tiny_config
+
+    for split, n in (("train", 8), ("val", 2)):
+        for c, cls in enumerate(("a", "b")):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                _save(tmp_path / "images" / split / cls / f"{i}.png", 8 * c + i, fmt="PNG")
+    config = tiny_config(dataset="image_folder", data_dir=str(tmp_path / "images"), train_split="train",
+                         eval_split="val", input_workers=0, knn_k=4, lr_schedule="step", log_every_steps=1)
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(tiny_config(**{**config, "data_loader": "tf", "num_train_steps": 1}),
+                               workdir=workdir, show_progress=False)
+    with caplog.at_level(logging.WARNING):
+        trainer.train_and_evaluate(tiny_config(**{**config, "num_train_steps": 2}), workdir=workdir,
+                                   show_progress=False)
+    moved = [r.getMessage() for r in caplog.records if "reading the images through" in r.getMessage()]
+    assert len(moved) == 1 and "written reading the images through tf, this run reads them through grain" in moved[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # and once it has saved through grain, no more
+        trainer.train_and_evaluate(tiny_config(**{**config, "num_train_steps": 3}), workdir=workdir,
+                                   show_progress=False)
+    assert not [r for r in caplog.records if "reading the images through" in r.getMessage()]
+
+
 # --------------------------------------------------------------------------- real images
 @pytest.fixture(scope="module")
 def imagenette():

@@ -141,3 +141,23 @@ def test_tfds_array_record_and_conversion_without_tensorflow(no_tf_env, tmp_path
         print(source.loader, source.num_train_examples, batch.shape, bank.train_images.shape, bank.num_classes)
     '''))
     assert out.split() == ["grain", str(NUM_TRAIN), "(1,", "8,", "2,", "8,", "8,", "3)", "(8,", "8,", "8,", "3)", "3"]
+
+
+def test_training_on_arrays_imports_no_tensorflow_even_where_it_is_installed(tmp_path):
+    """The in-memory datasets' path (here: digits, 2 steps) never imports
+    TensorFlow or tensorflow-datasets, so it pays neither's start-up."""
+    code = textwrap.dedent(f'''
+        import runpy, sys
+        sys.argv = ["train.py", "--workdir={tmp_path / 'run'}", "--config.num_train_steps=2",
+                    "--config.knn_max_train_images=64"]
+        try:
+            runpy.run_path("train.py", run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
+        print(sorted(m for m in ("tensorflow", "tensorflow_datasets", "clu") if m in sys.modules))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))  # TensorBoard files all the same

@@ -463,14 +463,24 @@ _RUN_FILES = ("metrics.jsonl", "final_metrics.json", "events.out.tfevents.*")
 
 
 def restore_latest(workdir: str, template: MoCoState, config, num_shards: int,
-                   fresh_start: bool = False) -> MoCoState | None:
+                   fresh_start: bool = False, data_pipeline: str = "") -> MoCoState | None:
     """The newest usable pretraining checkpoint in `workdir` as a host
     state, or None (see `restore_newest`). The queue is re-laid out for
-    `num_shards` devices and this config's batch if it was written with others."""
+    `num_shards` devices and this config's batch if it was written with others.
+    `data_pipeline` (what reads the images now, e.g. 'grain') is compared with
+    the one that wrote the checkpoint: a change is logged, since it changes
+    the data order from there on."""
     newest = restore_newest(workdir, template, config, MODEL_FIELDS, fresh_start)
     if newest is None:
         return None
     restored, meta = newest
+    saved_pipeline = meta.get("data_pipeline", "")
+    if data_pipeline and saved_pipeline and saved_pipeline != data_pipeline:
+        logging.warning(
+            "checkpoint %d was written reading the images through %s, this run reads them through %s: from "
+            "here on each step's crops differ from what the original run would have read (for tensorflow-datasets "
+            "also its images, so within this epoch some may repeat or be left out); --config.data_loader keeps one",
+            meta["step"], saved_pipeline, data_pipeline)
     queue, ptr = reshard_queue(
         np.asarray(restored.queue), int(restored.queue_ptr), meta["num_queue_shards"], num_shards,
         config.batch_size, meta["config"]["batch_size"],

@@ -44,6 +44,13 @@ def make_train_step(config, host_cropped: bool = False) -> Callable:
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
 
+def data_pipeline(source: data.Source) -> str:
+    """What turns the source's examples into batches: 'grain' or 'tf' for
+    files, 'in-memory' for arrays. The order is a function of (seed, step)
+    for each, but not the same function across them."""
+    return getattr(source, "loader", "in-memory")
+
+
 def pretrain_batches(source: data.Source, config, start_step: int) -> Iterator:
     """This process's share of every global batch from `start_step` on."""
     return source.train_batches(
@@ -146,7 +153,9 @@ def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
     state = state_lib.create_train_state(
         jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
     )
-    restored = checkpoint.restore_latest(workdir, state, config, num_devices, fresh_start) if workdir else None
+    pipeline = data_pipeline(source)
+    restored = (checkpoint.restore_latest(workdir, state, config, num_devices, fresh_start, pipeline)
+                if workdir else None)
     knn_random = knn_fn(_encoder_variables(state))  # after the restore: a refused workdir fails at once
     state = restored or state
     start_step = int(state.step)
@@ -154,7 +163,7 @@ def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
     p_state = state_lib.to_devices(state)
     del state  # its buffers now live on the devices
     host_batches = pretrain_batches(source, config, start_step)
-    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock)
+    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, pipeline)
     try:
         p_state, history = loop.run(make_train_step(config, source.host_cropped), p_state,
                                     prefetch_to_device(host_batches), start_step, show_progress,
@@ -193,10 +202,12 @@ def _last_training_metrics(history: list[dict], workdir: str | None) -> dict[str
 class TrainLoop:
     """Steps, logging, the kNN monitor and checkpoints of one run."""
 
-    def __init__(self, config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices, lock=None):
+    def __init__(self, config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices, lock=None,
+                 pipeline=""):
         self.config, self.workdir, self.total_steps = config, workdir, total_steps
         self.steps_per_epoch, self.lr_schedule, self.num_devices = steps_per_epoch, lr_schedule, num_devices
         self.lock = lock  # process 0's WorkdirLock (None elsewhere, and without a workdir)
+        self.pipeline = pipeline  # what reads the images (`data_pipeline`), saved with each checkpoint
         self.preempted_at = 0  # the step a SIGTERM stopped the run at (after saving it)
 
     def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn):
@@ -232,7 +243,7 @@ class TrainLoop:
                     if save:
                         assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step, start_step)
                         checkpoint.save(manager, state_lib.from_devices(p_state), config,
-                                        num_queue_shards=self.num_devices)
+                                        num_queue_shards=self.num_devices, data_pipeline=self.pipeline)
                         last_time = time.perf_counter()
                     if stop:
                         self.preempted_at = step
