@@ -43,6 +43,7 @@ import json
 import logging as logging_lib
 import os
 import shutil
+import socket
 import sys
 import time
 from typing import Any
@@ -83,7 +84,9 @@ def check_writable(workdir: str) -> None:
     """Fail at start-up, not at the first save, if `workdir` is unusable."""
     try:
         os.makedirs(checkpoint_dir(workdir), exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
+        # Unique per launch: two launches racing for one workdir (the lock
+        # decides which trains) must not delete each other's probe.
+        probe = os.path.join(workdir, f".write_probe_{socket.gethostname()}_{os.getpid()}_{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
