@@ -21,3 +21,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "XLA_FLAGS was set too late: JAX saw %d devices" % jax.device_count()
+
+
+import pytest  # noqa: E402
+
+from image_files import make_corrupt_folder, make_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A folder of 20 solid-colour images in two classes (tests/image_files.py)."""
+    return make_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corrupt_folder(tmp_path_factory):
+    """8 good images, a truncated JPEG and a PNG of garbage (tests/image_files.py)."""
+    return make_corrupt_folder(tmp_path_factory)

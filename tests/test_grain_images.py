@@ -18,20 +18,10 @@ from PIL import Image
 from configs import default
 from moco_jax.core import augment
 from moco_jax.data import grain_stream, host_images, image_folder
-from image_files import imagenette_or_skip, make_corrupt_folder, make_folder
+from image_files import imagenette_or_skip
 from tiny import knn_arrays
 
 S = 8  # crop size
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def corrupt_folder(tmp_path_factory):
-    return make_corrupt_folder(tmp_path_factory)
 
 
 def stream(paths, n, workers=0, skip_corrupt=False, **kw):

@@ -23,23 +23,13 @@ from moco_jax.core import augment
 from moco_jax.data import grain_stream, image_folder
 from moco_jax.data.source import has_module, local_batch_indices
 from moco_jax.eval import knn
-from image_files import _save, colour, ids_of, imagenette_or_skip, make_corrupt_folder, make_folder
+from image_files import _save, colour, ids_of, imagenette_or_skip
 from tiny import knn_arrays, pretrain_source
 
 S = 8  # crop size
 needs_tf = pytest.mark.skipif(not has_module("tensorflow"), reason="the tf.data pipeline is optional and "
                               "TensorFlow is not installed (pip install -r requirements-tf.txt)")
 LOADERS = [pytest.param("grain"), pytest.param("tf", marks=needs_tf)]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def corrupt_folder(tmp_path_factory):
-    return make_corrupt_folder(tmp_path_factory)
 
 
 @pytest.fixture(params=LOADERS)

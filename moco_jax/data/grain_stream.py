@@ -160,32 +160,35 @@ def two_crop_batches(images: EncodedImages, *, global_batch: int, seed: int, cro
 
 def _checked(elements, images: EncodedImages, skip_corrupt: bool, num_local_devices: int,
              local: int) -> Iterator[np.ndarray]:
-    """The crops of each element; each undecodable image raises or is logged.
+    """The crops of each element, after its undecodable images are reported.
     Closing this generator closes grain's iterator (and its workers)."""
+    skipped = 0
     try:
-        yield from _checked_steps(elements, images, skip_corrupt, num_local_devices, local)
+        for element in elements:
+            skipped = _report_undecodable(element, images, skip_corrupt, skipped)
+            crops = element["crops"]
+            yield crops.reshape(num_local_devices, local // num_local_devices, *crops.shape[1:])
     finally:
         elements.close()
 
 
-def _checked_steps(elements, images, skip_corrupt, num_local_devices, local):
-    skipped = 0
-    for element in elements:
-        ok = element["ok"]
-        if not ok.all():
-            failed = element["indices"][~ok]
-            for index, reason in zip(failed, element["reasons"]):
-                if not skip_corrupt:
-                    raise UndecodableImageError(
-                        f"cannot decode image {images.describe(int(index))} ({reason}); remove it, or set "
-                        "--config.skip_corrupt_images=True to skip undecodable images")
-                skipped += 1
-                logging.warning("skipping undecodable image %s (%d skipped so far)",
-                                images.describe(int(index)), skipped)
-            if not ok.any():
-                raise UndecodableImageError(
-                    f"no image of a step could be decoded, e.g. {images.describe(int(failed[0]))}")
-        yield element["crops"].reshape(num_local_devices, local // num_local_devices, *element["crops"].shape[1:])
+def _report_undecodable(element: dict, images: EncodedImages, skip_corrupt: bool, skipped: int) -> int:
+    """Raise naming an undecodable image, or log each with the running count
+    (returned); a step with no decoded image always raises."""
+    ok = element["ok"]
+    if ok.all():
+        return skipped
+    failed = element["indices"][~ok]
+    for index, reason in zip(failed, element["reasons"]):
+        if not skip_corrupt:
+            raise UndecodableImageError(
+                f"cannot decode image {images.describe(int(index))} ({reason}); remove it, or set "
+                "--config.skip_corrupt_images=True to skip undecodable images")
+        skipped += 1
+        logging.warning("skipping undecodable image %s (%d skipped so far)", images.describe(int(index)), skipped)
+    if not ok.any():
+        raise UndecodableImageError(f"no image of a step could be decoded, e.g. {images.describe(int(failed[0]))}")
+    return skipped
 
 
 # --------------------------------------------------------------------------

@@ -177,7 +177,6 @@ class ImageFolderSource(Source):
             test_images, to_train_label[test.labels[test_kept]],
             num_classes=len(train.class_names), name=self.name)
 
-
     def _center_crops(self, paths, size, crop_fraction):
         if self.loader == "grain":
             from moco_jax.data import grain_stream

@@ -24,6 +24,7 @@ import abc
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import os
 from typing import Iterator
 
@@ -159,10 +160,14 @@ class Source(abc.ABC):
       host_cropped: False: `train_batches` yields whole images, which the
         device crops (`augment.make_views_fn`); True: it yields two
         independent RandomResizedCrops of each image, cut on the host.
+      loader: what turns examples into batches: 'grain' or 'tf' for files
+        (`choose_loader`), 'in-memory' for arrays. Each gives an order that is
+        a function of (seed, step), but not the same function.
     """
 
     name: str
     host_cropped: bool
+    loader: str = "in-memory"
 
     @property
     @abc.abstractmethod
@@ -286,16 +291,18 @@ def local_batch_indices(num_examples: int, global_batch: int, seed: int,
     Raises (eagerly, at call time):
       ValueError: bad divisibility, process_index or start_step.
     """
-    local = check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
-    spe = steps_per_epoch(num_examples, global_batch)
+    check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
+    steps_per_epoch(num_examples, global_batch)  # at least one full batch
     # Validation above runs now; the generator below only runs on next().
-    return _index_generator(num_examples, global_batch, seed, start_step, spe,
-                            process_index * local, local)
+    return (step_indices(num_examples, global_batch, seed, step, process_index, process_count)
+            for step in itertools.count(start_step))
 
 
 @functools.lru_cache(maxsize=2)
 def _cached_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    return epoch_permutation(num_examples, seed, epoch)
+    perm = epoch_permutation(num_examples, seed, epoch)
+    perm.flags.writeable = False  # shared by every caller of this epoch
+    return perm
 
 
 def step_indices(num_examples: int, global_batch: int, seed: int, step: int, process_index: int = 0,
@@ -308,17 +315,6 @@ def step_indices(num_examples: int, global_batch: int, seed: int, step: int, pro
     local = global_batch // process_count
     start = (step % spe) * global_batch + process_index * local
     return _cached_permutation(num_examples, seed, step // spe)[start:start + local]
-
-
-def _index_generator(num_examples, global_batch, seed, step, spe, offset, local):
-    epoch, perm = None, None
-    while True:
-        if step // spe != epoch:
-            epoch = step // spe
-            perm = epoch_permutation(num_examples, seed, epoch)
-        start = (step % spe) * global_batch + offset
-        yield perm[start:start + local]
-        step += 1
 
 
 def array_batches(images: np.ndarray, global_batch: int, seed: int,

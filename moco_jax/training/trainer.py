@@ -44,13 +44,6 @@ def make_train_step(config, host_cropped: bool = False) -> Callable:
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
 
-def data_pipeline(source: data.Source) -> str:
-    """What turns the source's examples into batches: 'grain' or 'tf' for
-    files, 'in-memory' for arrays. The order is a function of (seed, step)
-    for each, but not the same function across them."""
-    return getattr(source, "loader", "in-memory")
-
-
 def pretrain_batches(source: data.Source, config, start_step: int) -> Iterator:
     """This process's share of every global batch from `start_step` on."""
     return source.train_batches(
@@ -153,8 +146,7 @@ def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
     state = state_lib.create_train_state(
         jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
     )
-    pipeline = data_pipeline(source)
-    restored = (checkpoint.restore_latest(workdir, state, config, num_devices, fresh_start, pipeline)
+    restored = (checkpoint.restore_latest(workdir, state, config, num_devices, fresh_start, source.loader)
                 if workdir else None)
     knn_random = knn_fn(_encoder_variables(state))  # after the restore: a refused workdir fails at once
     state = restored or state
@@ -163,7 +155,7 @@ def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
     p_state = state_lib.to_devices(state)
     del state  # its buffers now live on the devices
     host_batches = pretrain_batches(source, config, start_step)
-    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, pipeline)
+    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, source.loader)
     try:
         p_state, history = loop.run(make_train_step(config, source.host_cropped), p_state,
                                     prefetch_to_device(host_batches), start_step, show_progress,
@@ -207,7 +199,7 @@ class TrainLoop:
         self.config, self.workdir, self.total_steps = config, workdir, total_steps
         self.steps_per_epoch, self.lr_schedule, self.num_devices = steps_per_epoch, lr_schedule, num_devices
         self.lock = lock  # process 0's WorkdirLock (None elsewhere, and without a workdir)
-        self.pipeline = pipeline  # what reads the images (`data_pipeline`), saved with each checkpoint
+        self.pipeline = pipeline  # what reads the images (`Source.loader`), saved with each checkpoint
         self.preempted_at = 0  # the step a SIGTERM stopped the run at (after saving it)
 
     def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn):
