@@ -1,7 +1,8 @@
-"""Steady-state MoCo v2 training-step benchmark on whatever devices exist.
+"""Steady-state MoCo training-step benchmark on whatever devices exist.
 
 Synthetic uint8 images go through the real step: `trainer.make_train_step`
-(on-device augmentation, shuffle BN, sharded queue, SGD), with the state from
+(on-device augmentation; v2: shuffle BN, sharded queue, SGD; v3: symmetric
+loss against the global batch's keys, SyncBN heads, AdamW), with the state from
 `state.create_train_state` / `state.to_devices` and `optim.make_optimizer`.
 By default the images are placed on the devices before timing, so the
 numbers are the device step alone; `--feed host` copies them every step
@@ -10,6 +11,8 @@ through the trainer's `prefetch_to_device` instead, and
 them only at log steps): both measure what those means are worth.
 
   python -m benchmarks.train_step                       # R50 224px + CIFAR R18, fp32 + bf16
+  python -m benchmarks.train_step --models vits16_224,vitb16_224   # MoCo v3 ViT-S/16, ViT-B/16
+  python -m benchmarks.train_step --models vit_test --steps 3 --warmup 1   # MoCo v3 CPU smoke run
   python -m benchmarks.train_step --models r18_cifar32 --dtypes bfloat16 --json /tmp/r18.json
   python -m benchmarks.train_step --tiny                # width-4 ResNet-10, 8px: a CPU smoke run
 
@@ -27,8 +30,11 @@ Columns (memory and FLOPs are per device):
                row's peak reports `memory_analysis` too.
   model GF     model FLOPs per pair, the MFU numerator: 4 x the encoder's
                forward FLOPs at the crop size (query forward + backward ~ 3
-               forwards, key forward 1); augmentation, loss and optimizer work
-               are not counted. For R50 and R18 the conventional counts of
+               forwards, key forward 1); 8 x for MoCo v3, whose symmetric
+               loss runs both views through both encoders; augmentation,
+               loss and optimizer work are not counted. ViTs: XLA's count
+               (ViT-S/16 9.2, ViT-B/16 35.1 GFLOP per 224px forward by the
+               usual 4.6 / 17.6 GMACs count, before the heads). For R50 and R18 the conventional counts of
                issue 7 (32.7 and 4.45 GFLOP, multiply-adds x 2 including the
                zero padding); for other models XLA's count of the forward
                (JSON `xla_model_gflop_per_pair`, also given for R50/R18: 31.9 and
@@ -79,6 +85,9 @@ class ModelSpec:
     local_batch: int  # default images per device
     bn_splits: int  # BN groups per device (8 emulates 8-GPU shuffle BN on one GPU, as the CIFAR demo)
     reference_gflop: float | None = None  # the conventional model FLOPs per pair (issue 7)
+    method: str = "moco_v2"
+    vit: str = ""  # a ViT size (core/vit.py VIT_SIZES) for MoCo v3 ViT rows; "" = the ResNet above
+    patch_size: int = 16
 
 
 MODELS = {
@@ -88,6 +97,14 @@ MODELS = {
     "r18_cifar32": ModelSpec(18, 64, "cifar", 32, 32, "cifar", (0.08, 1.0), 4096, 0.99, 512, 8, 4.45),
     # A smoke test that compiles in seconds on a CPU.
     "tiny": ModelSpec(10, 4, "cifar", 8, 8, "cifar", (0.08, 1.0), 64, 0.99, 8, 1),
+    # MoCo v3 (configs/moco_v3_vit_*.py): no queue, m=0.99 (cosine), images stored at 256px, cropped to 224;
+    # 128 / 64 images per device as the paper's batch 4096 on 32 / 64 GPUs.
+    "vits16_224": ModelSpec(0, 0, "", 256, 224, "moco_v3", (0.08, 1.0), 0, 0.99, 128, 1, method="moco_v3",
+                            vit="small"),
+    "vitb16_224": ModelSpec(0, 0, "", 256, 224, "moco_v3", (0.08, 1.0), 0, 0.99, 64, 1, method="moco_v3",
+                            vit="base"),
+    "vit_test": ModelSpec(0, 0, "", 16, 16, "cifar_v3", (0.08, 1.0), 0, 0.99, 8, 1, method="moco_v3",
+                          vit="test", patch_size=4),
 }
 
 # Dense (no 2:4 sparsity) peak FLOP/s per device, in TFLOP/s, for the matmul
@@ -130,7 +147,9 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def experiment_config(spec: ModelSpec, dtype: str, global_batch: int, shuffle_mode: str, bn_splits: int):
-    """configs/default.py turned into the MoCo v2 experiment of `spec`."""
+    """configs/default.py turned into the MoCo experiment of `spec`."""
+    if spec.method == "moco_v3":
+        return _v3_config(spec, dtype, global_batch)
     config = default_config.get_config()
     config.model.depth, config.model.width, config.model.stem = spec.depth, spec.width, spec.stem
     config.model.head, config.model.dtype = "mlp", dtype
@@ -144,8 +163,22 @@ def experiment_config(spec: ModelSpec, dtype: str, global_batch: int, shuffle_mo
     return config
 
 
+def _v3_config(spec: ModelSpec, dtype: str, global_batch: int):
+    """configs/moco_v3_vit_small.py with the ViT, images and batch of `spec`."""
+    from configs import moco_v3_vit_small  # noqa: PLC0415
+
+    config = moco_v3_vit_small.get_config()
+    config.model.vit, config.model.patch_size, config.model.dtype = spec.vit, spec.patch_size, dtype
+    config.image_size, config.crop_size = spec.input_size, spec.crop_size
+    config.augmentation, config.crop_scale = spec.augmentation, spec.crop_scale
+    config.batch_size, config.momentum = global_batch, spec.ema_momentum
+    if spec.vit == "test":  # the CPU smoke row: small heads too
+        config.model.mlp_dim, config.embed_dim = 64, 32
+    return config
+
+
 def model_gflop_per_pair(config) -> float:
-    """4 x forward GFLOP of one image (see the module docstring), from XLA's
+    """4 x (MoCo v3: 8 x) forward GFLOP of one image (see the module docstring), from XLA's
     cost analysis of the un-optimised float32 forward (the count is the same
     for bfloat16, minus its casts): shapes only, nothing is compiled or run."""
     config = config.copy_and_resolve_references()
@@ -154,7 +187,8 @@ def model_gflop_per_pair(config) -> float:
     image = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), image)
     cost = jax.jit(lambda v, x: encoder.apply(v, x, train=False)).lower(variables, image).cost_analysis()
-    return 4 * float(cost["flops"]) / 1e9
+    forwards = 8 if config.get("method", "moco_v2") == "moco_v3" else 4
+    return forwards * float(cost["flops"]) / 1e9
 
 
 def compiled_memory_bytes(compiled) -> float | None:
@@ -217,7 +251,7 @@ def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int 
     p_state = state_lib.to_devices(host_state)
     del host_state
     host_batches = synthetic_batches(n, local_batch, spec.input_size)
-    p_step = trainer.make_train_step(config)
+    p_step = trainer.make_train_step(config, total_steps=100_000)  # (the length only shapes v3's momentum curve)
     peak_before = device_peak_bytes(devices)  # the allocator's peak cannot be reset between rows
 
     start = time.perf_counter()

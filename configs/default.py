@@ -69,12 +69,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_subset = 0  # in-memory datasets: pretrain on a fixed random subset of this size (0 = all)
     config.knn_max_train_images = 50_000  # cap on the kNN bank (0 = all)
     config.knn_center_crop_fraction = 1.0  # kNN view: resize to crop_size / this, centre crop (0.875: ImageNet)
-    config.augmentation = "cifar"  # moco_v1 | moco_v2 | cifar (moco_jax/core/augment.py)
+    # moco_v1 | moco_v2 | cifar | moco_v3 | cifar_v3 (moco_jax/core/augment.py)
+    config.augmentation = "cifar"
     config.crop_size = 16
     config.crop_scale = (0.5, 1.0)  # 8x8 digits lose their identity in smaller crops
 
+    # Method: moco_v2 (v1/v2: queue, shuffle BN; core/moco.py) | moco_v3 (no
+    # queue, symmetric loss against the global batch's keys, predictor; core/moco_v3.py).
+    config.method = "moco_v2"
+
     # Model.
     config.model = ml_collections.ConfigDict()
+    config.model.arch = "resnet"  # resnet | vit
     config.model.depth = 10  # 10 | 18 | 34 | 50
     config.model.width = 16  # filters of the first stage (64 in the papers)
     config.model.stem = "cifar"  # imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv
@@ -82,21 +88,28 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # float32 | bfloat16 (params and BN stats stay float32)
     config.model.sync_bn = False  # True: BN statistics over all devices (SyncBN)
     config.model.bn_momentum = 0.9  # Flax convention; = PyTorch momentum 0.1
+    config.model.zero_init_residual = False  # ResNet: each block's last BN scale starts at 0 (MoCo v3)
+    config.model.vit = "small"  # arch=vit: test | mini | tiny | small | base (core/vit.py VIT_SIZES)
+    config.model.patch_size = 16  # arch=vit
+    config.model.stop_grad_patch = False  # arch=vit: freeze the random patch projection (MoCo v3)
+    config.model.mlp_dim = 4096  # moco_v3: hidden width of the projector and predictor MLPs
     config.embed_dim = 128
     # BN groups per device (split BN emulates shuffle BN over more devices);
     # 0 = auto: 8 groups in all (8 splits on 1 device, 4 on 2, 1 from 8 on).
     config.bn_splits = 0
 
     # MoCo.
-    config.queue_size = 256  # K; divisible by batch_size; small vs the 1,438 images, so few
+    config.queue_size = 256  # K (0 for moco_v3); divisible by batch_size; small vs the 1,438 images, so few
     # negatives are other views of the query image itself
     config.temperature = 0.2
     config.momentum = 0.99  # key-encoder EMA
+    config.momentum_schedule = "constant"  # constant | cosine (m -> 1 over training, MoCo v3)
     config.shuffle_bn = True
     config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see core/moco.py)
-    config.symmetric_loss = False
+    config.symmetric_loss = False  # moco_v2 only (moco_v3 is always symmetric)
 
     # Optimisation.
+    config.optimizer = "sgd"  # sgd (v1/v2) | lars (v3 ResNet) | adamw (v3 ViT); core/optim.py
     config.batch_size = 64  # global, over all devices
     config.num_epochs = 30
     config.num_train_steps = -1  # > 0 overrides num_epochs
@@ -106,7 +119,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.warmup_epochs = 0.0
     config.weight_decay = 5e-4
     config.weight_decay_mask = "all"  # all (the reference) | no_bn_bias
-    config.sgd_momentum = 0.9
+    config.sgd_momentum = 0.9  # also LARS's momentum
+    config.lars_trust_coefficient = 0.001
 
     # Logging and evaluation. Intervals are given in steps or in epochs
     # (X_every_steps / X_every_epochs, at most one of the two > 0; 0 = only at

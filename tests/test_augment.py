@@ -548,3 +548,35 @@ def test_make_views_fn_host_cropped_pmap():
     q, k = jax.pmap(A.make_views_fn(recipe, host_cropped=True))(jax.random.split(KEY, n), crops)
     assert q.shape == k.shape == (n, 2, 8, 8, 3)
     assert len({row.tobytes() for row in np.asarray(q).reshape(n, -1)}) == n
+
+
+def test_solarize_is_pils():
+    """ImageOps.solarize (threshold 128) on every uint8 value, through [0, 1] floats."""
+    from PIL import Image, ImageOps
+
+    values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
+    expected = np.asarray(ImageOps.solarize(Image.fromarray(values[0])))
+    out = A.solarize(jnp.zeros((1,)), jnp.asarray(values, jnp.float32) / 255.0, 1.0)
+    np.testing.assert_allclose(np.asarray(out[0]) * 255.0, expected, atol=1e-4)
+    floats = jnp.asarray(values, jnp.float32) / 255.0
+    kept = A.solarize(jnp.ones((1,)) * 0.9, floats, 0.5)  # u >= p: unchanged
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(floats))
+
+
+def test_moco_v3_views_are_asymmetric():
+    """moco-v3: blur p 1.0 / 0.1 and solarisation p 0 / 0.2. Seen through a
+    recipe with only solarisation on: on images of value 200 (>= 128) view 1
+    is never solarised and view 2 about as often as its p says."""
+    v3 = A.recipe_by_name("moco_v3")
+    assert (v3.view_probabilities(0), v3.view_probabilities(1)) == ((1.0, 0.0), (0.1, 0.2))
+    assert (v3.saturation, v3.crop_scale, v3.order[-2:]) == (0.2, (0.08, 1.0), ("solarize", "flip"))
+    assert A.recipe_by_name("cifar_v3").view_probabilities(1) == (0.0, 0.2)
+    only_solarize = dataclasses.replace(v3, crop_size=8, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip=False,
+                                        solarize_p=(0.0, 0.3), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    images = jnp.full((2000, 8, 8, 3), 200, jnp.uint8)
+    x1, x2 = A.two_views(jax.random.key(0), images, only_solarize)
+    solarized = lambda x: np.asarray(x[:, 0, 0, 0]) < 0.5  # noqa: E731 - 200/255 -> 55/255
+    assert not solarized(x1).any()
+    assert abs(solarized(x2).mean() - 0.3) < 0.04
+    # The recipes without solarisation draw the uniforms they always drew.
+    assert A._uniform_columns(A.recipe_by_name("moco_v2")) == A._UNIFORMS

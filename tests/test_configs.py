@@ -10,7 +10,9 @@ from moco_jax.core.config import bn_splits_for, validate_config
 
 
 @pytest.mark.parametrize("name, devices", [
-    ("default", 1), ("moco_v1_imagenet", 8), ("moco_v2_imagenet", 8), ("moco_v2_cifar10", 1)])
+    ("default", 1), ("moco_v1_imagenet", 8), ("moco_v2_imagenet", 8), ("moco_v2_cifar10", 1),
+    ("moco_v3_vit_small", 8), ("moco_v3_vit_base", 8), ("moco_v3_r50", 8), ("moco_v3_cifar10", 8),
+    ("moco_v3_tiny", 1)])
 def test_config_validates(name, devices):
     config = importlib.import_module(f"configs.{name}").get_config()
     validate_config(config, devices)
@@ -40,6 +42,26 @@ def test_paper_recipes():
     assert optim.scaled_learning_rate(cifar) == pytest.approx(0.06)
     assert cifar.crop_scale == (0.08, 1.0) and not cifar.symmetric_loss
     assert cifar.model.head == "linear"  # the demo's resnet18(num_classes=128)
+
+
+def test_moco_v3_recipes():
+    """CONFIG.md of facebookresearch/moco-v3 and `main_moco.py`'s defaults."""
+    vits = importlib.import_module("configs.moco_v3_vit_small").get_config()
+    vitb = importlib.import_module("configs.moco_v3_vit_base").get_config()
+    r50 = importlib.import_module("configs.moco_v3_r50").get_config()
+    for c in (vits, vitb):
+        recipe = (c.optimizer, c.weight_decay, c.warmup_epochs, c.temperature, c.num_epochs)
+        assert recipe == ("adamw", 0.1, 40, 0.2, 300)
+        assert c.model.stop_grad_patch and c.model.patch_size == 16 and c.crop_scale == (0.08, 1.0)
+        assert optim.scaled_learning_rate(c) == pytest.approx(1.5e-4 * 4096 / 256)
+    assert (vits.model.vit, vitb.model.vit) == ("small", "base")
+    assert (r50.optimizer, r50.weight_decay, r50.warmup_epochs, r50.temperature) == ("lars", 1e-6, 10, 1.0)
+    assert r50.model.sync_bn and r50.model.zero_init_residual and r50.crop_scale == (0.2, 1.0)
+    assert optim.scaled_learning_rate(r50) == pytest.approx(0.3 * 4096 / 256)
+    for c in (vits, vitb, r50):
+        assert (c.method, c.queue_size, c.shuffle_bn, c.momentum, c.momentum_schedule) == (
+            "moco_v3", 0, False, 0.99, "cosine")
+        assert (c.embed_dim, c.model.mlp_dim, c.batch_size, c.augmentation) == (256, 4096, 4096, "moco_v3")
 
 
 def test_intervals_in_epochs_or_steps():

@@ -441,6 +441,16 @@ def blur(u, images, p: float, sigma_range=(0.1, 2.0), kernel_size: Optional[int]
     return _select(u[:, 0], p, blurred, images.astype(jnp.float32))
 
 
+def solarize(u, images, p, threshold: float = 128 / 255):
+    """RandomApply([Solarize()], p) of BYOL / MoCo v3: PIL's
+    `ImageOps.solarize` (threshold 128) inverts every channel value >= 128,
+    v -> 255 - v; on [0, 1] floats x >= 128/255 -> 1 - x.
+
+    u: (B,) uniforms; images: float (B, H, W, C) in [0, 1]; p may be traced.
+    """
+    return _select(u, p, jnp.where(images >= threshold, 1.0 - images, images), images)
+
+
 def normalize(images, mean: Sequence[float], std: Sequence[float]):
     """torchvision `Normalize(mean, std)`: (x - mean) / std per channel.
 
@@ -465,7 +475,7 @@ def eval_view(images_uint8, crop_size: int, mean: Sequence[float], std: Sequence
 # Recipes
 # --------------------------------------------------------------------------
 
-_STEPS = ('grayscale', 'jitter', 'blur', 'flip')
+_STEPS = ('grayscale', 'jitter', 'blur', 'solarize', 'flip')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,6 +484,8 @@ class Recipe:
 
     `order` lists the steps after the crop, in the reference torchvision
     Compose order; a step whose probability/strength is zero is a no-op.
+    `blur_p` and `solarize_p` are one probability for both views, or a pair
+    (first view, second view): BYOL's and MoCo v3's asymmetric views.
     """
     crop_size: int
     crop_scale: Tuple[float, float]
@@ -484,16 +496,25 @@ class Recipe:
     hue: float
     jitter_p: float
     grayscale_p: float
-    blur_p: float
+    blur_p: float | Tuple[float, float]
     blur_sigma: Tuple[float, float]
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     order: Tuple[str, ...] = ('jitter', 'grayscale', 'blur', 'flip')
+    solarize_p: float | Tuple[float, float] = 0.0
 
     def __post_init__(self):
         unknown = set(self.order) - set(_STEPS)
         if unknown:
             raise ValueError(f"unknown steps {sorted(unknown)}; known: {_STEPS}")
+
+    def view_probabilities(self, view: int) -> Tuple[float, float]:
+        """(blur p, solarize p) of view 0 (query / x1) or 1 (key / x2)."""
+        return tuple(p[view] if isinstance(p, (tuple, list)) else p for p in (self.blur_p, self.solarize_p))
+
+    @property
+    def uses_solarize(self) -> bool:
+        return 'solarize' in self.order and max(self.view_probabilities(0)[1], self.view_probabilities(1)[1]) > 0
 
 
 def moco_v1_recipe(crop_size: int = 224) -> Recipe:
@@ -541,7 +562,31 @@ def cifar_recipe(crop_size: int = 32) -> Recipe:
                   order=('flip', 'jitter', 'grayscale'))
 
 
-_RECIPES = {'moco_v1': moco_v1_recipe, 'moco_v2': moco_v2_recipe, 'cifar': cifar_recipe}
+def moco_v3_recipe(crop_size: int = 224) -> Recipe:
+    """MoCo v3 (facebookresearch/moco-v3 main_moco.py), BYOL's asymmetric pair.
+
+    Both views: RandomResizedCrop(224, scale=(crop_min=0.08, 1.)),
+    RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), RandomGrayscale(0.2),
+    RandomApply([GaussianBlur([.1, 2.])], p=1.0 | 0.1),
+    RandomApply([Solarize()], p=0 | 0.2) (second view only), RandomHorizontalFlip(),
+    ToTensor(), Normalize(ImageNet mean/std). (Its ResNet-50 runs use crop_min 0.2.)
+    """
+    return Recipe(crop_size=crop_size, crop_scale=(0.08, 1.0), flip=True,
+                  brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+                  jitter_p=0.8, grayscale_p=0.2, blur_p=(1.0, 0.1), blur_sigma=(0.1, 2.0),
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  order=('jitter', 'grayscale', 'blur', 'solarize', 'flip'), solarize_p=(0.0, 0.2))
+
+
+def cifar_v3_recipe(crop_size: int = 32) -> Recipe:
+    """`moco_v3_recipe` for 32x32 CIFAR images: the same pair without the
+    blur (a Gaussian blur of sigma up to 2 erases a 32-pixel image; SimCLR
+    and solo-learn leave it out on CIFAR too), CIFAR-10 mean/std."""
+    return dataclasses.replace(moco_v3_recipe(crop_size), blur_p=0.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+
+
+_RECIPES = {'moco_v1': moco_v1_recipe, 'moco_v2': moco_v2_recipe, 'cifar': cifar_recipe,
+            'moco_v3': moco_v3_recipe, 'cifar_v3': cifar_v3_recipe}
 RECIPE_NAMES = tuple(_RECIPES)  # the values of config.augmentation
 
 
@@ -579,19 +624,33 @@ _CROP_ATTEMPTS = 10
 _UNIFORMS = {'crop': 4 * _CROP_ATTEMPTS, 'grayscale': 1, 'jitter': 9, 'blur': 2, 'flip': 1}
 
 
-def _view_uniforms(rng, batch_size: int, leading=()):
+def _uniform_columns(recipe: Recipe) -> dict:
+    # Solarisation's column comes last and only where a recipe solarises, so
+    # that the recipes without it draw exactly what they always drew.
+    return {**_UNIFORMS, 'solarize': 1} if recipe.uses_solarize else _UNIFORMS
+
+
+def _view_uniforms(rng, batch_size: int, recipe: Recipe, leading=()):
     """All the randomness of one (or `leading` many) view(s) in one draw."""
-    return jax.random.uniform(rng, leading + (batch_size, sum(_UNIFORMS.values())))
+    return jax.random.uniform(rng, leading + (batch_size, sum(_uniform_columns(recipe).values())))
 
 
-def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool):
-    """`augment_view` given uniforms u: (B, sum(_UNIFORMS.values()))."""
+def _two_view_probabilities(recipe: Recipe):
+    """(2, 2) float32: row v = (blur p, solarize p) of view v, for the vmap over views."""
+    return jnp.asarray([recipe.view_probabilities(0), recipe.view_probabilities(1)], jnp.float32)
+
+
+def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool, probabilities=None):
+    """`augment_view` given uniforms u: (B, sum of `_uniform_columns(recipe)`)
+    and (blur p, solarize p), possibly traced (default: the first view's)."""
     batch, height, width, _ = images_uint8.shape
     size = recipe.crop_size
+    blur_p, solarize_p = recipe.view_probabilities(0) if probabilities is None else probabilities
     # Every step owns a fixed column range, so a step's randomness does not
     # depend on which other steps the recipe enables.
-    ends = np.cumsum(list(_UNIFORMS.values()))
-    cols = {name: u[:, end - n:end] for (name, n), end in zip(_UNIFORMS.items(), ends)}
+    columns = _uniform_columns(recipe)
+    ends = np.cumsum(list(columns.values()))
+    cols = {name: u[:, end - n:end] for (name, n), end in zip(columns.items(), ends)}
     x = images_uint8.astype(jnp.float32) / 255.0
     if crop:
         boxes = crop_boxes(cols['crop'], height, width, recipe.crop_scale)
@@ -605,8 +664,10 @@ def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool):
         elif step == 'jitter' and recipe.jitter_p > 0:
             x = color_jitter(cols[step], x, recipe.brightness, recipe.contrast,
                                 recipe.saturation, recipe.hue, recipe.jitter_p)
-        elif step == 'blur' and recipe.blur_p > 0:
-            x = blur(cols[step], x, recipe.blur_p, recipe.blur_sigma)
+        elif step == 'blur' and max(recipe.view_probabilities(0)[0], recipe.view_probabilities(1)[0]) > 0:
+            x = blur(cols[step], x, blur_p, recipe.blur_sigma)
+        elif step == 'solarize' and recipe.uses_solarize:
+            x = solarize(cols[step][:, 0], x, solarize_p)
         elif step == 'flip' and recipe.flip:
             x = flip(cols[step][:, 0], x, 0.5)
     return normalize(x, recipe.mean, recipe.std)
@@ -629,7 +690,7 @@ def augment_view(rng, images_uint8, recipe: Recipe, crop: bool = True):
     Returns:
       float32 (B, S, S, 3), normalised.
     """
-    u = _view_uniforms(rng, images_uint8.shape[0])
+    u = _view_uniforms(rng, images_uint8.shape[0], recipe)
     return _augment_view_u(u, images_uint8, recipe, crop)
 
 
@@ -641,8 +702,9 @@ def two_views(rng, images_uint8, recipe: Recipe, crop: bool = True):
     """
     # One draw for both views and the pipeline vmapped over the view axis:
     # each op is compiled once rather than twice.
-    u = _view_uniforms(rng, images_uint8.shape[0], leading=(2,))
-    views = jax.vmap(lambda uv: _augment_view_u(uv, images_uint8, recipe, crop))(u)
+    u = _view_uniforms(rng, images_uint8.shape[0], recipe, leading=(2,))
+    views = jax.vmap(lambda uv, pv: _augment_view_u(uv, images_uint8, recipe, crop, pv))(
+        u, _two_view_probabilities(recipe))
     return views[0], views[1]
 
 
@@ -662,9 +724,10 @@ def make_views_fn(recipe: Recipe, host_cropped: bool):
     def host_cropped_views(rng, crops):
         if crops.ndim != 5 or crops.shape[1] != 2:
             raise ValueError(f"host-cropped batches are (B, 2, S, S, 3), got {crops.shape}")
-        u = _view_uniforms(rng, crops.shape[0], leading=(2,))
+        u = _view_uniforms(rng, crops.shape[0], recipe, leading=(2,))
         pairs = jnp.moveaxis(crops, 1, 0)  # (2, B, S, S, 3): view v's crops
-        views = jax.vmap(lambda uv, x: _augment_view_u(uv, x, recipe, crop=False))(u, pairs)
+        views = jax.vmap(lambda uv, x, pv: _augment_view_u(uv, x, recipe, False, pv))(
+            u, pairs, _two_view_probabilities(recipe))
         return views[0], views[1]
 
     return host_cropped_views

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from flax import traverse_util
 
-from moco_jax.core import augment, moco, models
+from moco_jax.core import augment, moco, models, vit
 from moco_jax.core.errors import ConfigError
 from moco_jax.core.models import ARCHITECTURES
 
@@ -86,6 +86,8 @@ def bn_splits_for(config, num_devices: int) -> int:
     per-device batch into groups of 2 or more images (1 from 8 devices on)."""
     if config.bn_splits != 0:
         return int(config.bn_splits)
+    if config.get("method", "moco_v2") == "moco_v3":
+        return 1  # no shuffle BN to emulate: plain (or Sync) BN
     per_device = config.batch_size // max(1, num_devices)
     for splits in range(max(1, AUTO_BN_GROUPS // num_devices), 1, -1):
         if per_device % splits == 0 and per_device // splits >= 2:
@@ -170,6 +172,7 @@ MOMENTUM = number(0, 1, high_open=True)  # [0, 1)
 # this one, so the lists live here).
 LR_SCHEDULES = ("cosine", "step")  # moco_jax.core.optim
 WEIGHT_DECAY_MASKS = ("all", "no_bn_bias")  # moco_jax.core.optim
+OPTIMIZERS = ("sgd", "lars", "adamw")  # moco_jax.core.optim
 LINEAR_MODES = ("full", "features")  # moco_jax.eval.linear
 # In-memory datasets (moco_jax.data.arrays): the side of their images with
 # image_size=0, and the one side a dataset may come at (None: any, upsampled).
@@ -203,11 +206,15 @@ PRETRAINING_RULES = {
     **_SHARED_RULES,
     "knn_train_split": STRING, "train_subset": integer(0), "knn_max_train_images": integer(0),
     "knn_center_crop_fraction": FRACTION, "augmentation": one_of(augment.RECIPE_NAMES),
+    "method": one_of(models.METHODS), "optimizer": one_of(OPTIMIZERS), "lars_trust_coefficient": POSITIVE,
+    "momentum_schedule": one_of(moco.MOMENTUM_SCHEDULES),
+    "model.arch": one_of(models.ARCHS), "model.vit": one_of(vit.VIT_SIZES), "model.patch_size": integer(1),
+    "model.stop_grad_patch": BOOL, "model.mlp_dim": integer(1), "model.zero_init_residual": BOOL,
     "crop_size": integer(1), "crop_scale": SCALE,
     "model.depth": one_of(ARCHITECTURES), "model.width": integer(1), "model.stem": one_of(models.STEMS),
     "model.head": one_of(models.HEADS), "model.dtype": one_of(models.DTYPES), "model.sync_bn": BOOL,
     "model.bn_momentum": MOMENTUM, "embed_dim": integer(1), "bn_splits": integer(0, " (0 = auto)"),
-    "queue_size": integer(1), "temperature": POSITIVE, "momentum": number(0, 1),
+    "queue_size": integer(0, " (0: no queue, MoCo v3)"), "temperature": POSITIVE, "momentum": number(0, 1),
     "shuffle_bn": BOOL, "shuffle_mode": one_of(moco.SHUFFLE_MODES), "symmetric_loss": BOOL,
     **interval_rules("log_every", "checkpoint_every", "knn_every"),
     "checkpoints_to_keep": integer(1), "knn_k": integer(1), "knn_temperature": POSITIVE,
@@ -292,7 +299,8 @@ def validate_config(config, num_devices: int) -> None:
     batch, queue, splits = config.batch_size, config.queue_size, bn_splits_for(config, num_devices)
     if batch % num_devices:
         raise ConfigError(f"batch_size={batch} must be a positive multiple of the device count ({num_devices})")
-    if queue % batch:
+    check_method(config)
+    if config.get("method", "moco_v2") == "moco_v2" and (queue <= 0 or queue % batch):
         raise ConfigError(
             f"queue_size={queue} must be a positive multiple of batch_size={batch}: the queue is "
             "overwritten one whole global batch at a time"
@@ -315,6 +323,21 @@ def validate_config(config, num_devices: int) -> None:
             f"queue_size={queue} must be a multiple of 2 * batch_size={2 * batch} with symmetric_loss: "
             "both views' keys enter the queue every step"
         )
+
+
+def check_method(config) -> None:
+    """The fields MoCo v3 has no use for must say so (a v2 habit carried over
+    would silently mean nothing), and a ViT must tile its crops."""
+    if config.get("method", "moco_v2") == "moco_v3":
+        if config.queue_size:
+            raise ConfigError(f"queue_size={config.queue_size} must be 0 with method='moco_v3': MoCo v3 has no "
+                              "queue (the negatives are the other keys of the global batch)")
+        if config.shuffle_bn:
+            raise ConfigError("shuffle_bn=True has no meaning with method='moco_v3' (it uses SyncBN): set "
+                              "shuffle_bn=False")
+    if config.model.get("arch", "resnet") == "vit" and config.crop_size % config.model.patch_size:
+        raise ConfigError(f"crop_size={config.crop_size} must be a multiple of model.patch_size="
+                          f"{config.model.patch_size}: the ViT cuts the crop into whole patches")
 
 
 def validate_linear_config(config, num_devices: int | None = None) -> None:

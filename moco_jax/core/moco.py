@@ -30,6 +30,7 @@ from moco_jax.core.state import MoCoState
 
 Views = Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]]
 SHUFFLE_MODES = ("all_gather", "all_to_all")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class MoCoHParams:
 
     temperature: T of the softmax over [l_pos, l_neg].
     ema_momentum: m of the key-encoder update (0.999 for ImageNet, 0.99 CIFAR).
+    momentum_schedule: "constant" (MoCo v1/v2) or "cosine" (MoCo v3's
+      `--moco-m-cos`): m rises from `ema_momentum` to 1 over `total_steps`.
+    total_steps: the run's length in steps (the cosine schedule's end).
     shuffle_bn: shuffle keys across devices before the key encoder's BN.
     shuffle_mode: how shuffle BN moves the key images between devices:
       "all_gather" (the reference: every device receives the whole global
@@ -51,6 +55,8 @@ class MoCoHParams:
 
     temperature: float = 0.2
     ema_momentum: float = 0.999
+    momentum_schedule: str = "constant"
+    total_steps: int = 0
     shuffle_bn: bool = True
     shuffle_mode: str = "all_gather"
     symmetric: bool = False
@@ -58,6 +64,11 @@ class MoCoHParams:
 
     def __post_init__(self):
         check_shuffle_mode(self.shuffle_mode)
+        if self.momentum_schedule not in MOMENTUM_SCHEDULES:
+            raise ConfigError(f"momentum_schedule={self.momentum_schedule!r} must be one of "
+                              f"{', '.join(map(repr, MOMENTUM_SCHEDULES))}")
+        if self.momentum_schedule == "cosine" and self.total_steps <= 0:
+            raise ValueError("momentum_schedule='cosine' needs the run's total_steps (make_train_step's total_steps)")
 
 
 def check_shuffle_mode(mode: str, local_batch: int | None = None, num_devices: int | None = None) -> None:
@@ -85,6 +96,18 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 def momentum_update(momentum_params: Any, params: Any, momentum: float) -> Any:
     """theta_k <- m * theta_k + (1 - m) * theta_q (optax takes the step 1 - m)."""
     return optax.incremental_update(params, momentum_params, step_size=1.0 - momentum)
+
+
+def momentum_at(step: jax.Array | int, base: float, schedule: str, total_steps: int) -> jax.Array | float:
+    """The key encoder's momentum m for the update before optimizer step
+    `step` (0-based). "constant": `base`. "cosine" (moco-v3
+    `adjust_moco_momentum`, per iteration):
+        m = 1 - (1 - base) * (1 + cos(pi * step / total_steps)) / 2,
+    `base` at step 0, 1 at the end of training."""
+    if schedule == "constant":
+        return base
+    t = jnp.minimum(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 1.0)
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
 
 
 def shuffle_permutation(rng: jax.Array, global_batch: int) -> jax.Array:
@@ -316,7 +339,8 @@ def train_step(
     x_q, x_k = views(jax.random.fold_in(views_rng, lax.axis_index(hp.axis_name)), batch)
 
     # The key encoder follows the query encoder *before* this step's update.
-    momentum_params = momentum_update(state.momentum_params, state.params, hp.ema_momentum)
+    m = momentum_at(state.step, hp.ema_momentum, hp.momentum_schedule, hp.total_steps)
+    momentum_params = momentum_update(state.momentum_params, state.params, m)
     pairs = [(x_q, x_k), (x_k, x_q)] if hp.symmetric else [(x_q, x_k)]
     perm_rngs = jax.random.split(perm_rng, len(pairs))
     keys, momentum_batch_stats = [], state.momentum_batch_stats

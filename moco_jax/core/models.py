@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moco_jax.core import vit
 from moco_jax.core.errors import ConfigError
 
 Dtype = Any
@@ -69,12 +70,16 @@ class SplitBatchNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     scale_init: Callable = nn.initializers.ones
+    affine: bool = True  # False: no scale and bias (PyTorch's BatchNorm1d(affine=False))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        if self.affine:
+            scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        else:
+            scale, bias = 1.0, 0.0
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
 
@@ -118,12 +123,16 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> n
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34). Output channels: `filters`."""
+    """Two 3x3 convolutions (ResNet-18/34). Output channels: `filters`.
+
+    `zero_init_residual`: the last BN's scale starts at zero, so the block
+    starts as the identity (torchvision's option, which MoCo v3 sets)."""
 
     filters: int
     stride: int
     norm: Callable[..., nn.Module]
     dtype: Dtype = jnp.float32
+    zero_init_residual: bool = False
     expansion = 1
 
     @nn.compact
@@ -131,7 +140,7 @@ class BasicBlock(nn.Module):
         y = _conv(self.filters, 3, self.stride, self.dtype, "conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = _conv(self.filters, 3, 1, self.dtype, "conv2")(y)
-        y = self.norm(name="bn2")(y)
+        y = self.norm(name="bn2", scale_init=_last_bn_init(self))(y)
         return nn.relu(y + _shortcut(self, x, self.filters))
 
 
@@ -142,14 +151,19 @@ class Bottleneck(nn.Module):
     stride: int
     norm: Callable[..., nn.Module]
     dtype: Dtype = jnp.float32
+    zero_init_residual: bool = False
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
         y = nn.relu(self.norm(name="bn1")(_conv(self.filters, 1, 1, self.dtype, "conv1")(x)))
         y = nn.relu(self.norm(name="bn2")(_conv(self.filters, 3, self.stride, self.dtype, "conv2")(y)))
-        y = self.norm(name="bn3")(_conv(self.filters * 4, 1, 1, self.dtype, "conv3")(y))
+        y = self.norm(name="bn3", scale_init=_last_bn_init(self))(_conv(self.filters * 4, 1, 1, self.dtype, "conv3")(y))
         return nn.relu(y + _shortcut(self, x, self.filters * 4))
+
+
+def _last_bn_init(block: nn.Module) -> Callable:
+    return nn.initializers.zeros if block.zero_init_residual else nn.initializers.ones
 
 
 def _shortcut(block: nn.Module, x: jax.Array, out_features: int) -> jax.Array:
@@ -190,6 +204,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
+    zero_init_residual: bool = False
 
     @property
     def feature_dim(self) -> int:
@@ -218,7 +233,8 @@ class ResNet(nn.Module):
         for i, num_blocks in enumerate(stages):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = block(self.width * 2**i, stride, norm, self.dtype, name=f"layer{i + 1}_{j}")(x)
+                x = block(self.width * 2**i, stride, norm, self.dtype, self.zero_init_residual,
+                          name=f"layer{i + 1}_{j}")(x)
         return x.astype(jnp.float32).mean(axis=(1, 2))
 
 
@@ -244,42 +260,140 @@ class ProjectionHead(nn.Module):
         return x.astype(jnp.float32)
 
 
-class MoCoEncoder(nn.Module):
-    """Backbone + projection head: images -> (features (B, D), projection (B, embed_dim))."""
+class MLPHead(nn.Module):
+    """MoCo v3's projector / predictor (`MoCo._build_mlp`): `num_layers`
+    bias-free linears; BN + ReLU after each hidden one, and after the last a
+    BN without scale and bias if `last_bn` (SimCLR's design, gamma removed).
 
-    backbone: ResNet
+    `axis_name` set: the BNs are SyncBN over that pmap axis, as the official
+    code's `convert_sync_batchnorm` makes them. In: (B, D); out (B, out_dim)."""
+
+    num_layers: int
+    hidden_dim: int
+    out_dim: int
+    last_bn: bool = True
+    axis_name: str | None = None
+    bn_momentum: float = 0.9
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        norm = functools.partial(SplitBatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                                 axis_name=self.axis_name if train else None, dtype=self.dtype)
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
+                         param_dtype=jnp.float32, kernel_init=dense_init, name=f"fc{i}")(x)
+            if not last:
+                x = nn.relu(norm(name=f"bn{i}")(x))
+            elif self.last_bn:
+                x = norm(affine=False, name=f"bn{i}")(x)
+        return x.astype(jnp.float32)
+
+
+class MoCoEncoder(nn.Module):
+    """Backbone + projection head: images -> (features (B, D), projection (B, embed_dim)).
+
+    The MoCo v1/v2 encoder (the key encoder has the same shape); `query` is
+    the same call, so that both methods' steps read alike."""
+
+    backbone: nn.Module
     head: ProjectionHead
 
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         features = self.backbone(x, train=train)
         return features, self.head(features)
 
+    def query(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        return self(x, train)
 
-def build_encoder(config, axis_name: str = "batch") -> MoCoEncoder:
-    """The encoder of an experiment config (`config.model`, `config.embed_dim`,
-    `config.bn_splits`); SyncBN reduces over the pmap axis `axis_name`."""
+
+class MoCoV3Encoder(nn.Module):
+    """MoCo v3: backbone + projector, and the predictor on the query side.
+
+    `__call__` is the momentum encoder's function (and the one evaluation
+    uses): images -> (features (B, D), projection (B, embed_dim)). `query`
+    adds the predictor: images -> (features, prediction (B, embed_dim)). The
+    momentum encoder's parameters are `momentum_subset(params)`: everything
+    but the predictor's."""
+
+    backbone: nn.Module
+    head: MLPHead
+    predictor: MLPHead
+
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        features = self.backbone(x, train=train)
+        return features, self.head(features, train=train)
+
+    def query(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        features, z = self(x, train)
+        return features, self.predictor(z, train=train)
+
+
+ARCHS = ("resnet", "vit")
+METHODS = ("moco_v2", "moco_v3")
+
+
+def build_backbone(config, axis_name: str = "batch") -> nn.Module:
+    """`config.model.arch`: a ResNet (`model.depth`, `width`, `stem`,
+    `sync_bn`, `zero_init_residual`) or a ViT (`model.vit`, `patch_size`,
+    `stop_grad_patch`); activations in `model.dtype`."""
     model_config = config.model
     if model_config.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={model_config.dtype!r} must be one of {', '.join(map(repr, DTYPES))}")
     dtype = DTYPES[model_config.dtype]
-    backbone = ResNet(
+    arch = model_config.get("arch", "resnet")
+    if arch == "vit":
+        return vit.VisionTransformer(size=model_config.vit, patch_size=model_config.patch_size,
+                                     stop_grad_patch=model_config.stop_grad_patch, dtype=dtype, name="backbone")
+    if arch != "resnet":
+        raise ConfigError(f"model.arch={arch!r} must be one of {', '.join(map(repr, ARCHS))}")
+    return ResNet(
         depth=model_config.depth,
         width=model_config.width,
         stem=model_config.stem,
-        bn_splits=config.bn_splits,
+        bn_splits=config.get("bn_splits", 1),
         bn_axis_name=axis_name if model_config.sync_bn else None,
         bn_momentum=model_config.bn_momentum,
         dtype=dtype,
+        zero_init_residual=model_config.get("zero_init_residual", False),
         name="backbone",
     )
+
+
+def build_encoder(config, axis_name: str = "batch") -> MoCoEncoder | MoCoV3Encoder:
+    """The encoder of an experiment config (`config.method`, `config.model`,
+    `config.embed_dim`, `config.bn_splits`); SyncBN reduces over the pmap
+    axis `axis_name`."""
+    backbone = build_backbone(config, axis_name)
+    method = config.get("method", "moco_v2")
+    if method == "moco_v3":
+        # The official code: a 3-layer projector for ViT, 2 for ResNet; the
+        # predictor ends with the affine-free BN for ViT but not for ResNet.
+        vit_backbone = config.model.get("arch", "resnet") == "vit"
+        mlp = functools.partial(MLPHead, hidden_dim=config.model.mlp_dim, out_dim=config.embed_dim,
+                                axis_name=axis_name, bn_momentum=config.model.bn_momentum,
+                                dtype=DTYPES[config.model.dtype])
+        return MoCoV3Encoder(backbone=backbone, head=mlp(num_layers=3 if vit_backbone else 2, name="head"),
+                             predictor=mlp(num_layers=2, last_bn=vit_backbone, name="predictor"))
+    if method != "moco_v2":
+        raise ConfigError(f"method={method!r} must be one of {', '.join(map(repr, METHODS))}")
     # The head stays in float32 even for bfloat16 backbones: it is tiny, and
     # the embeddings are divided by T (as small as 0.07) in the logits, where
     # bfloat16's 3 significant digits would show.
-    head = ProjectionHead(kind=model_config.head, embed_dim=config.embed_dim, dtype=jnp.float32, name="head")
+    head = ProjectionHead(kind=config.model.head, embed_dim=config.embed_dim, dtype=jnp.float32, name="head")
     return MoCoEncoder(backbone=backbone, head=head)
 
 
+def momentum_subset(tree: dict[str, Any]) -> dict[str, Any]:
+    """The part of a params (or batch_stats) tree the momentum encoder has:
+    all but MoCo v3's predictor."""
+    return {k: v for k, v in tree.items() if k != "predictor"}
+
+
 def backbone_variables(variables: dict[str, Any]) -> dict[str, Any]:
-    """The ResNet's {"params", "batch_stats"} out of `MoCoEncoder` variables:
-    what export, the linear probe and `Encoder.embed` run."""
-    return {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}
+    """The backbone's {"params", "batch_stats"} out of encoder variables: what
+    export, the linear probe and `Encoder.embed` run (a ViT has no BN, so
+    its "batch_stats" are empty)."""
+    return {"params": variables["params"]["backbone"],
+            "batch_stats": variables.get("batch_stats", {}).get("backbone", {})}

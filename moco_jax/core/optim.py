@@ -1,4 +1,5 @@
-"""Learning-rate schedules and the SGD optimizer of the MoCo reference."""
+"""Learning-rate schedules and the optimizers of the MoCo references: SGD
+(v1/v2), LARS (v3 ResNet) and AdamW (v3 ViT)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax
 import optax
 from flax import traverse_util
 
-from moco_jax.core.config import LR_SCHEDULES, WEIGHT_DECAY_MASKS, epochs_to_steps, total_steps
+from moco_jax.core.config import LR_SCHEDULES, OPTIMIZERS, WEIGHT_DECAY_MASKS, epochs_to_steps, total_steps
 from moco_jax.core.errors import ConfigError
 
 
@@ -51,16 +52,63 @@ def weight_decay_mask(params, mode: str):
     raise ConfigError(f"weight_decay_mask={mode!r} must be one of {', '.join(map(repr, WEIGHT_DECAY_MASKS))}")
 
 
-def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """PyTorch's SGD(momentum, weight_decay): the decay is *coupled* (added to
-    the gradient before the momentum buffer), unlike AdamW-style decay."""
-    schedule = learning_rate_schedule(config, steps_per_epoch)
-    tx = optax.chain(
-        optax.masked(
-            optax.add_decayed_weights(config.weight_decay),
-            lambda p: weight_decay_mask(p, config.weight_decay_mask),
-        ),
-        optax.trace(decay=config.sgd_momentum, nesterov=False),
+def freezes_patch(config) -> bool:
+    """Whether the config freezes the ViT patch projection (`model.stop_grad_patch`)."""
+    model = config.get("model")  # (a linear-probe config has none)
+    return model is not None and model.get("arch", "resnet") == "vit" and model.get("stop_grad_patch", False)
+
+
+def frozen_mask(params, config):
+    """The parameters no optimizer step may change: the ViT patch projection
+    with `model.stop_grad_patch` (moco-v3's `--stop-grad-conv1` sets
+    requires_grad=False on it, so PyTorch's AdamW skips it, decay included)."""
+    frozen = freezes_patch(config)
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: frozen and k[:2] == ("backbone", "patch_embed") for k in flat})
+
+
+def lars(schedule: optax.Schedule, weight_decay: float, momentum: float, trust_coefficient: float,
+         mask) -> optax.GradientTransformation:
+    """moco-v3 `moco/optimizer.py` LARS. For each parameter in `mask`:
+    d = g + wd * p, then d *= trust * |p| / |d| (1 where either norm is 0);
+    parameters outside the mask (the reference: biases and BN, p.ndim <= 1)
+    keep d = g. Then mu = momentum * mu + d and p -= lr * mu: the learning
+    rate applies after the momentum buffer, as in the reference (optax.lars
+    scales before it, which differs while the rate changes)."""
+    return optax.chain(
+        optax.masked(optax.add_decayed_weights(weight_decay), mask),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), mask),
+        optax.trace(decay=momentum, nesterov=False),
         optax.scale_by_learning_rate(schedule),
     )
+
+
+def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`config.optimizer`, with the learning-rate schedule, the weight-decay
+    mask (`config.weight_decay_mask`) and frozen parameters left unchanged:
+
+    * sgd: PyTorch's SGD(momentum, weight_decay): the decay is *coupled*
+      (added to the gradient before the momentum buffer);
+    * lars: `lars` above, the mask choosing what is decayed *and* adapted;
+    * adamw: PyTorch's AdamW (betas 0.9 / 0.999, eps 1e-8), decoupled decay
+      lr * wd * p on the masked parameters.
+    """
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    mask = lambda p: weight_decay_mask(p, config.weight_decay_mask)  # noqa: E731
+    name = config.get("optimizer", "sgd")
+    if name == "sgd":
+        tx = optax.chain(
+            optax.masked(optax.add_decayed_weights(config.weight_decay), mask),
+            optax.trace(decay=config.sgd_momentum, nesterov=False),
+            optax.scale_by_learning_rate(schedule),
+        )
+    elif name == "lars":
+        tx = lars(schedule, config.weight_decay, config.sgd_momentum, config.lars_trust_coefficient, mask)
+    elif name == "adamw":
+        tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay, mask=mask)
+    else:
+        raise ConfigError(f"optimizer={name!r} must be one of {', '.join(map(repr, OPTIMIZERS))}")
+    if freezes_patch(config):  # (only then: the optimizer state of every other run keeps its layout)
+        labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(p, config))  # noqa: E731
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule

@@ -12,6 +12,7 @@ from flax.training import train_state
 
 from moco_jax.core import sharding
 from moco_jax.core.errors import ConfigError
+from moco_jax.core.models import momentum_subset
 
 
 class MoCoState(train_state.TrainState):
@@ -29,7 +30,9 @@ class MoCoState(train_state.TrainState):
         train mode on its own (shuffled) batches and keeps its own statistics.
       queue: the negatives. Globally (K, embed_dim) unit vectors; inside the
         pmap-ed step each device holds its shard of K / n_devices rows.
-      queue_ptr: int32 row in the local shard where the next keys are written.
+        None for MoCo v3 (queue_size=0), which has no queue.
+      queue_ptr: int32 row in the local shard where the next keys are written
+        (None without a queue).
       rng: raw uint32 PRNG key data (2,), identical on every device. The
         shuffle-BN permutation is drawn from it, so every device draws the
         same one. (Raw data rather than a typed key: it replicates and
@@ -59,11 +62,16 @@ def create_train_state(
     embed_dim: int,
 ) -> MoCoState:
     """A fresh, unreplicated state. The key encoder is an exact copy of the
-    query encoder, parameters and BN statistics alike."""
+    query encoder (MoCo v3: of its backbone and projector, not the
+    predictor), parameters and BN statistics alike. `queue_size` 0: no queue
+    (MoCo v3)."""
     init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
-    variables = jax.jit(lambda r: encoder.init(r, jnp.zeros((2,) + tuple(image_shape)), train=False))(init_rng)
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731 - distinct buffers
+    # `query` runs every part of the encoder (v3: the predictor too), so all get parameters.
+    method = "query" if hasattr(encoder, "query") else None  # (any module with the encoder's call works)
+    init = lambda r: encoder.init(r, jnp.zeros((2,) + tuple(image_shape)), train=False, method=method)  # noqa: E731
+    variables = jax.jit(init)(init_rng)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    copy = lambda tree: jax.tree.map(jnp.array, momentum_subset(tree))  # noqa: E731 - distinct buffers
     return MoCoState.create(
         apply_fn=encoder.apply,
         params=params,
@@ -71,8 +79,8 @@ def create_train_state(
         momentum_params=copy(params),
         batch_stats=batch_stats,
         momentum_batch_stats=copy(batch_stats),
-        queue=random_unit_queue(queue_rng, queue_size, embed_dim),
-        queue_ptr=jnp.zeros((), jnp.int32),
+        queue=random_unit_queue(queue_rng, queue_size, embed_dim) if queue_size else None,
+        queue_ptr=jnp.zeros((), jnp.int32) if queue_size else None,
         rng=jax.random.key_data(state_rng),
     )
 
@@ -85,6 +93,8 @@ def to_devices(state: MoCoState, devices=None) -> MoCoState:
     Every process passes the same host state; each transfers only the rows of
     its own devices."""
     n = len(sharding.pmap_devices() if devices is None else devices)
+    if state.queue is None:
+        return sharding.replicate(state, devices)
     queue = np.asarray(state.queue)
     if queue.shape[0] % n:
         raise ConfigError(f"queue_size={queue.shape[0]} must be a multiple of the {n} devices")
@@ -97,5 +107,7 @@ def from_devices(state: MoCoState) -> MoCoState:
     (K, C) from the shards of all devices. With several processes every
     process gets the whole queue (a collective: all must call it), so any
     of them can checkpoint it."""
+    if state.queue is None:
+        return sharding.unreplicate(state)
     queue = sharding.gather_sharded(state.queue)
     return sharding.unreplicate(state.replace(queue=None)).replace(queue=queue)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moco_jax.core import augment, models
+from moco_jax.core import augment, models, vit
 from moco_jax.core.errors import ConfigError
 from moco_jax.core.moco import l2_normalize
 from moco_jax.data import ArrayDataset
@@ -74,7 +74,8 @@ def knn_accuracies(embed_fn: Callable, variables: Any, dataset: ArrayDataset, *,
 @dataclasses.dataclass(frozen=True, eq=False)
 class Encoder:
     """A pretrained query encoder: its config and variables
-    ({"params": {"backbone", ["head"]}, "batch_stats": {"backbone"}}).
+    ({"params": {"backbone", ["head"], ["predictor"]}, "batch_stats": ...}):
+    a ResNet or (MoCo v3) a ViT, whose features are its [CLS] token.
 
     `embed` gives backbone features, `project` the unit-norm head outputs,
     both with the evaluation view; `knn_accuracies` scores them.
@@ -96,7 +97,7 @@ class Encoder:
         return augment.normalization(self.config)[1]
 
     @property
-    def backbone(self) -> models.ResNet:
+    def backbone(self) -> models.ResNet | vit.VisionTransformer:
         return models.build_encoder(self.config).backbone
 
     @property

@@ -62,7 +62,11 @@ from moco_jax.core.state import MoCoState
 # Config fields that fix the shapes of the saved arrays: a checkpoint written
 # with other values cannot be restored into this model. (model.dtype, sync_bn
 # or bn_momentum may change on resume: they change no saved shape.)
-MODEL_FIELDS = ("model.depth", "model.width", "model.stem", "model.head", "embed_dim", "queue_size")
+MODEL_FIELDS = ("model.depth", "model.width", "model.stem", "model.head", "embed_dim", "queue_size", "method",
+                "model.arch", "model.vit", "model.patch_size", "model.mlp_dim", "optimizer")
+# What a checkpoint written before a field existed was trained with.
+FIELD_DEFAULTS = {"method": "moco_v2", "model.arch": "resnet", "model.vit": "small", "model.patch_size": 16,
+                  "model.mlp_dim": 4096, "optimizer": "sgd"}
 
 
 HISTORY_NAME = "checkpoint_history.json"  # in the workdir: checkpoints have been written here
@@ -324,9 +328,10 @@ def check_compatible(saved: dict, config, fields: tuple[str, ...] = MODEL_FIELDS
     """Raise CheckpointMismatchError naming every one of `fields` that differs."""
     saved, current = flatten_dotted(saved), flatten_dotted(config.to_dict())
     diffs = [
-        f"{name}: checkpoint {saved.get(name)!r} != config {current.get(name)!r}"
+        f"{name}: checkpoint {saved.get(name, FIELD_DEFAULTS.get(name))!r} != config "
+        f"{current.get(name, FIELD_DEFAULTS.get(name))!r}"
         for name in fields
-        if saved.get(name) != current.get(name)
+        if saved.get(name, FIELD_DEFAULTS.get(name)) != current.get(name, FIELD_DEFAULTS.get(name))
     ]
     if diffs:
         raise CheckpointMismatchError(
@@ -484,6 +489,8 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int,
             "here on each step's crops differ from what the original run would have read (for tensorflow-datasets "
             "also its images, so within this epoch some may repeat or be left out); --config.data_loader keeps one",
             meta["step"], saved_pipeline, data_pipeline)
+    if restored.queue is None:  # MoCo v3: nothing depends on the device count
+        return restored
     queue, ptr = reshard_queue(
         np.asarray(restored.queue), int(restored.queue_ptr), meta["num_queue_shards"], num_shards,
         config.batch_size, meta["config"]["batch_size"],

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from moco_jax.core import augment, models
+from moco_jax.core import augment, models, vit
 from moco_jax.core.config import PRETRAINING_RULES, check_fields
 from moco_jax.core.errors import ConfigError, InputError, NotFoundError, UserError
 from moco_jax.io import torch_format
@@ -47,8 +47,8 @@ TORCH_SUFFIXES = (".pth", ".pt", ".tar")
 # What each readable file must be, for the message when it is not.
 EXPECTED = {
     "flax": "a moco_jax flax export (expected a msgpack file written by `python -m moco_jax.export --format flax`)",
-    "torchvision": "a torchvision ResNet (expected a safetensors file of torchvision ResNet weights, e.g. written by "
-                   "`python -m moco_jax.export --format torchvision`)",
+    "torchvision": "a torchvision ResNet or timm ViT (expected a safetensors file of torchvision ResNet or moco_jax "
+                   "ViT weights, e.g. written by `python -m moco_jax.export --format torchvision`)",
     "torch": "a MoCo PyTorch checkpoint (expected a torch.save file holding a ResNet state_dict, e.g. the "
              "checkpoint_0199.pth.tar of facebookresearch/moco main_moco.py)",
 }
@@ -66,9 +66,22 @@ def unreadable(path: str, fmt: str, error: Exception | str) -> InputError:
     return InputError(f"{path} is not {EXPECTED[fmt]}: {reason[:300]}{'...' if len(reason) > 300 else ''}")
 
 
+def is_vit(config) -> bool:
+    return config.model.get("arch", "resnet") == "vit"
+
+
+# timm's names for the ViTs whose shape (width, depth, patch, input side) it has.
+TIMM_VITS = {("small", 16, 224): "vit_small_patch16_224", ("base", 16, 224): "vit_base_patch16_224",
+             ("tiny", 16, 224): "vit_tiny_patch16_224"}
+
+
 def architecture_name(config) -> str:
-    """'resnet50' for the torchvision model; otherwise the differences spelled
-    out, e.g. 'resnet10-width16-cifar_stem'."""
+    """'resnet50' for the torchvision model, 'vit_small_patch16_224' for the
+    timm one; otherwise the differences spelled out, e.g.
+    'resnet10-width16-cifar_stem' or 'vit_mini-patch4-32'."""
+    if is_vit(config):
+        key = (config.model.vit, config.model.patch_size, config.crop_size)
+        return TIMM_VITS.get(key, f"vit_{key[0]}-patch{key[1]}-{key[2]}")
     name = f"resnet{config.model.depth}"
     if config.model.width != 64:
         name += f"-width{config.model.width}"
@@ -85,10 +98,11 @@ def write_flax(path: str, config, variables: Mapping[str, Any], include_head: bo
     params = dict(variables["params"])
     if not include_head:
         params.pop("head", None)
+        params.pop("predictor", None)
     payload = {
         "format": FLAX_FORMAT,
         "config": config.to_json(),
-        "variables": {"params": params, "batch_stats": dict(variables["batch_stats"])},
+        "variables": {"params": params, "batch_stats": dict(variables.get("batch_stats", {}))},
     }
     with open(path, "wb") as f:
         f.write(serialization.msgpack_serialize(_to_numpy(payload)))
@@ -110,7 +124,7 @@ def read_flax(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
         config = ml_collections.ConfigDict(json.loads(payload["config"]))
         _check_encoder_config(config)
         variables = payload["variables"]
-        _check_encoder_variables(variables)
+        _check_encoder_variables(variables, is_vit(config))
     except (KeyError, TypeError, ValueError) as e:
         raise unreadable(path, "flax", e) from None
     return config, variables
@@ -118,7 +132,8 @@ def read_flax(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
 
 # The config fields that rebuild an encoder and its input view.
 ENCODER_FIELDS = ("model.depth", "model.width", "model.stem", "model.dtype", "model.bn_momentum",
-                  "crop_size", "augmentation")
+                  "crop_size", "augmentation", "method", "model.arch", "model.vit", "model.patch_size",
+                  "model.mlp_dim")
 
 
 def _check_encoder_config(config) -> None:
@@ -127,11 +142,11 @@ def _check_encoder_config(config) -> None:
     check_fields(config, {name: PRETRAINING_RULES[name] for name in ENCODER_FIELDS})
 
 
-def _check_encoder_variables(variables) -> None:
-    """KeyError unless `variables` has the backbone's params and BN statistics."""
+def _check_encoder_variables(variables, vit_backbone: bool = False) -> None:
+    """KeyError unless `variables` has the backbone's params and (a ResNet's) BN statistics."""
     if not isinstance(variables, Mapping):
         raise TypeError(f"its variables are a {type(variables).__name__}, not a dict")
-    for collection in ("params", "batch_stats"):
+    for collection in ("params",) if vit_backbone else ("params", "batch_stats"):
         if not isinstance(variables.get(collection), Mapping) or "backbone" not in variables[collection]:
             raise KeyError(f"no {collection}/backbone in its variables")
 
@@ -145,8 +160,33 @@ def _to_numpy(tree):
 # ---------------------------------------------------------------------------
 # torchvision (safetensors)
 # ---------------------------------------------------------------------------
+def timm_metadata(config) -> dict[str, str]:
+    """safetensors metadata of a ViT export: what to build in timm, and how to feed it."""
+    mean, std = augment.normalization(config)
+    size = vit.VIT_SIZES[config.model.vit]
+    kwargs = {"img_size": config.crop_size, "patch_size": config.model.patch_size, "embed_dim": size.width,
+              "depth": size.depth, "num_heads": size.num_heads, "mlp_ratio": 4, "qkv_bias": True,
+              "num_classes": 0, "global_pool": "token", "class_token": True}
+    return {
+        "format": "pt",
+        "architecture": architecture_name(config),
+        "timm_kwargs": json.dumps(kwargs),
+        "timm_note": "timm.models.vision_transformer.VisionTransformer(**timm_kwargs) (LayerNorm eps 1e-6) loads "
+        "this state dict with strict=True. MoCo v3's ViT-Small has 12 heads where timm's vit_small_patch16_224 "
+        "has 6: create_model('vit_small_patch16_224', num_heads=12, num_classes=0). pos_embed is the fixed 2-D "
+        "sin-cos embedding; features are the [CLS] token after the final norm (forward_features(x)[:, 0]).",
+        "input_size": str(config.crop_size),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
+        "input_note": "RGB in [0, 1], then (x - mean) / std",
+        "moco_jax_config": config.to_json(),
+    }
+
+
 def torchvision_metadata(config) -> dict[str, str]:
     """safetensors metadata: string -> string."""
+    if is_vit(config):
+        return timm_metadata(config)
     mean, std = augment.normalization(config)
     return {
         "format": "pt",
@@ -168,7 +208,11 @@ def torchvision_metadata(config) -> dict[str, str]:
 def write_torchvision(path: str, config, variables: Mapping[str, Any]) -> None:
     from safetensors.numpy import save_file  # noqa: PLC0415 - only this format needs it
 
-    state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
+    if is_vit(config):  # timm's layout
+        grid = config.crop_size // config.model.patch_size
+        state_dict = torch_format.vit_to_timm(variables["params"]["backbone"], grid)
+    else:
+        state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
     save_file(state_dict, path, metadata=torchvision_metadata(config))
 
 
@@ -189,6 +233,8 @@ def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, An
         raise
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError and friends: not this format
         raise unreadable(path, "torchvision", e) from None
+    if "cls_token" in tensors:
+        return _read_timm(path, metadata, tensors)
     # A torchvision `fc` is a classifier, not a MoCo projection head: dropped.
     state_dict = {k: v for k, v in tensors.items() if not k.startswith("fc.")}
     try:
@@ -203,10 +249,29 @@ def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, An
     return config, variables
 
 
+def _read_timm(path: str, metadata: Mapping[str, str], tensors: Mapping[str, np.ndarray]):
+    """A ViT export of this library -> (config, {"params": {"backbone"}, "batch_stats": {}}).
+    The config (head count, patch size, ...) must come from the metadata:
+    the weights do not say how many heads they were trained with."""
+    if "moco_jax_config" not in metadata:
+        raise unreadable(path, "torchvision", "it is a ViT without moco_jax metadata; its number of attention heads "
+                         "is not in the weights, so only ViTs exported by moco_jax are read")
+    try:
+        config = ml_collections.ConfigDict(json.loads(metadata["moco_jax_config"]))
+        _check_encoder_config(config)
+        backbone = torch_format.timm_to_vit({k: v for k, v in tensors.items() if not k.startswith("head.")})
+    except (KeyError, TypeError, ValueError) as e:
+        raise unreadable(path, "torchvision", e) from None
+    return config, {"params": {"backbone": backbone}, "batch_stats": {}}
+
+
 # ---------------------------------------------------------------------------
 # detectron2
 # ---------------------------------------------------------------------------
 def detectron2_checkpoint(config, variables: Mapping[str, Any]) -> dict[str, Any]:
+    if is_vit(config):
+        raise ConfigError("detectron2 export is for ResNets; this encoder is a ViT: export it as --format=torchvision "
+                          "(timm layout) or flax")
     if config.model.stem != "imagenet":
         raise ConfigError("detectron2's ResNet has the 7x7 ImageNet stem; this encoder has the "
                           f"{config.model.stem!r} stem: export it as --format=flax or torchvision")

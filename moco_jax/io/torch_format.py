@@ -1,6 +1,6 @@
 """Name and layout mapping between moco_jax variables and PyTorch state dicts.
 
-Pure numpy: nothing here imports PyTorch. Three PyTorch layouts are covered:
+Pure numpy: nothing here imports PyTorch. Four PyTorch layouts are covered:
 
 * torchvision ResNet (`conv1.weight`, `layer1.0.downsample.1.running_var`,
   ...): the backbone. Our module names already follow torchvision, so the
@@ -13,6 +13,8 @@ Pure numpy: nothing here imports PyTorch. Three PyTorch layouts are covered:
   (v1, one Linear) or `fc.0` / `fc.2` (v2, Linear-ReLU-Linear).
 * detectron2 (the official `detection/convert-pretrain-to-detectron2.py`):
   `stem.`, `res2`..`res5`, `convN.norm`, `shortcut`, `shortcut.norm`.
+* timm's VisionTransformer (`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`,
+  `norm.weight`, `cls_token`, `pos_embed`): the MoCo v3 ViT backbone.
 
 BatchNorm variance: our BN tracks the *biased* batch variance (Flax's
 convention), PyTorch tracks the unbiased one; the two differ by a factor
@@ -32,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from moco_jax.core import models
+from moco_jax.core import models, vit
 from moco_jax.core.errors import InputError
 
 # The prefix of the query encoder in an official MoCo `state_dict`.
@@ -220,3 +222,60 @@ def torchvision_to_detectron2(state_dict: Mapping[str, np.ndarray]) -> dict[str,
         k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
         out[k] = v
     return out
+
+
+# ---------------------------------------------------------------------------
+# ViT <-> timm.
+# ---------------------------------------------------------------------------
+def _timm_name(flax_path: tuple[str, ...]) -> str:
+    """('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight';
+    ('patch_embed', 'kernel') -> 'patch_embed.proj.weight'; LayerNorm 'scale' -> 'weight'."""
+    *modules, leaf = flax_path
+    modules = [re.sub(r"^blocks_(\d+)$", r"blocks.\1", m) for m in modules]
+    if modules == ["patch_embed"]:
+        modules.append("proj")
+    leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+    return ".".join(modules + [leaf])
+
+
+def vit_to_timm(backbone_params: Mapping[str, Any], grid: int) -> dict[str, np.ndarray]:
+    """ViT backbone params (moco_jax/core/vit.py) -> the state dict of a timm
+    `VisionTransformer(num_classes=0)`: patch conv HWIO -> OIHW, linear
+    kernels (in, out) -> weights (out, in), and `pos_embed`, which is fixed
+    here and a (frozen) tensor in timm, written out from `grid` patches per side."""
+    state = {}
+    for path, value in traverse_util.flatten_dict(dict(backbone_params)).items():
+        value = np.asarray(value, np.float32)
+        if path == ("patch_embed", "kernel"):
+            value = value.transpose(3, 2, 0, 1)
+        elif path[-1] == "kernel":
+            value = value.T
+        state[_timm_name(path)] = np.ascontiguousarray(value)
+    width = state["cls_token"].shape[-1]
+    state["pos_embed"] = vit.sincos_position_embedding(grid, width)
+    return state
+
+
+def timm_to_vit(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `vit_to_timm`. `pos_embed` must be the fixed sin-cos
+    embedding this ViT adds (else the weights are of another model, whose
+    features this one would not reproduce)."""
+    state = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    pos = state.pop("pos_embed")
+    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    if not np.allclose(pos, vit.sincos_position_embedding(grid, pos.shape[-1]), atol=1e-5):
+        raise ValueError("its pos_embed is not MoCo v3's fixed 2-D sin-cos embedding (a learned one cannot be "
+                         "loaded into this ViT)")
+    flat = {}
+    for name, value in state.items():
+        parts = name.replace("patch_embed.proj.", "patch_embed.").split(".")
+        parts = [f"blocks_{parts[1]}"] + parts[2:] if parts[0] == "blocks" else parts
+        leaf = parts[-1]
+        if leaf == "weight":
+            if parts[-2].startswith("norm"):
+                leaf = "scale"
+            else:
+                leaf = "kernel"
+                value = value.transpose(2, 3, 1, 0) if parts[0] == "patch_embed" else value.T
+        flat[tuple(parts[:-1] + [leaf])] = np.ascontiguousarray(value)
+    return traverse_util.unflatten_dict(flat)

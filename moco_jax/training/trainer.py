@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 
 from moco_jax import data
-from moco_jax.core import augment, models, moco, optim, sharding
+from moco_jax.core import augment, models, moco, moco_v3, optim, sharding
 from moco_jax.core import state as state_lib
 from moco_jax.core.config import is_due, resolve_for_devices, steps, total_steps, validate_config
 from moco_jax.core.errors import ConfigError, DivergedError, WorkdirError
@@ -24,23 +24,30 @@ from moco_jax.io import lock as workdir_lock
 from moco_jax.training import metrics, preemption
 
 
-def make_train_step(config, host_cropped: bool = False) -> Callable:
-    """The pmap-ed step: (replicated state, uint8 batch) -> (state, metrics).
-
-    The batch is (n, B_local, H, W, 3) whole images (cropped on the device),
-    or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
-    `data.Source.train_batches`). The state's buffers are donated: updated in place."""
-    recipe = augment.recipe_from_config(config)
-    hp = moco.MoCoHParams(
+def step_hparams(config, total_steps: int = 0) -> moco.MoCoHParams:
+    """The static hyper-parameters of the step, from the config."""
+    return moco.MoCoHParams(
         temperature=config.temperature,
         ema_momentum=config.momentum,
+        momentum_schedule=config.get("momentum_schedule", "constant"),
+        total_steps=total_steps,
         shuffle_bn=config.shuffle_bn,
         shuffle_mode=config.shuffle_mode,
         symmetric=config.symmetric_loss,
         axis_name=sharding.AXIS,
     )
-    views = augment.make_views_fn(recipe, host_cropped)
-    step = functools.partial(moco.train_step, hp=hp, views=views)
+
+
+def make_train_step(config, host_cropped: bool = False, total_steps: int = 0) -> Callable:
+    """The pmap-ed step of `config.method`: (replicated state, uint8 batch)
+    -> (state, metrics); `total_steps` ends the momentum schedule.
+
+    The batch is (n, B_local, H, W, 3) whole images (cropped on the device),
+    or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
+    `data.Source.train_batches`). The state's buffers are donated: updated in place."""
+    views = augment.make_views_fn(augment.recipe_from_config(config), host_cropped)
+    method = moco_v3 if config.get("method", "moco_v2") == "moco_v3" else moco
+    step = functools.partial(method.train_step, hp=step_hparams(config, total_steps), views=views)
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
 
@@ -157,7 +164,7 @@ def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
     host_batches = pretrain_batches(source, config, start_step)
     loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, source.loader)
     try:
-        p_state, history = loop.run(make_train_step(config, source.host_cropped), p_state,
+        p_state, history = loop.run(make_train_step(config, source.host_cropped, total), p_state,
                                     prefetch_to_device(host_batches), start_step, show_progress,
                                     knn_fn=lambda s: knn_fn(_encoder_variables(s)))
     finally:
@@ -275,6 +282,7 @@ class TrainLoop:
     def _schedule(self, step: int) -> dict[str, float]:
         return {
             "learning_rate": float(self.lr_schedule(step - 1)),
-            "momentum": float(self.config.momentum),
+            "momentum": float(moco.momentum_at(step - 1, self.config.momentum,
+                                               self.config.get("momentum_schedule", "constant"), self.total_steps)),
             "epoch": step / self.steps_per_epoch,
         }
