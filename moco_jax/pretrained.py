@@ -8,7 +8,8 @@
 `embed` applies the preprocessing the encoder was trained with (scale to
 [0, 1], resize to the config's `crop_size` if needed, normalise with the
 mean/std of the config's augmentation recipe) and runs the backbone with BN
-in inference mode, exactly as the in-training kNN monitor does
+in inference mode (a MoCo v3 ViT gives its [CLS] token after the final
+LayerNorm), exactly as the in-training kNN monitor does
 (`moco_jax.eval.embed`). `encoder.config` and `encoder.variables` are the raw
 material for fine-tuning with `moco_jax.core.models.build_encoder(config)`.
 

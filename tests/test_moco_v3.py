@@ -3,6 +3,7 @@ version of the same math written here: one forward over the whole global
 batch (so plain BN *is* SyncBN), the full key matrix, one cross-entropy per
 direction, the cosine momentum formula, and AdamW's first step by hand."""
 
+import functools
 import math
 from pathlib import Path
 
@@ -51,8 +52,6 @@ def _reference(config, state, x1, x2):
     encoder = models.build_encoder(config, axis_name=None)  # whole-batch BN == SyncBN over the devices
     m0, t = config.momentum, config.temperature
     m = 1 - (1 - m0) * (math.cos(math.pi * STEP / TOTAL) + 1) / 2
-    theta_k = {name: jax.tree.map(lambda k, q: m * k + (1 - m) * q, state.momentum_params[name], state.params[name])
-               for name in state.momentum_params}
     unit = lambda z: z / jnp.linalg.norm(z, axis=1, keepdims=True)  # noqa: E731
 
     def forward(params, stats, x, method=None):
@@ -60,26 +59,43 @@ def _reference(config, state, x1, x2):
                                     mutable=["batch_stats"], method=method)
         return z, upd["batch_stats"]
 
-    k1, k_stats = forward(theta_k, state.momentum_batch_stats, x1)
-    k2, k_stats = forward(theta_k, k_stats, x2)
-
     def ctr(q, k):
         logits = unit(q) @ unit(k).T / t
         return -jnp.mean(jnp.diag(jax.nn.log_softmax(logits, axis=1))) * 2 * t
 
-    def loss_fn(params):
-        q1, stats = forward(params, state.batch_stats, x1, "query")
-        q2, stats = forward(params, stats, x2, "query")
-        return ctr(q1, k2) + ctr(q2, k1), stats
+    @jax.jit  # (compiled: the same math op by op takes longer than compiling it)
+    def step(params, momentum_params, batch_stats, momentum_batch_stats):
+        theta_k = {name: jax.tree.map(lambda k, q: m * k + (1 - m) * q, momentum_params[name], params[name])
+                   for name in momentum_params}
+        k1, k_stats = forward(theta_k, momentum_batch_stats, x1)
+        k2, k_stats = forward(theta_k, k_stats, x2)
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return loss, grads, theta_k, stats, k_stats
+        def loss_fn(p):
+            q1, stats = forward(p, batch_stats, x1, "query")
+            q2, stats = forward(p, stats, x2, "query")
+            return ctr(q1, k2) + ctr(q2, k1), stats
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, grads, theta_k, stats, k_stats
+
+    return step(state.params, state.momentum_params, state.batch_stats, state.momentum_batch_stats)
 
 
 def _pmapped(fn, state, x1, x2):
     p_state = state_lib.to_devices(state)
     split = lambda x: x.reshape((N_DEV, LOCAL) + x.shape[1:])  # noqa: E731
-    return jax.pmap(fn, axis_name=sharding.AXIS)(p_state, split(x1), split(x2))
+    return _pmap(fn)(p_state, split(x1), split(x2))
+
+
+@functools.lru_cache(maxsize=None)
+def _pmap(fn):
+    return jax.pmap(fn, axis_name=sharding.AXIS)
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads_fn(hp):
+    """One function object per hp, so that tests calling it share its compilation."""
+    return lambda s, a, b: moco_v3.loss_and_grads(s, (a, b), hp)
 
 
 def _hp(config):
@@ -104,8 +120,7 @@ def test_loss_grads_momentum_and_syncbn_match_reference(stop_grad_patch=False):
     state = _state(config)
     x1, x2 = _views()
     hp = _hp(config)
-    loss, correct, grads, theta_k, stats, k_stats = _pmapped(
-        lambda s, a, b: moco_v3.loss_and_grads(s, (a, b), hp), state, x1, x2)
+    loss, correct, grads, theta_k, stats, k_stats = _pmapped(_loss_and_grads_fn(hp), state, x1, x2)
     ref_loss, ref_grads, ref_theta_k, ref_stats, ref_k_stats = _reference(config, state, x1, x2)
 
     # The step's loss is each device's local mean; their mean is the global one.
@@ -166,11 +181,10 @@ def test_train_step_with_adamw_matches_a_hand_written_first_step():
 def test_loss_is_symmetric_and_scaled_by_2t():
     """Swapping the views leaves the loss unchanged, and at T the loss of
     identical unit queries and keys is 2T * CE of the known logits."""
-    config = _config()
+    config = _config(stop_grad_patch=False)  # the config of the test above: its compiled step serves here
     state = _state(config)
     x1, x2 = _views()
-    hp = _hp(config)
-    run = lambda a, b: _pmapped(lambda s, u, v: moco_v3.loss_and_grads(s, (u, v), hp)[0], state, a, b)  # noqa: E731
+    run = lambda a, b: _pmapped(_loss_and_grads_fn(_hp(config)), state, a, b)[0]  # noqa: E731
     np.testing.assert_allclose(np.mean(run(x1, x2)), np.mean(run(x2, x1)), rtol=1e-5)
 
     # Orthonormal keys, q = k: logits are 1/T on the diagonal, 0 elsewhere.
@@ -230,23 +244,23 @@ def test_lars_matches_the_official_optimizer():
     assert not np.allclose(np.asarray(p["zero"]), 0)
 
 
-@pytest.mark.parametrize("mask", ["all", "no_bn_bias"])
-def test_adamw_decay_mask(mask):
+def test_adamw_decay_mask():
     """With zero gradients AdamW's update is the decoupled decay alone: -lr * wd * p
     exactly on the masked parameters (all; or all but the 1-D ones), 0 elsewhere."""
-    config = _config()
-    config.optimizer, config.weight_decay_mask, config.model.stop_grad_patch = "adamw", mask, False
-    tx, schedule = optim.make_optimizer(config, steps_per_epoch=TOTAL)
-    params = models.build_encoder(config).init(jax.random.key(0), jnp.zeros((2, SIZE, SIZE, 3)), train=False,
-                                               method="query")["params"]
-    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-    lr = float(schedule(0))
     from flax import traverse_util
-    for path, u in traverse_util.flatten_dict(updates).items():
-        p = traverse_util.flatten_dict(params)[path]
-        decayed = mask == "all" or p.ndim > 1
-        np.testing.assert_allclose(np.asarray(u), -lr * config.weight_decay * np.asarray(p) if decayed else 0,
-                                   rtol=1e-6, atol=1e-12, err_msg=str(path))
+
+    config = _config(stop_grad_patch=False)
+    params = _state(config).params
+    for mask in ("all", "no_bn_bias"):
+        config.optimizer, config.weight_decay_mask = "adamw", mask
+        tx, schedule = optim.make_optimizer(config, steps_per_epoch=TOTAL)
+        updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        lr = float(schedule(0))
+        for path, u in traverse_util.flatten_dict(updates).items():
+            p = traverse_util.flatten_dict(params)[path]
+            decayed = mask == "all" or p.ndim > 1
+            np.testing.assert_allclose(np.asarray(u), -lr * config.weight_decay * np.asarray(p) if decayed else 0,
+                                       rtol=1e-6, atol=1e-12, err_msg=f"{mask} {path}")
 
 
 def test_config_refuses_v2_fields_with_v3():
