@@ -8,6 +8,12 @@ heads of width 64 to 32-d. Used by the tests; runs anywhere in seconds.
 
 Run:
   python train.py --config configs/moco_v3_tiny.py
+
+Expected (2-core CPU, about 30 seconds): the weighted kNN accuracy (k=200,
+T=0.1) on the 359 held-out digits rises from 42.1% (backbone) / 39.6%
+(projection) for the randomly initialised ViT to 59.6% / 59.6% (measured
+2026-12-02). (At the learning rate of the ImageNet ViTs, 1.5e-4 per 256,
+this 2-block model barely moves in 20 epochs; 1.5e-2 is what it wants.)
 """
 
 from configs import default
@@ -31,8 +37,8 @@ def get_config():
     config.momentum = 0.99
     config.momentum_schedule = "cosine"
     config.optimizer = "adamw"
-    config.learning_rate = 1.5e-3  # per 256; 10x the ImageNet ViT rate for a 2-block model and a short run
+    config.learning_rate = 1.5e-2  # per 256; 100x the ImageNet ViTs' rate: a 2-block model, a short run
     config.weight_decay = 0.1
     config.warmup_epochs = 2.0
-    config.num_epochs = 10
+    config.num_epochs = 20
     return config

@@ -27,6 +27,7 @@ def _config(**model):
     config = moco_v3_tiny.get_config()
     config.batch_size = GLOBAL
     config.warmup_epochs = 0.0
+    config.learning_rate = 1.5e-3  # small AdamW steps: the first-step comparison stays tight
     config.model.update(model)
     return config
 
