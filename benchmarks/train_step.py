@@ -187,7 +187,7 @@ def model_gflop_per_pair(config) -> float:
     image = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), image)
     cost = jax.jit(lambda v, x: encoder.apply(v, x, train=False)).lower(variables, image).cost_analysis()
-    forwards = 8 if config.get("method", "moco_v2") == "moco_v3" else 4
+    forwards = 8 if models.method_of(config) == "moco_v3" else 4
     return forwards * float(cost["flops"]) / 1e9
 
 

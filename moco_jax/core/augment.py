@@ -512,9 +512,16 @@ class Recipe:
         """(blur p, solarize p) of view 0 (query / x1) or 1 (key / x2)."""
         return tuple(p[view] if isinstance(p, (tuple, list)) else p for p in (self.blur_p, self.solarize_p))
 
+    def _in_some_view(self, step: str, index: int) -> bool:
+        return step in self.order and max(self.view_probabilities(0)[index], self.view_probabilities(1)[index]) > 0
+
+    @property
+    def uses_blur(self) -> bool:
+        return self._in_some_view('blur', 0)
+
     @property
     def uses_solarize(self) -> bool:
-        return 'solarize' in self.order and max(self.view_probabilities(0)[1], self.view_probabilities(1)[1]) > 0
+        return self._in_some_view('solarize', 1)
 
 
 def moco_v1_recipe(crop_size: int = 224) -> Recipe:
@@ -664,7 +671,7 @@ def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool, probabilities=N
         elif step == 'jitter' and recipe.jitter_p > 0:
             x = color_jitter(cols[step], x, recipe.brightness, recipe.contrast,
                                 recipe.saturation, recipe.hue, recipe.jitter_p)
-        elif step == 'blur' and max(recipe.view_probabilities(0)[0], recipe.view_probabilities(1)[0]) > 0:
+        elif step == 'blur' and recipe.uses_blur:
             x = blur(cols[step], x, blur_p, recipe.blur_sigma)
         elif step == 'solarize' and recipe.uses_solarize:
             x = solarize(cols[step][:, 0], x, solarize_p)

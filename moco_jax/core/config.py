@@ -86,7 +86,7 @@ def bn_splits_for(config, num_devices: int) -> int:
     per-device batch into groups of 2 or more images (1 from 8 devices on)."""
     if config.bn_splits != 0:
         return int(config.bn_splits)
-    if config.get("method", "moco_v2") == "moco_v3":
+    if models.method_of(config) == "moco_v3":
         return 1  # no shuffle BN to emulate: plain (or Sync) BN
     per_device = config.batch_size // max(1, num_devices)
     for splits in range(max(1, AUTO_BN_GROUPS // num_devices), 1, -1):
@@ -300,7 +300,7 @@ def validate_config(config, num_devices: int) -> None:
     if batch % num_devices:
         raise ConfigError(f"batch_size={batch} must be a positive multiple of the device count ({num_devices})")
     check_method(config)
-    if config.get("method", "moco_v2") == "moco_v2" and (queue <= 0 or queue % batch):
+    if models.method_of(config) == "moco_v2" and (queue <= 0 or queue % batch):
         raise ConfigError(
             f"queue_size={queue} must be a positive multiple of batch_size={batch}: the queue is "
             "overwritten one whole global batch at a time"
@@ -328,14 +328,14 @@ def validate_config(config, num_devices: int) -> None:
 def check_method(config) -> None:
     """The fields MoCo v3 has no use for must say so (a v2 habit carried over
     would silently mean nothing), and a ViT must tile its crops."""
-    if config.get("method", "moco_v2") == "moco_v3":
+    if models.method_of(config) == "moco_v3":
         if config.queue_size:
             raise ConfigError(f"queue_size={config.queue_size} must be 0 with method='moco_v3': MoCo v3 has no "
                               "queue (the negatives are the other keys of the global batch)")
         if config.shuffle_bn:
             raise ConfigError("shuffle_bn=True has no meaning with method='moco_v3' (it uses SyncBN): set "
                               "shuffle_bn=False")
-    if config.model.get("arch", "resnet") == "vit" and config.crop_size % config.model.patch_size:
+    if models.is_vit(config) and config.crop_size % config.model.patch_size:
         raise ConfigError(f"crop_size={config.crop_size} must be a multiple of model.patch_size="
                           f"{config.model.patch_size}: the ViT cuts the crop into whole patches")
 

@@ -334,6 +334,17 @@ ARCHS = ("resnet", "vit")
 METHODS = ("moco_v2", "moco_v3")
 
 
+def method_of(config) -> str:
+    """`config.method`; configs written before MoCo v3 existed mean moco_v2."""
+    return config.get("method", "moco_v2")
+
+
+def is_vit(config) -> bool:
+    """Whether `config.model` is a ViT (configs without `model.arch` are ResNets)."""
+    model = config.get("model")  # (a linear-probe config has none)
+    return model is not None and model.get("arch", "resnet") == "vit"
+
+
 def build_backbone(config, axis_name: str = "batch") -> nn.Module:
     """`config.model.arch`: a ResNet (`model.depth`, `width`, `stem`,
     `sync_bn`, `zero_init_residual`) or a ViT (`model.vit`, `patch_size`,
@@ -342,12 +353,11 @@ def build_backbone(config, axis_name: str = "batch") -> nn.Module:
     if model_config.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={model_config.dtype!r} must be one of {', '.join(map(repr, DTYPES))}")
     dtype = DTYPES[model_config.dtype]
-    arch = model_config.get("arch", "resnet")
-    if arch == "vit":
+    if is_vit(config):
         return vit.VisionTransformer(size=model_config.vit, patch_size=model_config.patch_size,
                                      stop_grad_patch=model_config.stop_grad_patch, dtype=dtype, name="backbone")
-    if arch != "resnet":
-        raise ConfigError(f"model.arch={arch!r} must be one of {', '.join(map(repr, ARCHS))}")
+    if model_config.get("arch", "resnet") != "resnet":
+        raise ConfigError(f"model.arch={model_config.arch!r} must be one of {', '.join(map(repr, ARCHS))}")
     return ResNet(
         depth=model_config.depth,
         width=model_config.width,
@@ -366,11 +376,11 @@ def build_encoder(config, axis_name: str = "batch") -> MoCoEncoder | MoCoV3Encod
     `config.embed_dim`, `config.bn_splits`); SyncBN reduces over the pmap
     axis `axis_name`."""
     backbone = build_backbone(config, axis_name)
-    method = config.get("method", "moco_v2")
+    method = method_of(config)
     if method == "moco_v3":
         # The official code: a 3-layer projector for ViT, 2 for ResNet; the
         # predictor ends with the affine-free BN for ViT but not for ResNet.
-        vit_backbone = config.model.get("arch", "resnet") == "vit"
+        vit_backbone = is_vit(config)
         mlp = functools.partial(MLPHead, hidden_dim=config.model.mlp_dim, out_dim=config.embed_dim,
                                 axis_name=axis_name, bn_momentum=config.model.bn_momentum,
                                 dtype=DTYPES[config.model.dtype])

@@ -8,6 +8,7 @@ import optax
 from flax import traverse_util
 
 from moco_jax.core.config import LR_SCHEDULES, OPTIMIZERS, WEIGHT_DECAY_MASKS, epochs_to_steps, total_steps
+from moco_jax.core import models
 from moco_jax.core.errors import ConfigError
 
 
@@ -54,8 +55,7 @@ def weight_decay_mask(params, mode: str):
 
 def freezes_patch(config) -> bool:
     """Whether the config freezes the ViT patch projection (`model.stop_grad_patch`)."""
-    model = config.get("model")  # (a linear-probe config has none)
-    return model is not None and model.get("arch", "resnet") == "vit" and model.get("stop_grad_patch", False)
+    return models.is_vit(config) and config.model.get("stop_grad_patch", False)
 
 
 def frozen_mask(params, config):

@@ -66,10 +66,6 @@ def unreadable(path: str, fmt: str, error: Exception | str) -> InputError:
     return InputError(f"{path} is not {EXPECTED[fmt]}: {reason[:300]}{'...' if len(reason) > 300 else ''}")
 
 
-def is_vit(config) -> bool:
-    return config.model.get("arch", "resnet") == "vit"
-
-
 # timm's names for the ViTs whose shape (width, depth, patch, input side) it has.
 TIMM_VITS = {("small", 16, 224): "vit_small_patch16_224", ("base", 16, 224): "vit_base_patch16_224",
              ("tiny", 16, 224): "vit_tiny_patch16_224"}
@@ -79,7 +75,7 @@ def architecture_name(config) -> str:
     """'resnet50' for the torchvision model, 'vit_small_patch16_224' for the
     timm one; otherwise the differences spelled out, e.g.
     'resnet10-width16-cifar_stem' or 'vit_mini-patch4-32'."""
-    if is_vit(config):
+    if models.is_vit(config):
         key = (config.model.vit, config.model.patch_size, config.crop_size)
         return TIMM_VITS.get(key, f"vit_{key[0]}-patch{key[1]}-{key[2]}")
     name = f"resnet{config.model.depth}"
@@ -124,7 +120,7 @@ def read_flax(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
         config = ml_collections.ConfigDict(json.loads(payload["config"]))
         _check_encoder_config(config)
         variables = payload["variables"]
-        _check_encoder_variables(variables, is_vit(config))
+        _check_encoder_variables(variables, models.is_vit(config))
     except (KeyError, TypeError, ValueError) as e:
         raise unreadable(path, "flax", e) from None
     return config, variables
@@ -160,21 +156,13 @@ def _to_numpy(tree):
 # ---------------------------------------------------------------------------
 # torchvision (safetensors)
 # ---------------------------------------------------------------------------
-def timm_metadata(config) -> dict[str, str]:
-    """safetensors metadata of a ViT export: what to build in timm, and how to feed it."""
+def _input_metadata(config) -> dict[str, str]:
+    """The metadata every safetensors export has: its format, architecture,
+    the input it expects and the config it was trained with."""
     mean, std = augment.normalization(config)
-    size = vit.VIT_SIZES[config.model.vit]
-    kwargs = {"img_size": config.crop_size, "patch_size": config.model.patch_size, "embed_dim": size.width,
-              "depth": size.depth, "num_heads": size.num_heads, "mlp_ratio": 4, "qkv_bias": True,
-              "num_classes": 0, "global_pool": "token", "class_token": True}
     return {
         "format": "pt",
         "architecture": architecture_name(config),
-        "timm_kwargs": json.dumps(kwargs),
-        "timm_note": "timm.models.vision_transformer.VisionTransformer(**timm_kwargs) (LayerNorm eps 1e-6) loads "
-        "this state dict with strict=True. MoCo v3's ViT-Small has 12 heads where timm's vit_small_patch16_224 "
-        "has 6: create_model('vit_small_patch16_224', num_heads=12, num_classes=0). pos_embed is the fixed 2-D "
-        "sin-cos embedding; features are the [CLS] token after the final norm (forward_features(x)[:, 0]).",
         "input_size": str(config.crop_size),
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
@@ -183,32 +171,41 @@ def timm_metadata(config) -> dict[str, str]:
     }
 
 
+def timm_metadata(config) -> dict[str, str]:
+    """safetensors metadata of a ViT export: what to build in timm, and how to feed it."""
+    size = vit.VIT_SIZES[config.model.vit]
+    kwargs = {"img_size": config.crop_size, "patch_size": config.model.patch_size, "embed_dim": size.width,
+              "depth": size.depth, "num_heads": size.num_heads, "mlp_ratio": 4, "qkv_bias": True,
+              "num_classes": 0, "global_pool": "token", "class_token": True}
+    return {
+        **_input_metadata(config),
+        "timm_kwargs": json.dumps(kwargs),
+        "timm_note": "timm.models.vision_transformer.VisionTransformer(**timm_kwargs) (LayerNorm eps 1e-6) loads "
+        "this state dict with strict=True. MoCo v3's ViT-Small has 12 heads where timm's vit_small_patch16_224 "
+        "has 6: create_model('vit_small_patch16_224', num_heads=12, num_classes=0). pos_embed is the fixed 2-D "
+        "sin-cos embedding; features are the [CLS] token after the final norm (forward_features(x)[:, 0]).",
+    }
+
+
 def torchvision_metadata(config) -> dict[str, str]:
     """safetensors metadata: string -> string."""
-    if is_vit(config):
+    if models.is_vit(config):
         return timm_metadata(config)
-    mean, std = augment.normalization(config)
     return {
-        "format": "pt",
-        "architecture": architecture_name(config),
+        **_input_metadata(config),
         "depth": str(config.model.depth),
         "width": str(config.model.width),
         "stem": config.model.stem,
         "stem_note": "imagenet: torchvision's 7x7/2 conv1 + 3x3/2 maxpool; cifar: conv1 = 3x3/1 conv, "
         "maxpool = Identity (the MoCo CIFAR demo)",
-        "input_size": str(config.crop_size),
-        "mean": json.dumps(list(mean)),
-        "std": json.dumps(list(std)),
-        "input_note": "RGB in [0, 1], then (x - mean) / std",
         "running_var": "biased batch variance (moco_jax BN convention), used as is in eval mode",
-        "moco_jax_config": config.to_json(),
     }
 
 
 def write_torchvision(path: str, config, variables: Mapping[str, Any]) -> None:
     from safetensors.numpy import save_file  # noqa: PLC0415 - only this format needs it
 
-    if is_vit(config):  # timm's layout
+    if models.is_vit(config):  # timm's layout
         grid = config.crop_size // config.model.patch_size
         state_dict = torch_format.vit_to_timm(variables["params"]["backbone"], grid)
     else:
@@ -269,7 +266,7 @@ def _read_timm(path: str, metadata: Mapping[str, str], tensors: Mapping[str, np.
 # detectron2
 # ---------------------------------------------------------------------------
 def detectron2_checkpoint(config, variables: Mapping[str, Any]) -> dict[str, Any]:
-    if is_vit(config):
+    if models.is_vit(config):
         raise ConfigError("detectron2 export is for ResNets; this encoder is a ViT: export it as --format=torchvision "
                           "(timm layout) or flax")
     if config.model.stem != "imagenet":

@@ -46,7 +46,7 @@ def make_train_step(config, host_cropped: bool = False, total_steps: int = 0) ->
     or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
     `data.Source.train_batches`). The state's buffers are donated: updated in place."""
     views = augment.make_views_fn(augment.recipe_from_config(config), host_cropped)
-    method = moco_v3 if config.get("method", "moco_v2") == "moco_v3" else moco
+    method = moco_v3 if models.method_of(config) == "moco_v3" else moco
     step = functools.partial(method.train_step, hp=step_hparams(config, total_steps), views=views)
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
