@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.sync_bn = False  # True: BN statistics over all devices (SyncBN)
     config.model.bn_momentum = 0.9  # Flax convention; = PyTorch momentum 0.1
     config.model.zero_init_residual = False  # ResNet: each block's last BN scale starts at 0 (MoCo v3)
+    # ResNet convolutions' init: torchvision (kaiming normal, fan-out; the official
+    # code's) | pytorch (nn.Conv2d's default, ~2.4x smaller; core/models.py CONV_INITS).
+    config.model.conv_init = "torchvision"
     config.model.vit = "small"  # arch=vit: test | mini | tiny | small | base (core/vit.py VIT_SIZES)
     config.model.patch_size = 16  # arch=vit
     config.model.stop_grad_patch = False  # arch=vit: freeze the random patch projection (MoCo v3)

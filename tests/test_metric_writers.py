@@ -8,6 +8,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moco_jax.core import config as config_lib
@@ -120,3 +121,21 @@ def test_wandb_project_without_wandb_installed_is_refused_at_start_up(tmp_path, 
         config_lib.validate_config(config, num_devices=8)
     with pytest.raises(ConfigError, match="pip install wandb"):
         metrics.MetricWriter(str(tmp_path), config)
+
+
+def test_weight_norms_group_the_kernels_of_each_stage():
+    rng = np.random.default_rng(0)
+    w = {name: rng.normal(size=shape) for name, shape in
+         (("stem", (3, 3, 3, 4)), ("a", (3, 3, 4, 4)), ("b", (3, 3, 4, 4)), ("fc", (4, 2)))}
+    params = {
+        "backbone": {"conv1": {"kernel": w["stem"]}, "bn1": {"scale": np.ones(4), "bias": np.ones(4)},
+                     "layer1_0": {"conv1": {"kernel": w["a"]}, "bn1": {"scale": np.full(4, 9.0)}},
+                     "layer1_1": {"conv1": {"kernel": w["b"]}}},
+        "head": {"fc": {"kernel": w["fc"], "bias": np.full(2, 5.0)}},
+    }
+    norms = metrics.weight_norms(params)
+    assert norms == pytest.approx({
+        "weight_norm/backbone/conv1": np.linalg.norm(w["stem"]),
+        "weight_norm/backbone/layer1": np.sqrt(np.sum(w["a"] ** 2) + np.sum(w["b"] ** 2)),
+        "weight_norm/head": np.linalg.norm(w["fc"]),
+    }, rel=1e-12)

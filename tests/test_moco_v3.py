@@ -276,6 +276,10 @@ def test_config_refuses_v2_fields_with_v3():
         bad[field] = value
         with pytest.raises(ConfigError, match=words):
             validate_config(bad, N_DEV)
+    bad = _config()
+    bad.model.conv_init = "pytorch"
+    with pytest.raises(ConfigError, match="ResNet convolutions only"):
+        validate_config(bad, N_DEV)
 
 
 def _run_config(**overrides):

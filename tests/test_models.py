@@ -1,4 +1,4 @@
-"""ResNet shapes, split BN, SyncBN and bfloat16."""
+"""ResNet shapes, split BN, SyncBN, bfloat16 and the convolution inits."""
 
 import flax.linen as nn
 import jax
@@ -112,3 +112,54 @@ def test_bfloat16_compute_keeps_float32_params_and_stats():
     encoder32 = models.build_encoder(config)
     (_, z32), _ = jax.jit(lambda v: encoder32.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
     assert np.abs(np.asarray(z32) - np.asarray(z)).max() < 0.1 * np.abs(np.asarray(z32)).max()
+
+
+def _conv_kernels(params, prefix=()):
+    """(path, kernel) of every convolution (4-d kernel) in a params tree."""
+    for name, value in params.items():
+        if isinstance(value, dict):
+            yield from _conv_kernels(value, prefix + (name,))
+        elif name == "kernel" and value.ndim == 4:
+            yield "/".join(prefix), np.asarray(value)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_conv_init_reaches_every_convolution(depth):
+    """torchvision: N(0, 2 / fan_out); pytorch (nn.Conv2d's default):
+    U(+-1 / sqrt(fan_in)). Checked on every convolution, stem, blocks and
+    downsample alike, by the bound and the standard deviation."""
+    kernels = {}
+    for init in ("torchvision", "pytorch"):
+        model = models.ResNet(depth=depth, width=16, stem="imagenet", conv_init=init)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+        kernels[init] = dict(_conv_kernels(params))
+    assert kernels["torchvision"].keys() == kernels["pytorch"].keys()
+    assert len(kernels["pytorch"]) == {18: 20, 50: 53}[depth]
+    assert any("downsample_conv" in path for path in kernels["pytorch"])
+    for path, w in kernels["pytorch"].items():
+        kh, kw, cin, cout = w.shape
+        bound = 1 / np.sqrt(kh * kw * cin)
+        assert np.abs(w).max() <= bound, path
+        if w.size >= 2000:  # enough draws for the spread to be tight
+            assert w.std() == pytest.approx(bound / np.sqrt(3), rel=0.1), path
+    for path, w in kernels["torchvision"].items():
+        kh, kw, cin, cout = w.shape
+        if w.size >= 2000:
+            assert w.std() == pytest.approx(np.sqrt(2 / (kh * kw * cout)), rel=0.1), path
+    # Same-width 3x3 convolutions: the PyTorch default is sqrt(6) = 2.45x smaller.
+    same = "layer1_0/conv2"
+    ratio = kernels["torchvision"][same].std() / kernels["pytorch"][same].std()
+    assert ratio == pytest.approx(np.sqrt(6), rel=0.1)
+
+
+def test_conv_init_from_the_config():
+    config = tiny_config()
+    config.model.conv_init = "pytorch"
+    backbone = models.build_backbone(config)
+    assert backbone.conv_init == "pytorch"
+    params = backbone.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+    w = np.asarray(params["layer1_0"]["conv1"]["kernel"])
+    assert np.abs(w).max() <= 1 / np.sqrt(w.shape[0] * w.shape[1] * w.shape[2])
+    config.model.conv_init = "orthogonal"
+    with pytest.raises(models.ConfigError, match="model.conv_init='orthogonal' must be one of"):
+        models.build_backbone(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)

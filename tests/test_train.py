@@ -4,12 +4,13 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from moco_jax.core import models, optim, sharding
 from moco_jax.core import state as state_lib
 from moco_jax.data import arrays, source
 from moco_jax.data.feed import prefetch_to_device
-from moco_jax.training import trainer
+from moco_jax.training import metrics, trainer
 from tiny import tiny_config
 
 _LOWERINGS = []
@@ -63,7 +64,15 @@ def test_default_config_trains_end_to_end(tmp_path):
     assert history[-1]["learning_rate"] < history[0]["learning_rate"]  # cosine decay
     assert history[-1]["images_per_sec"] > 0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == [h["step"] for h in history]
+    assert [r["step"] for r in logged if "loss" in r] == [h["step"] for h in history]
+    # Weight norms at the start and with each kNN monitor (here only the last step's).
+    monitored = {r["step"]: r for r in logged if "loss" not in r}
+    assert sorted(monitored) == [0, 40]
+    groups = ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    assert set(monitored[40]) == {"step", "weight_norm/head", *(f"weight_norm/backbone/{g}" for g in groups)}
+    final_norms = metrics.weight_norms(result["state"].params)
+    assert {k: v for k, v in monitored[40].items() if k != "step"} == pytest.approx(final_norms, rel=1e-12)
+    assert monitored[0] != monitored[40]
     for accuracies in (result["knn_random"], result["knn_trained"]):
         assert set(accuracies) == {"backbone", "projection"}
         assert all(0.0 <= a <= 1.0 for a in accuracies.values())

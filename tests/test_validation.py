@@ -92,6 +92,7 @@ def test_unknown_depth():
         ("method", "moco_v4", "method='moco_v4' must be one of 'moco_v2', 'moco_v3'"),
         ("optimizer", "adam", "optimizer='adam' must be one of 'sgd', 'lars', 'adamw'"),
         ("model.vit", "huge", "model.vit='huge' must be one of"),
+        ("model.conv_init", "xavier", "model.conv_init='xavier' must be one of 'torchvision', 'pytorch'"),
         ("bn_splits", -1, "bn_splits=-1 must be an integer >= 0 (0 = auto)"),
         ("temperature", float("nan"), "temperature=nan must be a number > 0"),
         ("dataset", "", "dataset='' must be a non-empty string"),

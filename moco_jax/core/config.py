@@ -210,6 +210,7 @@ PRETRAINING_RULES = {
     "momentum_schedule": one_of(moco.MOMENTUM_SCHEDULES),
     "model.arch": one_of(models.ARCHS), "model.vit": one_of(vit.VIT_SIZES), "model.patch_size": integer(1),
     "model.stop_grad_patch": BOOL, "model.mlp_dim": integer(1), "model.zero_init_residual": BOOL,
+    "model.conv_init": one_of(models.CONV_INITS),
     "crop_size": integer(1), "crop_scale": SCALE,
     "model.depth": one_of(ARCHITECTURES), "model.width": integer(1), "model.stem": one_of(models.STEMS),
     "model.head": one_of(models.HEADS), "model.dtype": one_of(models.DTYPES), "model.sync_bn": BOOL,
@@ -335,6 +336,9 @@ def check_method(config) -> None:
         if config.shuffle_bn:
             raise ConfigError("shuffle_bn=True has no meaning with method='moco_v3' (it uses SyncBN): set "
                               "shuffle_bn=False")
+    if models.is_vit(config) and config.model.get("conv_init", "torchvision") != "torchvision":
+        raise ConfigError(f"model.conv_init={config.model.conv_init!r} applies to ResNet convolutions only: the "
+                          "ViT's patch projection keeps MoCo v3's xavier init (leave model.conv_init='torchvision')")
     if models.is_vit(config) and config.crop_size % config.model.patch_size:
         raise ConfigError(f"crop_size={config.crop_size} must be a multiple of model.patch_size="
                           f"{config.model.patch_size}: the ViT cuts the crop into whole patches")

@@ -25,10 +25,22 @@ from moco_jax.core.errors import ConfigError
 Dtype = Any
 
 # PyTorch initialisers, so that a model trained here starts like the reference.
-# Conv: kaiming_normal_(mode="fan_out", nonlinearity="relu") as in torchvision.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Linear: PyTorch's default kaiming_uniform_(a=sqrt(5)) is U(+-1/sqrt(fan_in)).
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# `model.conv_init`, applied to every ResNet convolution (stem, blocks, downsample):
+# * "torchvision": kaiming_normal_(mode="fan_out", nonlinearity="relu"), what
+#   torchvision's ResNet does and the official MoCo code inherits:
+#   N(0, 2 / (out_channels * k * k)).
+# * "pytorch": a bare `nn.Conv2d`'s default, kaiming_uniform_(a=sqrt(5)), i.e.
+#   U(+-1/sqrt(in_channels * k * k)). For the same-width 3x3 convolutions this
+#   is sqrt(6) = 2.45 times smaller in standard deviation. Every convolution
+#   here is followed by BN, so the forward pass does not depend on the
+#   weights' scale, but SGD's effective step on a weight w is about lr/|w|^2:
+#   smaller weights learn faster (see BENCHMARKS.md, "Convolution init").
+CONV_INITS = {
+    "torchvision": nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    "pytorch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+}
 
 
 def _torch_dense_bias_init(fan_in: int):
@@ -107,7 +119,10 @@ class SplitBatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str, init: str = "torchvision") -> nn.Conv:
+    """A bias-free convolution; `init` names its kernel initialiser in CONV_INITS."""
+    if init not in CONV_INITS:
+        raise ConfigError(f"model.conv_init={init!r} must be one of {', '.join(map(repr, CONV_INITS))}")
     pad = kernel // 2  # PyTorch pads symmetrically; Flax's "SAME" does not for stride 2.
     return nn.Conv(
         features,
@@ -117,7 +132,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> n
         use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=conv_init,
+        kernel_init=CONV_INITS[init],
         name=name,
     )
 
@@ -133,13 +148,14 @@ class BasicBlock(nn.Module):
     norm: Callable[..., nn.Module]
     dtype: Dtype = jnp.float32
     zero_init_residual: bool = False
+    conv_init: str = "torchvision"
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
-        y = _conv(self.filters, 3, self.stride, self.dtype, "conv1")(x)
+        y = _conv(self.filters, 3, self.stride, self.dtype, "conv1", self.conv_init)(x)
         y = nn.relu(self.norm(name="bn1")(y))
-        y = _conv(self.filters, 3, 1, self.dtype, "conv2")(y)
+        y = _conv(self.filters, 3, 1, self.dtype, "conv2", self.conv_init)(y)
         y = self.norm(name="bn2", scale_init=_last_bn_init(self))(y)
         return nn.relu(y + _shortcut(self, x, self.filters))
 
@@ -152,13 +168,15 @@ class Bottleneck(nn.Module):
     norm: Callable[..., nn.Module]
     dtype: Dtype = jnp.float32
     zero_init_residual: bool = False
+    conv_init: str = "torchvision"
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(self.norm(name="bn1")(_conv(self.filters, 1, 1, self.dtype, "conv1")(x)))
-        y = nn.relu(self.norm(name="bn2")(_conv(self.filters, 3, self.stride, self.dtype, "conv2")(y)))
-        y = self.norm(name="bn3", scale_init=_last_bn_init(self))(_conv(self.filters * 4, 1, 1, self.dtype, "conv3")(y))
+        conv = functools.partial(_conv, dtype=self.dtype, init=self.conv_init)
+        y = nn.relu(self.norm(name="bn1")(conv(self.filters, 1, 1, name="conv1")(x)))
+        y = nn.relu(self.norm(name="bn2")(conv(self.filters, 3, self.stride, name="conv2")(y)))
+        y = self.norm(name="bn3", scale_init=_last_bn_init(self))(conv(self.filters * 4, 1, 1, name="conv3")(y))
         return nn.relu(y + _shortcut(self, x, self.filters * 4))
 
 
@@ -171,7 +189,7 @@ def _shortcut(block: nn.Module, x: jax.Array, out_features: int) -> jax.Array:
     if block.stride == 1 and x.shape[-1] == out_features:
         return x
     # Called inside the block's compact __call__, so these layers belong to it.
-    conv = _conv(out_features, 1, block.stride, block.dtype, "downsample_conv")
+    conv = _conv(out_features, 1, block.stride, block.dtype, "downsample_conv", block.conv_init)
     return block.norm(name="downsample_bn")(conv(x))
 
 
@@ -205,6 +223,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
     zero_init_residual: bool = False
+    conv_init: str = "torchvision"  # CONV_INITS
 
     @property
     def feature_dim(self) -> int:
@@ -224,16 +243,16 @@ class ResNet(nn.Module):
         )
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
-            x = nn.relu(norm(name="bn1")(_conv(self.width, 7, 2, self.dtype, "conv1")(x)))
+            x = nn.relu(norm(name="bn1")(_conv(self.width, 7, 2, self.dtype, "conv1", self.conv_init)(x)))
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         elif self.stem == "cifar":
-            x = nn.relu(norm(name="bn1")(_conv(self.width, 3, 1, self.dtype, "conv1")(x)))
+            x = nn.relu(norm(name="bn1")(_conv(self.width, 3, 1, self.dtype, "conv1", self.conv_init)(x)))
         else:
             raise ConfigError(f"model.stem={self.stem!r} must be one of {', '.join(map(repr, STEMS))}")
         for i, num_blocks in enumerate(stages):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = block(self.width * 2**i, stride, norm, self.dtype, self.zero_init_residual,
+                x = block(self.width * 2**i, stride, norm, self.dtype, self.zero_init_residual, self.conv_init,
                           name=f"layer{i + 1}_{j}")(x)
         return x.astype(jnp.float32).mean(axis=(1, 2))
 
@@ -347,7 +366,7 @@ def is_vit(config) -> bool:
 
 def build_backbone(config, axis_name: str = "batch") -> nn.Module:
     """`config.model.arch`: a ResNet (`model.depth`, `width`, `stem`,
-    `sync_bn`, `zero_init_residual`) or a ViT (`model.vit`, `patch_size`,
+    `sync_bn`, `zero_init_residual`, `conv_init`) or a ViT (`model.vit`, `patch_size`,
     `stop_grad_patch`); activations in `model.dtype`."""
     model_config = config.model
     if model_config.dtype not in DTYPES:
@@ -367,6 +386,7 @@ def build_backbone(config, axis_name: str = "batch") -> nn.Module:
         bn_momentum=model_config.bn_momentum,
         dtype=dtype,
         zero_init_residual=model_config.get("zero_init_residual", False),
+        conv_init=model_config.get("conv_init", "torchvision"),
         name="backbone",
     )
 

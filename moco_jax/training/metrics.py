@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import logging as logging_lib
+import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 from moco_jax.core import config as config_lib
@@ -125,6 +128,25 @@ class MetricWriter:
             self._tensorboard.close()  # flushes
         if self._wandb:
             self._wandb.finish()
+
+
+def weight_norms(params: Mapping[str, Any]) -> dict[str, float]:
+    """`weight_norm/<group>`: the L2 norm of all kernels (convolution and
+    linear weights; no BN, no biases) of each group of layers: the backbone's
+    top-level modules with the block index dropped (ResNet: `backbone/conv1`,
+    `backbone/layer1` .. `layer4`; ViT: `backbone/patch_embed`,
+    `backbone/blocks`), and each head (`head`, `predictor`).
+
+    Under BN, SGD's effective step on a kernel w is about lr / |w|^2, so these
+    norms (logged with the kNN monitor) show how fast each part still learns."""
+    sums: dict[str, float] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [str(getattr(key, "key", key)) for key in path]
+        if names[-1] != "kernel":
+            continue
+        group = f"backbone/{re.sub(r'_[0-9]+$', '', names[1])}" if names[0] == "backbone" else names[0]
+        sums[group] = sums.get(group, 0.0) + float(np.sum(np.square(np.asarray(leaf, np.float64))))
+    return {f"weight_norm/{group}": math.sqrt(total) for group, total in sums.items()}
 
 
 def read_jsonl(workdir: str) -> list[dict[str, Any]]:

@@ -217,6 +217,8 @@ class TrainLoop:
         writer = metrics.MetricWriter(self.workdir, config)
         manager = checkpoint.make_manager(self.workdir, config.checkpoints_to_keep) if self.workdir else None
         history, pending = [], []
+        if start_step == 0:
+            writer.write(0, metrics.weight_norms(state_lib.from_devices(p_state).params))
         last_time, last_step = time.perf_counter(), start_step
         try:
             with preemption.PreemptionWatch() as watch:
@@ -232,9 +234,12 @@ class TrainLoop:
                         writer.write(step, summary)
                         history.append({"step": step, **summary})
                         pending, last_time, last_step = [], now, step
-                    if is_due(step, knn_every, last) and step != last:  # the last one: train_and_evaluate's
-                        knn_result = knn_fn(state_lib.from_devices(p_state))
-                        writer.write(step, {f"knn_{k}": v for k, v in knn_result.items()})
+                    if is_due(step, knn_every, last):
+                        host_state = state_lib.from_devices(p_state)
+                        monitored = metrics.weight_norms(host_state.params)
+                        if step != last:  # the last kNN is train_and_evaluate's
+                            monitored.update({f"knn_{k}": v for k, v in knn_fn(host_state).items()})
+                        writer.write(step, monitored)
                         last_time = time.perf_counter()  # the monitor's time is not training time
                     stop = watch.should_stop(step)
                     save = manager is not None and (is_due(step, checkpoint_every, last) or stop)
