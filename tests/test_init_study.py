@@ -38,4 +38,5 @@ def test_curve_joins_the_monitor_records_with_the_final_knn():
     assert [row["weight_norm/backbone/conv1"] for row in rows] == [2.0, 2.5, 3.0]
     table = init_study.format_curve(rows).splitlines()
     assert table[0] == "epoch | kNN backbone | kNN projection | backbone/conv1 | head"
-    assert table[2:] == ["0 | 20.0 | 10.0 | 2.00 | 6.50", "2 | 30.0 | 25.0 | 2.50 | 6.75", "4 | 40.0 | 35.0 | 3.00 | 7.00"]
+    assert table[2:] == ["0 | 20.0 | 10.0 | 2.00 | 6.50", "2 | 30.0 | 25.0 | 2.50 | 6.75",
+                         "4 | 40.0 | 35.0 | 3.00 | 7.00"]
