@@ -19,6 +19,15 @@ Deliberate differences from the demo:
   fan-out), where the demo's replaced conv1 keeps PyTorch's default init;
 * the cosine learning rate decays every step, not once per epoch.
 
+Convolution init: `model.conv_init="torchvision"` (kaiming normal, fan-out) is
+the official code's and the reproduction of the published number.
+`--config.model.conv_init=pytorch` (nn.Conv2d's default, about 2.4x smaller
+weights, so under BN a ~5x larger effective learning rate) learned faster in
+the shrunk CPU study (width 16, batch 128, 10k images; BENCHMARKS.md
+"Convolution init"): kNN 40.0 vs 35.0 at 12 epochs and 44.8 vs 38.9 at 24
+epochs, one seed. The study is not complete (48 epochs, a second seed and the
+learning-rate controls are owed), so the default stays the demo's.
+
 Run (real CIFAR-10; tensorflow-datasets' `cifar10` by default, or offline
 from the mosaics in ../shared/data/cifar10):
   python train.py --config configs/moco_v2_cifar10.py --workdir /tmp/moco_cifar10
