@@ -27,18 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Sequence
 
 from configs import moco_v2_cifar10
-from moco_jax import data
 from moco_jax.core import models
 from moco_jax.training import metrics, trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-CIFAR10_TRAIN_IMAGES = 50_000
 DEFAULT_DATA = os.path.join(_HERE, os.pardir, os.pardir, "shared", "data", "cifar10")
 
 
@@ -64,9 +61,12 @@ def study_config(args: argparse.Namespace):
     return config
 
 
-def curve(records: list[dict[str, Any]], steps_per_epoch: int, final: dict[str, Any]) -> list[dict[str, Any]]:
+def curve(records: list[dict[str, Any]], final: dict[str, Any]) -> list[dict[str, Any]]:
     """The monitor records of metrics.jsonl (kNN and weight norms, one per
-    monitored step) plus the final kNN, as rows {epoch, knn_*, weight_norm/*}."""
+    monitored step) plus the final kNN, as rows {epoch, knn_*, weight_norm/*}.
+    The epoch of a step comes from the training records, which log both."""
+    logged = next(r for r in records if r.get("epoch"))
+    steps_per_epoch = logged["step"] / logged["epoch"]
     rows: dict[int, dict[str, Any]] = {}
     for record in records:
         if any(k.startswith(("knn_", "weight_norm/")) for k in record):
@@ -115,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         seconds = time.perf_counter() - started
         with open(os.path.join(workdir, metrics.FINAL_NAME)) as f:
             final = json.load(f)
-        steps_per_epoch = data.steps_per_epoch(config.train_subset or CIFAR10_TRAIN_IMAGES, config.batch_size)
-        rows = curve(metrics.read_jsonl(workdir), steps_per_epoch, final)
+        rows = curve(metrics.read_jsonl(workdir), final)
     point = {"conv_init": args.conv_init, "epochs": args.epochs, "seed": args.seed, "lr_scale": args.lr_scale,
              "full": args.full, "seconds": seconds, "preempted": result["preempted"], "curve": rows}
     print(f"conv_init={args.conv_init} epochs={args.epochs:g} seed={args.seed} lr_scale={args.lr_scale:g}"
@@ -129,4 +128,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

@@ -24,15 +24,15 @@ def test_study_config_is_the_shrunk_demo_recipe():
 def test_curve_joins_the_monitor_records_with_the_final_knn():
     records = [
         {"step": 0, "weight_norm/backbone/conv1": 2.0, "weight_norm/head": 6.5},
-        {"step": 10, "loss": 7.0},
+        {"step": 10, "loss": 7.0, "epoch": 1.0},
         {"step": 20, "weight_norm/backbone/conv1": 2.5, "weight_norm/head": 6.75, "knn_backbone": 0.3,
          "knn_projection": 0.25},
-        {"step": 40, "loss": 6.5},
+        {"step": 40, "loss": 6.5, "epoch": 4.0},
         {"step": 40, "weight_norm/backbone/conv1": 3.0, "weight_norm/head": 7.0},
     ]
     final = {"step": 40, "knn_backbone": 0.4, "knn_projection": 0.35, "knn_random_backbone": 0.2,
              "knn_random_projection": 0.1, "loss": 6.5}
-    rows = init_study.curve(records, steps_per_epoch=10, final=final)
+    rows = init_study.curve(records, final)
     assert [row["epoch"] for row in rows] == [0, 2, 4]
     assert [(row["knn_backbone"], row["knn_projection"]) for row in rows] == [(0.2, 0.1), (0.3, 0.25), (0.4, 0.35)]
     assert [row["weight_norm/backbone/conv1"] for row in rows] == [2.0, 2.5, 3.0]

@@ -25,7 +25,8 @@ from moco_jax.core.errors import ConfigError
 Dtype = Any
 
 # PyTorch initialisers, so that a model trained here starts like the reference.
-# Linear: PyTorch's default kaiming_uniform_(a=sqrt(5)) is U(+-1/sqrt(fan_in)).
+# PyTorch's default for Linear and Conv2d weights, kaiming_uniform_(a=sqrt(5)),
+# is U(+-1/sqrt(fan_in)); every linear layer here uses it.
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # `model.conv_init`, applied to every ResNet convolution (stem, blocks, downsample):
 # * "torchvision": kaiming_normal_(mode="fan_out", nonlinearity="relu"), what
@@ -39,7 +40,7 @@ dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 #   smaller weights learn faster (see BENCHMARKS.md, "Convolution init").
 CONV_INITS = {
     "torchvision": nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-    "pytorch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+    "pytorch": dense_init,  # the same default as PyTorch's Linear
 }
 
 
