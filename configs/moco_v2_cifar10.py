@@ -26,8 +26,8 @@ weights, so under BN a ~4-5x larger effective learning rate for the
 convolutions) learned faster in the shrunk CPU study (width 16, batch 128,
 10k images; BENCHMARKS.md "Convolution init"), and its lead grew with the
 schedule: kNN 40.0 vs 35.0 at 12 epochs, 44.8 vs 38.9 at 24 and 49.9 vs 43.1
-at 48 (seed 0; at 12 epochs seed 1 gave 41.2 vs 36.9). Raising the learning rate 2x or 4x instead did not
-close the gap. The study is not complete (a second seed at 24 and 48 epochs
+at 48 (seed 0; at 12 epochs seed 1 gave 41.2 vs 36.9). Raising the learning
+rate 2x or 4x instead did not close the gap (12 epochs, two seeds). The study is not complete (a second seed at 24 and 48 epochs
 is owed, and the full recipe is unmeasured), so the default stays the demo's.
 
 Run (real CIFAR-10; tensorflow-datasets' `cifar10` by default, or offline
