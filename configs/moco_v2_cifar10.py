@@ -22,18 +22,18 @@ Deliberate differences from the demo:
 * the cosine learning rate decays every step, not once per epoch.
 
 Convolution init, the one default here chosen against the demo's:
-`model.conv_init="pytorch"`
-(nn.Conv2d's default, kaiming uniform with a = sqrt(5): about 2.4x smaller
-weights, so under BN a ~4-5x larger effective learning rate for the
-convolutions) learned faster than the demo's `torchvision` init (kaiming
-normal, fan-out) in the shrunk CPU study of issue 16 (width 16, batch 128,
-10k images, two seeds; BENCHMARKS.md "Convolution init"), and its lead grew
-with the schedule: backbone kNN, pytorch vs torchvision, seeds 0 / 1:
-40.0 / 41.2 vs 35.0 / 36.9 at 12 epochs, 44.8 vs 38.9 at 24 (seed 0 only),
-49.9 / 51.2 vs 43.1 / 44.1 at 48 (projection: 49.9 / 50.9 vs 41.4 / 42.6).
-Raising the learning rate 2x or 4x with the torchvision init did not close
-the gap (12 epochs, two seeds; 24 epochs, seed 0). The full recipe (width 64, batch 512, 200 epochs) is
-not measured with either init on this project's CPU.
+`model.conv_init="pytorch"` (nn.Conv2d's default, kaiming uniform with
+a = sqrt(5): about 2.4x smaller weights, so under BN a ~4-5x larger effective
+learning rate for the convolutions) learned faster than the demo's
+`torchvision` init (kaiming normal, fan-out) in the shrunk CPU study of
+issue 16 (width 16, batch 128, 10k images, two seeds; BENCHMARKS.md
+"Convolution init"), and its lead grew with the schedule: backbone kNN,
+pytorch vs torchvision, seeds 0 / 1: 40.0 / 41.2 vs 35.0 / 36.9 at 12 epochs,
+44.8 vs 38.9 at 24 (seed 0 only), 49.9 / 51.2 vs 43.1 / 44.1 at 48
+(projection: 49.9 / 50.9 vs 41.4 / 42.6). Raising the learning rate 2x or 4x
+with the torchvision init did not close the gap (12 epochs, two seeds;
+24 epochs, seed 0). The full recipe (width 64, batch 512, 200 epochs) is not
+measured with either init on this project's CPU.
 
 The published 82.6% is the demo's init: reproduce it with
   --config.model.conv_init=torchvision
