@@ -10,6 +10,11 @@ bank, the 10,000 test images as queries):
   python -m benchmarks.init_study --conv_init torchvision --epochs 12 --seed 0
   python -m benchmarks.init_study --conv_init pytorch --epochs 48 --seed 1
   python -m benchmarks.init_study --conv_init torchvision --epochs 12 --lr_scale 4
+  python -m benchmarks.init_study --conv_init torchvision --epochs 12 --conv_grad_scale pytorch_init
+
+(the last: the torchvision init with each kernel's gradient scaled by 6 * in / out
+channels, which under BN trains that init as if drawn at PyTorch's scale;
+`moco_jax/core/optim.py` `conv_grad_scales`)
 
 The same study at the demo's full size (a GPU: width 64, batch 512, all
 50,000 images, 200 epochs):
@@ -33,6 +38,7 @@ from typing import Any, Sequence
 
 from configs import moco_v2_cifar10
 from moco_jax.core import models
+from moco_jax.core.config import CONV_GRAD_SCALES
 from moco_jax.training import metrics, trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,6 +59,7 @@ def study_config(args: argparse.Namespace):
     config.num_epochs = args.epochs
     config.seed = args.seed
     config.learning_rate *= args.lr_scale  # per 256 images; the batch scales it as always
+    config.conv_grad_scale = args.conv_grad_scale
     config.knn_every_epochs = args.knn_every_epochs or (2 if args.epochs <= 24 else args.epochs / 12)
     config.checkpoint_every_epochs = config.knn_every_epochs
     config.checkpoint_every_steps = 0
@@ -97,6 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr_scale", type=float, default=1.0, help="multiplies the recipe's learning rate")
+    parser.add_argument("--conv_grad_scale", default="none", choices=CONV_GRAD_SCALES,
+                        help="pytorch_init: the kernels' gradients x 6 * in / out channels (core/optim.py)")
     parser.add_argument("--knn_every_epochs", type=float, default=0, help="0: 2 up to 24 epochs, else epochs / 12")
     parser.add_argument("--full", action="store_true", help="the demo's full size (width 64, batch 512, 50k images)")
     parser.add_argument("--data_dir", default=DEFAULT_DATA, help="the CIFAR-10 files (../shared/data/cifar10)")
@@ -117,9 +126,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             final = json.load(f)
         rows = curve(metrics.read_jsonl(workdir), final)
     point = {"conv_init": args.conv_init, "epochs": args.epochs, "seed": args.seed, "lr_scale": args.lr_scale,
-             "full": args.full, "seconds": seconds, "preempted": result["preempted"], "curve": rows}
+             "conv_grad_scale": args.conv_grad_scale, "full": args.full, "seconds": seconds,
+             "preempted": result["preempted"], "curve": rows}
     print(f"conv_init={args.conv_init} epochs={args.epochs:g} seed={args.seed} lr_scale={args.lr_scale:g}"
-          f"{' full' if args.full else ''}: {seconds:.0f} s")
+          f" conv_grad_scale={args.conv_grad_scale}{' full' if args.full else ''}: {seconds:.0f} s")
     print(format_curve(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.warmup_epochs = 0.0
     config.weight_decay = 5e-4
     config.weight_decay_mask = "all"  # all (the reference) | no_bn_bias
+    # none (the reference) | pytorch_init: each conv kernel's gradient x 6 * in / out channels, which under
+    # BN is exactly training from the init shrunk to PyTorch's default scale (issue 16; core/optim.py)
+    config.conv_grad_scale = "none"
     config.sgd_momentum = 0.9  # also LARS's momentum
     config.lars_trust_coefficient = 0.001
 

@@ -18,7 +18,10 @@ def test_study_config_is_the_shrunk_demo_recipe():
     full = init_study.study_config(init_study.parse_args(["--full", "--epochs", "200"]))
     validate_config(full, num_devices=1)
     assert (full.model.width, full.batch_size, full.train_subset) == (64, 512, 0)
-    assert full.model.conv_init == "torchvision"
+    assert full.model.conv_init == "torchvision" and full.conv_grad_scale == "none"
+    scaled = init_study.study_config(init_study.parse_args(["--conv_grad_scale", "pytorch_init"]))
+    validate_config(scaled, num_devices=1)
+    assert scaled.conv_grad_scale == "pytorch_init" and scaled.model.conv_init == "torchvision"
 
 
 def test_curve_joins_the_monitor_records_with_the_final_knn():

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from moco_jax.core import models
@@ -163,3 +164,71 @@ def test_conv_init_from_the_config():
     config.model.conv_init = "orthogonal"
     with pytest.raises(models.ConfigError, match="model.conv_init='orthogonal' must be one of"):
         models.build_backbone(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+
+
+def _sgd_steps(config, grad_fn, params, batch_stats, steps=3):
+    """`steps` steps of `make_optimizer(config)`; grad_fn(params, batch_stats)
+    -> ((loss, new batch_stats), grads)."""
+    from moco_jax.core import optim
+
+    tx, _ = optim.make_optimizer(config, steps_per_epoch=steps)
+    opt_state = tx.init(params)
+    for _ in range(steps):
+        (_, batch_stats), grads = grad_fn(params, batch_stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def _kernel_gaps(a, b, scale):
+    """Per leaf: max |a / scale - b| / max |b|."""
+    return [float(np.abs(np.asarray(x) / s - np.asarray(y)).max() / np.abs(np.asarray(y)).max())
+            for x, s, y in zip(jax.tree.leaves(a), jax.tree.leaves(scale), jax.tree.leaves(b))]
+
+
+def test_conv_grad_scale_is_the_init_at_pytorch_scale():
+    """conv_grad_scale='pytorch_init' (kernel gradients x c^2 = 6 * I / O)
+    from the torchvision init w0 trains, under BN, like the plain run from
+    w0 / c (the torchvision draw at PyTorch's default standard deviation):
+    after 3 SGD steps (momentum, coupled decay) every kernel is c times the
+    other run's and every BN parameter equal, to BN's eps (which breaks the
+    scale invariance by ~1e-3 here). Without the scale the runs part by 14%."""
+    config = tiny_config(learning_rate=0.4, weight_decay=5e-3)  # a step of lr 0.4 * 16 / 256 = 0.025
+    backbone = models.build_backbone(config)
+    x = _x((16, 8, 8, 3))
+    variables = backbone.init(jax.random.key(0), x, train=False)
+    params, stats = variables["params"], variables["batch_stats"]
+    target = 0.5 * jnp.asarray(np.random.default_rng(1).normal(size=(backbone.feature_dim,)), jnp.float32)
+
+    @jax.jit
+    def grad_fn(p, batch_stats):  # a loss of the train-mode features: BN after every convolution
+        def loss_fn(p, batch_stats):
+            features, new = backbone.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                           mutable=["batch_stats"])
+            return jnp.mean((features - target) ** 2), new["batch_stats"]
+        return jax.value_and_grad(loss_fn, has_aux=True)(p, batch_stats)
+
+    c = jax.tree.map(lambda p: np.sqrt(6 * p.shape[2] / p.shape[3]) if p.ndim == 4 else 1.0, params)
+    assert {float(v) for v in jax.tree.leaves(c)} > {np.sqrt(6.0), 1.0}  # widths change: 6 * I / O varies
+    small = jax.tree.map(lambda p, s: p / s, params, c)
+    plain = _sgd_steps(config, grad_fn, small, stats)
+    moved = [np.abs(a - b).max() / np.abs(b).max() for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(small))
+             if a.ndim == 4]
+    assert min(moved) > 1e-2  # the steps changed every kernel
+    config.conv_grad_scale = "pytorch_init"
+    assert max(_kernel_gaps(_sgd_steps(config, grad_fn, params, stats), plain, c)) < 1e-2
+    config.conv_grad_scale = "none"  # the control
+    assert max(_kernel_gaps(_sgd_steps(config, grad_fn, params, stats), plain, c)) > 7e-2
+
+
+def test_conv_grad_scale_needs_sgd_on_a_resnet():
+    from moco_jax.core import optim
+    from moco_jax.core.config import validate_config
+
+    config = tiny_config(conv_grad_scale="pytorch_init", optimizer="lars")
+    with pytest.raises(models.ConfigError, match="conv_grad_scale='pytorch_init' needs a ResNet trained with"):
+        validate_config(config, num_devices=8)
+    with pytest.raises(models.ConfigError, match="needs optimizer='sgd'"):
+        optim.make_optimizer(config, steps_per_epoch=4)
+    with pytest.raises(models.ConfigError, match="must be one of 'none', 'pytorch_init'"):
+        validate_config(tiny_config(conv_grad_scale="6"), num_devices=8)

@@ -173,6 +173,7 @@ MOMENTUM = number(0, 1, high_open=True)  # [0, 1)
 LR_SCHEDULES = ("cosine", "step")  # moco_jax.core.optim
 WEIGHT_DECAY_MASKS = ("all", "no_bn_bias")  # moco_jax.core.optim
 OPTIMIZERS = ("sgd", "lars", "adamw")  # moco_jax.core.optim
+CONV_GRAD_SCALES = ("none", "pytorch_init")  # moco_jax.core.optim
 LINEAR_MODES = ("full", "features")  # moco_jax.eval.linear
 # In-memory datasets (moco_jax.data.arrays): the side of their images with
 # image_size=0, and the one side a dataset may come at (None: any, upsampled).
@@ -207,6 +208,7 @@ PRETRAINING_RULES = {
     "knn_train_split": STRING, "train_subset": integer(0), "knn_max_train_images": integer(0),
     "knn_center_crop_fraction": FRACTION, "augmentation": one_of(augment.RECIPE_NAMES),
     "method": one_of(models.METHODS), "optimizer": one_of(OPTIMIZERS), "lars_trust_coefficient": POSITIVE,
+    "conv_grad_scale": one_of(CONV_GRAD_SCALES),
     "momentum_schedule": one_of(moco.MOMENTUM_SCHEDULES),
     "model.arch": one_of(models.ARCHS), "model.vit": one_of(vit.VIT_SIZES), "model.patch_size": integer(1),
     "model.stop_grad_patch": BOOL, "model.mlp_dim": integer(1), "model.zero_init_residual": BOOL,
@@ -339,6 +341,10 @@ def check_method(config) -> None:
     if models.is_vit(config) and config.model.get("conv_init", "torchvision") != "torchvision":
         raise ConfigError(f"model.conv_init={config.model.conv_init!r} applies to ResNet convolutions only: the "
                           "ViT's patch projection keeps MoCo v3's xavier init (leave model.conv_init='torchvision')")
+    if config.get("conv_grad_scale", "none") != "none" and (models.is_vit(config) or config.optimizer != "sgd"):
+        raise ConfigError(f"conv_grad_scale={config.conv_grad_scale!r} needs a ResNet trained with optimizer='sgd' "
+                          "(it stands in for a smaller init only where every kernel is followed by BN and the "
+                          "step is linear in the gradient)")
     if models.is_vit(config) and config.crop_size % config.model.patch_size:
         raise ConfigError(f"crop_size={config.crop_size} must be a multiple of model.patch_size="
                           f"{config.model.patch_size}: the ViT cuts the crop into whole patches")

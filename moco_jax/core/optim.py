@@ -7,7 +7,8 @@ import jax
 import optax
 from flax import traverse_util
 
-from moco_jax.core.config import LR_SCHEDULES, OPTIMIZERS, WEIGHT_DECAY_MASKS, epochs_to_steps, total_steps
+from moco_jax.core.config import (CONV_GRAD_SCALES, LR_SCHEDULES, OPTIMIZERS, WEIGHT_DECAY_MASKS, epochs_to_steps,
+                                  total_steps)
 from moco_jax.core import models
 from moco_jax.core.errors import ConfigError
 
@@ -53,6 +54,37 @@ def weight_decay_mask(params, mode: str):
     raise ConfigError(f"weight_decay_mask={mode!r} must be one of {', '.join(map(repr, WEIGHT_DECAY_MASKS))}")
 
 
+def conv_grad_scales(params, mode: str):
+    """The multiplier of each parameter's gradient under `conv_grad_scale`.
+
+    `pytorch_init`: every convolution kernel (4-D, HWIO: kernel h x w, I in,
+    O out channels) gets c^2 = 6 * I / O, the ratio of the variances of the
+    torchvision init, 2 / (h * w * O), and PyTorch's default, 1 / (3 * h * w * I);
+    every other parameter 1. Why this is "the init at PyTorch's scale": a
+    kernel followed by BN enters the loss only through its direction, so the
+    gradient at w / c is c times the gradient at w. SGD from w0 / c (coupled
+    decay, momentum) therefore moves along w_t / c, where w_t is SGD from w0
+    with the kernel's gradient times c^2 and the decay unchanged: the same
+    run, seen at another scale (BN's eps aside). The study of issue 16 uses it
+    to ask whether the init's lead is only that larger effective learning rate.
+    """
+    if mode == "none":
+        return jax.tree.map(lambda _: 1.0, params)
+    if mode == "pytorch_init":
+        return jax.tree.map(lambda p: 6.0 * p.shape[2] / p.shape[3] if p.ndim == 4 else 1.0, params)
+    raise ConfigError(f"conv_grad_scale={mode!r} must be one of {', '.join(map(repr, CONV_GRAD_SCALES))}")
+
+
+def scale_conv_grads(mode: str) -> optax.GradientTransformation:
+    """Multiply each gradient by `conv_grad_scales` (stateless)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g, s: g * s, updates, conv_grad_scales(updates, mode)), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def freezes_patch(config) -> bool:
     """Whether the config freezes the ViT patch projection (`model.stop_grad_patch`)."""
     return models.is_vit(config) and config.model.get("stop_grad_patch", False)
@@ -88,7 +120,10 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
     mask (`config.weight_decay_mask`) and frozen parameters left unchanged:
 
     * sgd: PyTorch's SGD(momentum, weight_decay): the decay is *coupled*
-      (added to the gradient before the momentum buffer);
+      (added to the gradient before the momentum buffer); with
+      `conv_grad_scale` other than none, the kernels' gradients are first
+      scaled (`conv_grad_scales`; only then, so other runs' optimizer state
+      keeps its layout);
     * lars: `lars` above, the mask choosing what is decayed *and* adapted;
     * adamw: PyTorch's AdamW (betas 0.9 / 0.999, eps 1e-8), decoupled decay
       lr * wd * p on the masked parameters.
@@ -96,8 +131,12 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
     schedule = learning_rate_schedule(config, steps_per_epoch)
     mask = lambda p: weight_decay_mask(p, config.weight_decay_mask)  # noqa: E731
     name = config.get("optimizer", "sgd")
+    grad_scale = config.get("conv_grad_scale", "none")
+    if grad_scale != "none" and name != "sgd":
+        raise ConfigError(f"conv_grad_scale={grad_scale!r} needs optimizer='sgd' (the optimizer is {name!r})")
     if name == "sgd":
         tx = optax.chain(
+            *([scale_conv_grads(grad_scale)] if grad_scale != "none" else []),
             optax.masked(optax.add_decayed_weights(config.weight_decay), mask),
             optax.trace(decay=config.sgd_momentum, nesterov=False),
             optax.scale_by_learning_rate(schedule),
