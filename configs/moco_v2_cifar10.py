@@ -29,11 +29,15 @@ learning rate for the convolutions) learned faster than the demo's
 issue 16 (width 16, batch 128, 10k images, two seeds; BENCHMARKS.md
 "Convolution init"), and its lead grew with the schedule: backbone kNN,
 pytorch vs torchvision, seeds 0 / 1: 40.0 / 41.2 vs 35.0 / 36.9 at 12 epochs,
-44.8 vs 38.9 at 24 (seed 0 only), 49.9 / 51.2 vs 43.1 / 44.1 at 48
-(projection: 49.9 / 50.9 vs 41.4 / 42.6). Raising the learning rate 2x or 4x
-with the torchvision init did not close the gap (12 epochs, two seeds;
-24 epochs, seed 0). The full recipe (width 64, batch 512, 200 epochs) is not
-measured with either init on this project's CPU.
+44.8 / 46.1 vs 38.9 / 40.4 at 24, 49.9 / 51.2 vs 43.1 / 44.1 at 48
+(projection: 49.9 / 50.9 vs 41.4 / 42.6). The lead is the convolutions'
+effective learning rate: the torchvision init with only its kernels'
+gradients scaled to PyTorch's scale (`conv_grad_scale="pytorch_init"`)
+matched the pytorch init at 12 epochs (39.5 / 42.1 vs 40.0 / 41.2). A 2x
+or 4x global learning rate did not close the gap at 12 or 24 epochs; at 48
+(seed 0 only) 4x came within 1.9 (48.0 vs 49.9). The full recipe (width 64,
+batch 512, 200 epochs) is not measured with either init on this project's
+CPU.
 
 The published 82.6% is the demo's init: reproduce it with
   --config.model.conv_init=torchvision
