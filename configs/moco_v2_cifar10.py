@@ -33,9 +33,10 @@ pytorch vs torchvision, seeds 0 / 1: 40.0 / 41.2 vs 35.0 / 36.9 at 12 epochs,
 (projection: 49.9 / 50.9 vs 41.4 / 42.6). The lead is the convolutions'
 effective learning rate: the torchvision init with only its kernels'
 gradients scaled to PyTorch's scale (`conv_grad_scale="pytorch_init"`)
-matched the pytorch init at 12 epochs (39.5 / 42.1 vs 40.0 / 41.2). A 2x
-or 4x global learning rate did not close the gap at 12 or 24 epochs; at 48
-(seed 0 only) 4x came within 1.9 (48.0 vs 49.9). The full recipe (width 64,
+matched the pytorch init at 12 and 24 epochs (39.5 / 42.1 vs 40.0 / 41.2;
+44.9 / 46.2 vs 44.8 / 46.1). A 2x or 4x global learning rate did not close
+the gap at 12 or 24 epochs; at 48, 4x came within 1.9 / 2.3 (48.0 / 48.9 vs
+49.9 / 51.2). The full recipe (width 64,
 batch 512, 200 epochs) is not measured with either init on this project's
 CPU.
 
