@@ -177,16 +177,22 @@ def _v3_config(spec: ModelSpec, dtype: str, global_batch: int):
     return config
 
 
-def model_gflop_per_pair(config) -> float:
+def model_gflop_per_pair(config) -> float | None:
     """4 x (MoCo v3: 8 x) forward GFLOP of one image (see the module docstring), from XLA's
     cost analysis of the un-optimised float32 forward (the count is the same
-    for bfloat16, minus its casts): shapes only, nothing is compiled or run."""
+    for bfloat16, minus its casts): shapes only, nothing is run. Where the
+    backend has no cost analysis before compilation (jax 0.11 on GPU returns
+    None), the compiled forward's count; None if neither exists."""
     config = config.copy_and_resolve_references()
     config.model.dtype = "float32"
     encoder = models.build_encoder(config, axis_name=sharding.AXIS)
     image = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), image)
-    cost = jax.jit(lambda v, x: encoder.apply(v, x, train=False)).lower(variables, image).cost_analysis()
+    lowered = jax.jit(lambda v, x: encoder.apply(v, x, train=False)).lower(variables, image)
+    cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost or "flops" not in cost:
+        return None
     forwards = 8 if models.method_of(config) == "moco_v3" else 4
     return forwards * float(cost["flops"]) / 1e9
 
