@@ -189,12 +189,13 @@ def model_gflop_per_pair(config) -> float | None:
     image = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), image)
     lowered = jax.jit(lambda v, x: encoder.apply(v, x, train=False)).lower(variables, image)
-    cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if not cost or "flops" not in cost:
+    flops = cost_flops(lowered.cost_analysis())
+    if flops is None:
+        flops = xla_flops(lowered.compile())
+    if flops is None:
         return None
     forwards = 8 if models.method_of(config) == "moco_v3" else 4
-    return forwards * float(cost["flops"]) / 1e9
+    return forwards * flops / 1e9
 
 
 def compiled_memory_bytes(compiled) -> float | None:
@@ -214,11 +215,16 @@ def device_peak_bytes(devices: Sequence[jax.Device]) -> float | None:
     return float(max(peaks)) if peaks and all(p is not None for p in peaks) else None
 
 
-def xla_flops(compiled) -> float | None:
-    """FLOPs of one execution of the compiled step on one device, by XLA's count."""
-    cost = compiled.cost_analysis()
+def cost_flops(cost) -> float | None:
+    """The "flops" entry of an XLA cost analysis (a dict, or a list holding
+    one), or None where the backend gives none."""
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one execution of a compiled computation on one device, by XLA's count."""
+    return cost_flops(compiled.cost_analysis())
 
 
 def synthetic_batches(num_devices: int, local_batch: int, size: int, count: int = 2, seed: int = 0) -> list:

@@ -4,6 +4,8 @@ complete table, so the script cannot rot. Nothing is asserted on time."""
 import json
 import math
 
+import jax
+
 from benchmarks import train_step
 
 
@@ -44,8 +46,6 @@ def test_model_flops_fall_back_to_the_compiled_count(monkeypatch):
     """jax 0.11 on GPU answers None to the cost analysis of a lowered (not yet
     compiled) computation: the model GFLOP then come from the compiled
     forward, and are None, not a crash, where no count exists at all."""
-    import jax
-
     config = train_step.experiment_config(train_step.MODELS["tiny"], "float32", 8, "all_gather", 1)
     lowered_count = train_step.model_gflop_per_pair(config)
     assert lowered_count > 0
