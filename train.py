@@ -15,9 +15,11 @@ host:port), the process count and its id:
 """
 
 import os
-import signal
 import sys
 
+from moco_jax.training import preemption
+
+preemption.exit_on_signal()  # from the first line on: SIGTERM / SIGINT end the start-up in one line
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (tf.data, TensorBoard) start-up chatter
 
 import jax  # noqa: E402
@@ -64,10 +66,13 @@ def main(argv):
     if not is_main:
         logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn
     distributed.check_same_config(_CONFIG.value)
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=is_main,
-                                        fresh_start=_FRESH_START.value, take_over=_TAKE_OVER.value)
+    try:
+        result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=is_main,
+                                            fresh_start=_FRESH_START.value, take_over=_TAKE_OVER.value)
+    except preemption.Interrupted as e:
+        return _interrupted(e)
     if result["preempted"]:
-        return _preempted(result["preempted"])
+        return _stopped(result)
     if is_main:
         random, trained = result["knn_random"], result["knn_trained"]
         print(f"kNN accuracy (k={_CONFIG.value.knn_k}, T={_CONFIG.value.knn_temperature}) on the test split:")
@@ -75,16 +80,41 @@ def main(argv):
             print(f"  {name:<10}  random init {random[name]:6.1%}  ->  MoCo {trained[name]:6.1%}")
 
 
-def _preempted(step: int) -> int:
-    """One line, and the exit status: 0 when the step is saved, so that a
-    scheduler's requeue (or the user) simply relaunches the same command."""
-    if _WORKDIR.value:
-        if jax.process_index() == 0:
-            print(f"stopped by SIGTERM after step {step}: checkpoint {step} is saved in {_WORKDIR.value}; "
-                  "relaunch the same command to resume", flush=True)
-        return 0
-    print(f"stopped by SIGTERM after step {step}; nothing was saved (no --workdir)", file=sys.stderr, flush=True)
-    return 128 + signal.SIGTERM
+def _say(line: str, error: bool = False) -> None:
+    """One line, from process 0 only."""
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def _stopped(result: dict) -> int:
+    """A signal stopped the run after its step was saved (or, without a
+    workdir, not): one line, and the exit status (0 after a SIGTERM with the
+    step saved, so that a scheduler's requeue, or the user, simply relaunches
+    the same command)."""
+    name, step, workdir = preemption.signal_name(result["signal"]), result["preempted"], _WORKDIR.value
+    if not workdir:
+        _say(f"stopped by {name} after step {step}; nothing was saved (no --workdir)", error=True)
+    elif result["phase"] == "final evaluation":
+        _say(f"stopped by {name} during the final evaluation: training is complete and checkpoint {step} is saved "
+             f"in {workdir}; relaunch the same command to evaluate it")
+    else:
+        _say(f"stopped by {name} after step {step}: checkpoint {step} is saved in {workdir}; relaunch the same "
+             "command to resume")
+    return preemption.exit_status(result["signal"], saved=bool(workdir))
+
+
+def _interrupted(error: preemption.Interrupted) -> int:
+    """A signal during start-up (nothing trained yet), or a second SIGINT."""
+    workdir = _WORKDIR.value
+    if isinstance(error, preemption.Aborted):
+        _say(f"aborted by a second SIGINT during {error.phase}: the steps since the last checkpoint are not saved"
+             + (f"; relaunch the same command to resume from {workdir}" if workdir else ""), error=True)
+        return preemption.exit_status(error.signum, saved=False)
+    kept = (f"the checkpoints in {workdir} are as they were; relaunch the same command to resume" if workdir
+            else "nothing was saved (no --workdir)")
+    _say(f"stopped by {preemption.signal_name(error.signum)} during {error.phase}: nothing was trained; {kept}",
+         error=not workdir)
+    return preemption.exit_status(error.signum, saved=bool(workdir))
 
 
 if __name__ == "__main__":

@@ -375,3 +375,148 @@ def test_train_py_on_a_workdir_whose_checkpoints_are_all_damaged_says_so_in_one_
     assert len([line for line in lines if "is damaged" in line]) == 2
     assert lines[-1].startswith(f"error: workdir {workdir} has held checkpoints but none is usable")
     assert len(lines) < 12, run.stderr
+
+
+# ---------------------------------------------------------------------------
+# Set aside only what is damaged; bring back what was set aside by mistake.
+# ---------------------------------------------------------------------------
+def test_a_checkpoint_that_verifies_but_does_not_fit_the_config_is_refused_and_nothing_moves(tmp_path):
+    """A field that changes the optimizer state's layout (conv_grad_scale adds
+    a level) is not one of MODEL_FIELDS: the checkpoint verifies, so it is
+    refused in one line naming what differs, and stays where it is."""
+    _train(tmp_path, num_train_steps=4, checkpoint_every_steps=2)
+    changed = tiny_config(num_train_steps=6, checkpoint_every_steps=2, conv_grad_scale="pytorch_init")
+    for _ in range(2):
+        with pytest.raises(checkpoint.CheckpointMismatchError) as error:
+            trainer.train_and_evaluate(changed, workdir=str(tmp_path), show_progress=False)
+        message = str(error.value)
+        assert "checkpoint 4" in message and "is intact but does not fit" in message and "opt_state" in message
+        assert "conv_grad_scale: 'none' -> 'pytorch_init'" in message and "Nothing was moved" in message
+        assert "\n" not in message
+        assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    # The config it was written with still resumes it.
+    config = tiny_config(num_train_steps=5, checkpoint_every_steps=2)
+    result = trainer.train_and_evaluate(config, workdir=str(tmp_path), show_progress=False)
+    assert [h["step"] for h in result["history"]] == [5]
+
+
+def test_bring_back_returns_set_aside_checkpoints_that_verify_and_leaves_damaged_ones(two_checkpoints, tmp_path):
+    import shutil  # noqa: PLC0415
+
+    from test_workdir_lock import REPO  # noqa: PLC0415
+
+    source, config, newest = two_checkpoints
+    workdir = tmp_path / "workdir"
+    shutil.copytree(source, workdir)
+    folder = workdir / "checkpoints"
+    os.rename(folder / "4", folder / "4.corrupt")  # a false alarm
+    _flip_bit(_largest_file(folder / "2" / "state"))
+    os.rename(folder / "2", folder / "2.corrupt")  # really damaged
+    run = lambda *flags: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "moco_jax.checkpoints", f"--workdir={workdir}", *flags], cwd=REPO,
+        capture_output=True, text=True, timeout=TIMEOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    listing = run()
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert listing.stdout.splitlines() == ["4.corrupt: set aside; ok",
+                                           listing.stdout.splitlines()[1]]
+    assert listing.stdout.splitlines()[1].startswith("2.corrupt: set aside; damaged: 1 of")
+    brought = run("--bring_back")
+    assert brought.returncode == 0, brought.stderr[-2000:]
+    assert "4.corrupt: verifies: brought back as checkpoint 4" in brought.stdout
+    assert "2.corrupt: left as it is (damaged:" in brought.stdout
+    assert sorted(os.listdir(folder)) == ["2.corrupt", "4"] and not (workdir / "LOCK").exists()
+    _assert_states_equal(_latest(workdir, config), newest)
+
+
+# ---------------------------------------------------------------------------
+# Paths orbax cannot use are refused at start-up; what it cannot read back is
+# caught right after the save.
+# ---------------------------------------------------------------------------
+def test_a_workdir_path_with_glob_characters_is_refused_at_start_up(tmp_path):
+    workdir = tmp_path / "array_job[1]"
+    with pytest.raises(OSError, match=r"contains \[ \]: orbax-checkpoint finds its files with a glob"):
+        trainer.train_and_evaluate(tiny_config(), workdir=str(workdir), show_progress=False)
+    assert not (workdir / metrics.JSONL_NAME).exists()
+
+
+def test_a_workdir_path_too_long_for_checkpoints_is_refused_at_start_up(tmp_path):
+    parts, length = [], len(str(tmp_path))
+    while length < 3995:
+        part = "d" * min(200, 3995 - length - 1)
+        parts.append(part)
+        length += len(part) + 1
+    workdir = os.path.join(str(tmp_path), *parts)
+    assert len(workdir) == 3995
+    with pytest.raises(OSError, match="path is 4007 characters long and checkpoints add up to"):
+        trainer.train_and_evaluate(tiny_config(), workdir=workdir, show_progress=False)
+
+
+def test_a_checkpoint_that_does_not_read_back_stops_the_run_at_once(tmp_path):
+    """Orbax writes into a folder whose name has a glob character but cannot
+    read it back (start-up refuses such a workdir; here the writer is used
+    directly): the read-back right after the save finds it."""
+    from moco_jax.io.saver import CheckpointWriter  # noqa: PLC0415
+
+    config = tiny_config()
+    workdir = tmp_path / "job[1]"
+    writer = CheckpointWriter(str(workdir))
+    writer.save(_template(config), config, num_queue_shards=8)
+    failure = writer.poll(wait=True)
+    assert failure is not None and "checkpoint 0 was written to" in str(failure)
+    assert "does not read back as saved" in str(failure) and "training stopped" in str(failure)
+    with pytest.raises(OSError, match="does not read back"):
+        writer.finish()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints of moco_jax 0.2 (tests/data/checkpoints_0.2, written by
+# tests/data/checkpoints_0.2/make.py at commit caa3072).
+# ---------------------------------------------------------------------------
+LEGACY = os.path.join(os.path.dirname(__file__), "data", "checkpoints_0.2")
+
+
+def _legacy_config(name):
+    overrides = dict(num_train_steps=2, checkpoint_every_steps=2, batch_size=4, eval_batch_size=64,
+                     knn_max_train_images=64)
+    if name == "moco_v2_resnet":
+        return tiny_config(queue_size=8, **overrides)
+    config = tiny_config(method="moco_v3", queue_size=0, shuffle_bn=False, optimizer="lars",
+                         weight_decay_mask="no_bn_bias", temperature=1.0, momentum_schedule="cosine",
+                         augmentation="cifar_v3", **overrides)
+    config.model.sync_bn, config.model.mlp_dim = True, 16
+    return config
+
+
+@pytest.mark.parametrize("name", ["moco_v2_resnet", "moco_v3_resnet"])
+def test_checkpoints_written_by_moco_jax_0_2_stay_readable(tmp_path, caplog, name):
+    import shutil  # noqa: PLC0415
+
+    workdir = tmp_path / name
+    shutil.copytree(os.path.join(LEGACY, name), workdir)
+    config = _legacy_config(name)
+    restored = checkpoint.restore_latest(str(workdir), _template(config), config, num_shards=2)
+    assert int(restored.step) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if name == "moco_v3_resnet":
+        assert restored.queue is None
+        assert len(warnings) == 1 and "written by moco_jax 0.2" in warnings[0]
+        assert "queue and queue_ptr" in warnings[0] and "every array is verified" in warnings[0]
+    else:
+        assert warnings == []
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing set aside
+    _, variables = checkpoint.load_encoder_variables(str(workdir))
+    _assert_states_equal(variables["params"], restored.params)
+
+
+def test_a_resume_warns_when_the_dataset_size_or_the_learning_rate_at_the_resume_step_changed(tmp_path, caplog):
+    _train(tmp_path, num_train_steps=4, checkpoint_every_steps=4, train_subset=800, log_every_steps=1)
+    caplog.clear()
+    _train(tmp_path, num_train_steps=8, checkpoint_every_steps=4, train_subset=640, log_every_steps=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    size = [w for w in warnings if "training images" in w]
+    assert len(size) == 1 and "written with 800 training images and there are 640 now" in size[0]
+    assert "an epoch is now 40 steps (was 50)" in size[0]
+    lr = [w for w in warnings if "learning rate" in w]
+    assert len(lr) == 1 and "the learning rate of step 5, the first after checkpoint 4, changes from" in lr[0]
+    resumed = [r for r in metrics.read_jsonl(str(tmp_path)) if "learning_rate" in r and r["step"] == 5]
+    assert f"changes from 0 (the schedule of the run that wrote it) to {resumed[0]['learning_rate']:.6g}" in lr[0]

@@ -1,6 +1,7 @@
 """Metric writers: TensorBoard event files through tensorboardX, written and
 read back in a process where TensorFlow cannot be imported, and the optional
 Weights & Biases run (a fake wandb module), resumed by its saved id."""
+import errno
 import json
 import subprocess
 import sys
@@ -139,3 +140,67 @@ def test_weight_norms_group_the_kernels_of_each_stage():
         "weight_norm/backbone/layer1": np.sqrt(np.sum(w["a"] ** 2) + np.sum(w["b"] ** 2)),
         "weight_norm/head": np.linalg.norm(w["fc"]),
     }, rel=1e-12)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _record(step: int) -> str:
+    return json.dumps({"step": step, "loss": 1.0 / step}) + "\n"
+
+
+def test_write_final_leaves_the_old_file_or_the_new_one_never_a_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / metrics.FINAL_NAME
+    metrics.write_final(str(tmp_path), {"step": 1, "loss": 2.0})
+
+    def dump_until_the_disk_is_full(obj, f, **kwargs):
+        f.write('{"loss": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(json, "dump", dump_until_the_disk_is_full)
+        with pytest.raises(OSError, match="No space"):
+            metrics.write_final(str(tmp_path), {"step": 2, "loss": 1.0})
+    assert json.loads(path.read_text()) == {"step": 1, "loss": 2.0}
+    assert [p.name for p in tmp_path.iterdir()] == [metrics.FINAL_NAME], "no temporary file left behind"
+    metrics.write_final(str(tmp_path), {"step": 2, "loss": 1.0})
+    assert json.loads(path.read_text()) == {"step": 2, "loss": 1.0}
+
+
+def test_read_jsonl_skips_a_torn_last_line_with_one_warning(tmp_path, caplog):
+    path = tmp_path / metrics.JSONL_NAME
+    path.write_text(_record(1) + _record(2) + '{"step": 3, "lo')
+    assert [r["step"] for r in metrics.read_jsonl(str(tmp_path))] == [1, 2]
+    (warning,) = _warnings(caplog)
+    assert str(path) in warning and "torn last line 3" in warning
+
+
+def test_read_jsonl_skips_a_torn_line_followed_by_later_appends(tmp_path, caplog):
+    path = tmp_path / metrics.JSONL_NAME
+    path.write_text(_record(1) + _record(2) + '{"step": 3, "lo' + _record(3) + _record(4))  # glued by an old writer
+    assert [r["step"] for r in metrics.read_jsonl(str(tmp_path))] == [1, 2, 4]
+    (warning,) = _warnings(caplog)
+    assert str(path) in warning and "line 3" in warning
+
+
+def test_read_jsonl_refuses_a_file_that_is_no_metrics_log(tmp_path):
+    (tmp_path / metrics.JSONL_NAME).write_text("step,loss\n1,2.0\n")
+    with pytest.raises(ValueError, match="no line of .* is JSON"):
+        metrics.read_jsonl(str(tmp_path))
+
+
+@pytest.mark.parametrize("tail, kept, warned", [
+    ('{"step": 3, "lo', [1, 2, 4], True),  # killed mid-write: the torn record is cut off
+    (_record(3).strip(), [1, 2, 3, 4], False),  # killed just before the newline: the record is kept
+])
+def test_writer_ends_a_torn_log_before_appending(tmp_path, caplog, tail, kept, warned):
+    path = tmp_path / metrics.JSONL_NAME
+    path.write_text(_record(1) + _record(2) + tail)
+    writer = metrics.MetricWriter(str(tmp_path))
+    writer.write(4, {"loss": 0.25})
+    writer.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == kept
+    assert [r["step"] for r in metrics.read_jsonl(str(tmp_path))] == kept
+    torn = [w for w in _warnings(caplog) if str(path) in w]
+    assert len(torn) == warned and all("dropped its torn last line" in w for w in torn), torn

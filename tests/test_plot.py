@@ -25,3 +25,16 @@ def test_plot_writes_one_png_per_curve(tmp_path):
             assert width > 300 and height > 200
             # A drawn curve, not an empty canvas: many distinct colours.
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+
+def test_plot_skips_a_torn_last_line(tmp_path):
+    """A run killed mid-write leaves half a record at the end of the log."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 8 - s / 50}) + "\n" for s in (10, 20, 30))
+                    + '{"step": 40, "lo')
+    out = subprocess.run([sys.executable, "-m", "moco_jax.plot", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert {p.split("/")[-1] for p in out.stdout.split()} == {"loss.png", "curves.png"}
+    warnings = [line for line in out.stderr.splitlines() if "torn last line" in line]
+    assert len(warnings) == 1 and str(path) in warnings[0], out.stderr

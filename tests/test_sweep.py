@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from moco_jax.launch import sweep
+from moco_jax.training import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -112,3 +113,50 @@ def test_sweep_reports_a_failed_point_runs_the_others_and_skips_finished_ones_on
 
     remaining = _sweep(config, workdir, "--dry_run").stdout.strip().splitlines()
     assert len(remaining) == 1 and f"--workdir={workdir / POINTS[1]}" in remaining[0]
+
+
+def _empty_final(workdir: Path, name: str) -> Path:
+    """A point whose final_metrics.json a full disk left at 0 bytes."""
+    path = workdir / name / metrics.FINAL_NAME
+    path.parent.mkdir(parents=True)
+    path.touch()
+    return path
+
+
+def _finished(workdir: Path, name: str) -> None:
+    """A point that trained to the end."""
+    (workdir / name).mkdir(parents=True)
+    metrics.write_final(str(workdir / name), {"step": 2, "loss": 1.0})
+
+
+def test_dry_run_counts_an_empty_final_metrics_as_not_finished(tmp_path):
+    config, workdir = _write_config(tmp_path), tmp_path / "w"
+    empty = _empty_final(workdir, POINTS[0])
+    _finished(workdir, POINTS[2])
+    result = _sweep(config, workdir, "--dry_run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("--workdir=")[1].split()[0] for line in lines] == [str(workdir / n) for n in POINTS[:2]]
+    warnings = [line for line in result.stderr.splitlines() if str(empty) in line]
+    assert len(warnings) == 1 and "not finished" in warnings[0], result.stderr
+
+
+def test_sweep_reruns_a_point_whose_final_metrics_is_cut_short(tmp_path, monkeypatch, caplog):
+    config, workdir = _write_config(tmp_path), tmp_path / "w"
+    empty = _empty_final(workdir, POINTS[0])
+    (workdir / POINTS[1]).mkdir()
+    (workdir / POINTS[1] / metrics.FINAL_NAME).write_text('{"loss": 0.5, "st')  # cut short
+    _finished(workdir, POINTS[2])
+    ran = []
+
+    def train(command, point_workdir):  # stands in for train.py
+        ran.append(point_workdir.name)
+        metrics.write_final(str(point_workdir), {"step": 2, "loss": 0.25})
+        return 0
+
+    monkeypatch.setattr(sweep, "run_point", train)
+    results = sweep.run_sweep(str(config), str(workdir), echo=lambda line: None)
+    assert ran == POINTS[:2]
+    assert [(r.status, r.metrics["loss"]) for r in results] == [("ok", 0.25), ("ok", 0.25), ("ok", 1.0)]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and str(empty) in warned[0] and str(workdir / POINTS[1]) in warned[1], warned

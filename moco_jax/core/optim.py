@@ -43,14 +43,23 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
+def _ndim(leaf) -> int:
+    """The rank of a parameter; 0 for a leaf that is no array (optax.MaskedNode)."""
+    return getattr(leaf, "ndim", 0)
+
+
 def weight_decay_mask(params, mode: str):
     """Which parameters get weight decay. `all` is the reference (every
-    parameter, BN scale/bias included); `no_bn_bias` exempts 1-D parameters."""
+    parameter, BN scale/bias included); `no_bn_bias` exempts 1-D parameters.
+
+    Leaves without a shape (the `optax.MaskedNode`s that `optax.multi_transform`
+    puts in place of the parameters another transform owns, e.g. the frozen
+    ViT patch projection) are not decayed."""
     if mode == "all":
         return jax.tree.map(lambda _: True, params)
     if mode == "no_bn_bias":
         flat = traverse_util.flatten_dict(params)
-        return traverse_util.unflatten_dict({k: v.ndim > 1 for k, v in flat.items()})
+        return traverse_util.unflatten_dict({k: _ndim(v) > 1 for k, v in flat.items()})
     raise ConfigError(f"weight_decay_mask={mode!r} must be one of {', '.join(map(repr, WEIGHT_DECAY_MASKS))}")
 
 
@@ -67,11 +76,12 @@ def conv_grad_scales(params, mode: str):
     with the kernel's gradient times c^2 and the decay unchanged: the same
     run, seen at another scale (BN's eps aside). The study of issue 16 uses it
     to ask whether the init's lead is only that larger effective learning rate.
+    Leaves that are no array (optax.MaskedNode) get 1.
     """
     if mode == "none":
         return jax.tree.map(lambda _: 1.0, params)
     if mode == "pytorch_init":
-        return jax.tree.map(lambda p: 6.0 * p.shape[2] / p.shape[3] if p.ndim == 4 else 1.0, params)
+        return jax.tree.map(lambda p: 6.0 * p.shape[2] / p.shape[3] if _ndim(p) == 4 else 1.0, params)
     raise ConfigError(f"conv_grad_scale={mode!r} must be one of {', '.join(map(repr, CONV_GRAD_SCALES))}")
 
 

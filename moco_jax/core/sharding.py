@@ -109,3 +109,14 @@ def gather_sharded(x: jax.Array) -> np.ndarray:
 
         x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return x.reshape((-1,) + x.shape[2:])
+
+
+def any_process_each(flags: Sequence[bool]) -> list[bool]:
+    """For each flag, whether it holds on any process (all processes call
+    this together, with as many flags); one process: `flags` as they are."""
+    if jax.process_count() == 1:
+        return [bool(f) for f in flags]
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.bool_)))
+    return [bool(f) for f in gathered.reshape(-1, len(flags)).any(axis=0)]

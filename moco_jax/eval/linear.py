@@ -48,6 +48,7 @@ from moco_jax.eval import knn
 from moco_jax.eval.embed import Encoder, load
 from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
+from moco_jax.io.saver import CheckpointWriter
 
 # Fields whose change makes a classifier checkpoint unusable: another encoder
 # (feature width) or another dataset (number of classes).
@@ -218,7 +219,7 @@ def _run_full(config, encoder, dataset, workdir, fresh_start) -> dict[str, Any]:
     if workdir:
         newest = checkpoint.restore_newest(workdir, state, config, CHECKPOINT_FIELDS, fresh_start)
         state = newest[0] if newest else state
-    manager = checkpoint.make_manager(workdir) if workdir else None
+    saver = CheckpointWriter(workdir) if workdir else None
     start = int(state.step)
     backbone, mean, std = encoder.backbone, encoder.mean, encoder.std
     recipe = train_recipe(config.crop_size, config.train_crop_scale, mean, std)
@@ -239,10 +240,10 @@ def _run_full(config, encoder, dataset, workdir, fresh_start) -> dict[str, Any]:
             logging.info("linear step %d: %s", step, summary)
             history.append({"step": step, **summary})
             pending, t0 = [], time.perf_counter()
-        if manager is not None and is_due(step, checkpoint_every, total):
-            checkpoint.save(manager, sharding.unreplicate(p_state), config)
-    if manager is not None:
-        checkpoint.finish(manager)
+        if saver is not None and is_due(step, checkpoint_every, total):
+            saver.save(sharding.unreplicate(p_state), config)
+    if saver is not None:
+        saver.finish()
     state = sharding.unreplicate(p_state)
     p_logits = make_full_logits_fn(backbone, state.apply_fn, config.crop_size, config.eval_crop_fraction, mean, std)
     p_params = sharding.replicate(state.params)

@@ -38,13 +38,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import glob
-import hashlib
 import json
 import logging as logging_lib
 import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -53,11 +53,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import serialization, traverse_util
+from flax import serialization
 
 from moco_jax.core.config import flatten_dotted
 from moco_jax.core.errors import ConfigError, NotFoundError, PathError, WorkdirError
 from moco_jax.core.state import MoCoState
+from moco_jax.io import digests, storage
+from moco_jax.io.digests import DamagedCheckpointError
 
 # Config fields that fix the shapes of the saved arrays: a checkpoint written
 # with other values cannot be restored into this model. (model.dtype, sync_bn
@@ -72,7 +74,7 @@ FIELD_DEFAULTS = {"method": "moco_v2", "model.arch": "resnet", "model.vit": "sma
 HISTORY_NAME = "checkpoint_history.json"  # in the workdir: checkpoints have been written here
 SET_ASIDE = ".corrupt"  # suffix of a damaged checkpoint's directory
 REPLACED_PREFIX = "replaced-"  # a fresh start moves the earlier run's files to <workdir>/replaced-<time>/
-FORMAT = 2  # meta["format"]: 2 = with checksums
+FORMAT = digests.FORMAT  # meta["format"] (io/digests.py)
 
 
 class CheckpointMismatchError(ConfigError):
@@ -81,21 +83,28 @@ class CheckpointMismatchError(ConfigError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(os.path.realpath(workdir), "checkpoints")
 
 
 def check_writable(workdir: str) -> None:
-    """Fail at start-up, not at the first save, if `workdir` is unusable."""
+    """Fail at start-up, not at the first save, if `workdir` or its
+    checkpoint folder (which may be a link to other storage) is unusable:
+    not writable, or a path orbax cannot write or read back
+    (`storage.check_checkpoint_path`)."""
+    directory = checkpoint_dir(workdir)
     try:
-        os.makedirs(checkpoint_dir(workdir), exist_ok=True)
-        # Unique per launch: two launches racing for one workdir (the lock
-        # decides which trains) must not delete each other's probe.
-        probe = os.path.join(workdir, f".write_probe_{socket.gethostname()}_{os.getpid()}_{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        os.makedirs(directory, exist_ok=True)
+        for folder in (workdir, directory):
+            # Unique per launch: two launches racing for one workdir (the lock
+            # decides which trains) must not delete each other's probe.
+            probe = os.path.join(folder, f".write_probe_{socket.gethostname()}_{os.getpid()}_{jax.process_index()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
     except OSError as e:
-        raise PathError(f"workdir {workdir!r} is not writable ({e}); pass a --workdir this process can write to") from e
+        raise PathError(f"workdir {workdir!r} is not writable ({storage.storage_cause(e)}: {e}); pass a --workdir "
+                        "this process can write to") from e
+    storage.check_checkpoint_path(directory)
 
 
 def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -150,13 +159,13 @@ def reshard_queue(
 def save(manager: ocp.CheckpointManager, host_state: Any, config, **meta) -> None:
     """Start an asynchronous save of a host state (a flax struct, e.g. from
     `state.from_devices`), with the config, its step, `meta` and the
-    checksums of both as JSON. Waits for the previous save first."""
+    checksums of both as JSON. Waits for the previous save first.
+    (`CheckpointWriter` adds the check of each save once it is written.)"""
     manager.wait_until_finished()
     note_written(manager)
     step = int(host_state.step)
     state_dict = jax.tree.map(np.asarray, serialization.to_state_dict(host_state))
-    meta = _json_roundtrip({"config": config.to_dict(), "step": step, "format": FORMAT, **meta})
-    meta["checksums"] = {"meta": _meta_digest(meta), "state": array_digests(state_dict)}
+    meta = digests.with_checksums(_json_roundtrip({"config": config.to_dict(), "step": step, **meta}), state_dict)
     manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)),
@@ -173,60 +182,10 @@ def finish(manager: ocp.CheckpointManager) -> None:
         manager.close()
 
 
-# ---------------------------------------------------------------------------
-# Checksums.
-# ---------------------------------------------------------------------------
 def _json_roundtrip(tree: dict) -> dict:
     """`tree` as it reads back from JSON (tuples become lists), so that its
     digest is the same before the save and after the restore."""
     return json.loads(json.dumps(tree))
-
-
-def _meta_digest(meta: dict) -> str:
-    body = {k: v for k, v in meta.items() if k != "checksums"}
-    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
-
-
-def _flat_arrays(tree: Any) -> dict[str, np.ndarray]:
-    flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {"": tree}
-    return {path: np.asarray(leaf) for path, leaf in flat.items()}
-
-
-def array_digests(tree: Any) -> dict[str, str]:
-    """{"params/encoder/...": BLAKE2b of (dtype, shape, bytes)} for every
-    array of a (nested dict) state."""
-    digests = {}
-    for path, array in sorted(_flat_arrays(tree).items()):
-        h = hashlib.blake2b(f"{array.dtype.str}{array.shape}".encode(), digest_size=16)
-        h.update(np.ascontiguousarray(array).data)
-        digests[path] = h.hexdigest()
-    return digests
-
-
-class DamagedCheckpointError(Exception):
-    """A finished checkpoint whose files do not give back what was saved."""
-
-
-def verify_meta(meta: Any) -> dict:
-    """`meta` if its checksum matches, else DamagedCheckpointError."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("checksums"), dict):
-        raise DamagedCheckpointError("it has no checksums (written by an older moco_jax, or its metadata was altered)")
-    if meta["checksums"].get("meta") != _meta_digest(meta):
-        raise DamagedCheckpointError("its metadata does not match its checksum")
-    return meta
-
-
-def verify_arrays(restored: Any, meta: dict) -> None:
-    """DamagedCheckpointError unless every array read back has the checksum
-    it was saved with, and all are finite."""
-    expected, found = meta["checksums"]["state"], array_digests(restored)
-    bad = sorted(p for p in expected.keys() | found.keys() if expected.get(p) != found.get(p))
-    if bad:
-        raise DamagedCheckpointError(f"{len(bad)} of {len(expected)} arrays differ from their checksums "
-                                     f"(first: {bad[0]})")
-    for path, array in _flat_arrays(restored).items():
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            raise DamagedCheckpointError(f"it holds non-finite values (in {path})")
 
 
 def _reason(error: Exception) -> str:
@@ -261,7 +220,7 @@ def _drop_closed_loop_noise(previous):
 
 
 @contextlib.contextmanager
-def _orbax_quiet():
+def quiet_orbax():
     # On the logger, not a handler: every handler (a console, a log file,
     # pytest's capture) then misses them alike.
     handler, quiet = logging_lib.getLogger("absl"), _OrbaxSilenced()
@@ -369,48 +328,83 @@ def read_verified(manager: ocp.CheckpointManager, step: int, config=None,
     checksums (DamagedCheckpointError if it fails). With `config`, it must
     agree on `fields` (CheckpointMismatchError).
 
-    The arrays are read as saved, without a target to cast them to (a fresh
-    state's Python-int step would make the step int64), so that the checksums
-    compare exactly what was written."""
+    The arrays are read as saved, into host memory, without a target to cast
+    them to (a fresh state's Python-int step would make the step int64), so
+    that the checksums compare exactly what was written."""
     try:
-        with _orbax_quiet():
+        with quiet_orbax():
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - whatever orbax raises, the checkpoint is unusable
         raise DamagedCheckpointError(f"its metadata cannot be read: {_reason(e)}") from None
-    verify_meta(meta)
+    digests.verify_meta(meta)
     if config is not None:
         check_compatible(meta["config"], config, fields)
     try:
-        with _orbax_quiet():
+        with quiet_orbax():
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     except Exception as e:  # noqa: BLE001
         raise DamagedCheckpointError(f"its arrays cannot be read: {_reason(e)}") from None
     restored = jax.tree.map(np.asarray, restored)
-    verify_arrays(restored, meta)
+    ignored = digests.verify_arrays(restored, meta)
+    if ignored:
+        logging.warning("checkpoint %d in %s was written by moco_jax 0.2, whose checksums of the absent %s are not "
+                        "the same in every process: they are ignored (every array is verified)", step,
+                        os.path.dirname(str(manager.directory)), " and ".join(ignored))
     return restored, meta
 
 
+def _data_shapes(tree: Any) -> dict[str, tuple]:
+    return {p: np.shape(v) for p, v in digests.flat_leaves(tree).items() if not digests.has_no_data(v)}
+
+
+def fit_differences(template: Any, restored: dict) -> list[str]:
+    """How a verified checkpoint's arrays differ from those of `template`
+    (a state of the current config): arrays only one of them has, or of
+    another shape. [] when it fits."""
+    want, got = _data_shapes(serialization.to_state_dict(template)), _data_shapes(restored)
+    extra, missing = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
+    reshaped = sorted(p for p in want.keys() & got.keys() if want[p] != got[p])
+    return ([f"{len(extra)} arrays only in the checkpoint (first: {extra[0]})"] if extra else []) + (
+        [f"{len(missing)} arrays it lacks (first: {missing[0]})"] if missing else []) + (
+        [f"{len(reshaped)} arrays of another shape (first: {reshaped[0]}, {got[reshaped[0]]} in the checkpoint, "
+         f"{want[reshaped[0]]} now)"] if reshaped else [])
+
+
+def _fit(template: Any, restored: dict, meta: dict, config, where: str) -> Any:
+    """`restored` as a state like `template`, or CheckpointMismatchError
+    (nothing is moved: the checkpoint is intact, the config is not its)."""
+    differences = fit_differences(template, restored)
+    if not differences:
+        try:
+            return serialization.from_state_dict(template, restored)
+        except (KeyError, ValueError, TypeError) as e:
+            differences = [_reason(e)]
+    changes = config_changes(meta["config"], config) if config is not None else []
+    changed = ("; config fields changed since it was written: " + "; ".join(changes[:6])
+               + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")) if changes else ""
+    raise CheckpointMismatchError(
+        f"checkpoint {meta['step']} in {where} is intact but does not fit this config's training state "
+        f"({'; '.join(differences)}){changed}. Nothing was moved: relaunch with the config it was written with, "
+        "or use a new --workdir")
+
+
 def _newest_usable(workdir: str, template: Any, config, fields: tuple[str, ...]) -> tuple[Any, dict] | None:
-    """The newest checkpoint that passes `read_verified`, setting aside those that fail."""
+    """The newest checkpoint that passes `read_verified` and fits
+    `template`, setting aside those whose bytes fail verification."""
     manager = make_manager(workdir)
     try:
-        steps = sorted(manager.all_steps(), reverse=True)
-        for step in steps:
+        for step in sorted(manager.all_steps(), reverse=True):
             try:
                 restored, meta = read_verified(manager, step, config, fields)
-                state = serialization.from_state_dict(template, restored)
                 damage = None
             except DamagedCheckpointError as e:
                 damage = str(e)
-            except (KeyError, ValueError) as e:  # arrays fine, structure not this state's
-                if isinstance(e, CheckpointMismatchError):
-                    raise
-                damage = f"its contents do not fit this state: {_reason(e)}"
             if any_process(damage is not None):
                 name = _move_aside(manager, step)
                 logging.warning("checkpoint %d in %s is damaged (%s); set aside as %s, trying the previous one",
                                 step, workdir, damage or "on another process", name)
                 continue
+            state = _fit(template, restored, meta, config, workdir)
             logging.info("resumed from checkpoint %d in %s", step, workdir)
             return state, meta
     finally:
@@ -445,7 +439,7 @@ def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...],
     usable: NoUsableCheckpointError, unless `fresh_start`, which moves the
     remains aside (`start_fresh`) and returns None.
     """
-    with _orbax_quiet():  # the one warning below says what orbax would say at length
+    with quiet_orbax():  # the one warning below says what orbax would say at length
         newest = _newest_usable(workdir, template, config, fields)
     if newest is not None:
         _log_config_changes(newest[1], config)
@@ -460,8 +454,10 @@ def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...],
         return None
     raise NoUsableCheckpointError(
         f"workdir {workdir} has held checkpoints but none is usable now (set aside in "
-        f"{checkpoint_dir(workdir)}: {', '.join(set_aside) or 'none'}); relaunch with --fresh_start to start "
-        "again from step 0 (the earlier files are kept in a replaced-<time>/ folder), or use another --workdir"
+        f"{checkpoint_dir(workdir)}: {', '.join(set_aside) or 'none'}); if that was a false alarm, "
+        f"`python -m moco_jax.checkpoints --workdir {workdir} --bring_back` returns those that verify now; relaunch "
+        "with --fresh_start to start again from step 0 (the earlier files are kept in a replaced-<time>/ folder), "
+        "or use another --workdir"
     )
 
 
@@ -470,10 +466,10 @@ def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...],
 _RUN_FILES = ("metrics.jsonl", "final_metrics.json", "events.out.tfevents.*")
 
 
-def restore_latest(workdir: str, template: MoCoState, config, num_shards: int,
-                   fresh_start: bool = False, data_pipeline: str = "") -> MoCoState | None:
-    """The newest usable pretraining checkpoint in `workdir` as a host
-    state, or None (see `restore_newest`). The queue is re-laid out for
+def resume(workdir: str, template: MoCoState, config, num_shards: int, fresh_start: bool = False,
+           data_pipeline: str = "") -> tuple[MoCoState, dict] | None:
+    """The newest usable pretraining checkpoint in `workdir` as (host state,
+    meta), or None (see `restore_newest`). The queue is re-laid out for
     `num_shards` devices and this config's batch if it was written with others.
     `data_pipeline` (what reads the images now, e.g. 'grain') is compared with
     the one that wrote the checkpoint: a change is logged, since it changes
@@ -490,12 +486,19 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int,
             "also its images, so within this epoch some may repeat or be left out); --config.data_loader keeps one",
             meta["step"], saved_pipeline, data_pipeline)
     if restored.queue is None:  # MoCo v3: nothing depends on the device count
-        return restored
+        return restored, meta
     queue, ptr = reshard_queue(
         np.asarray(restored.queue), int(restored.queue_ptr), meta["num_queue_shards"], num_shards,
         config.batch_size, meta["config"]["batch_size"],
     )
-    return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32))
+    return restored.replace(queue=queue, queue_ptr=np.asarray(ptr, np.int32)), meta
+
+
+def restore_latest(workdir: str, template: MoCoState, config, num_shards: int,
+                   fresh_start: bool = False, data_pipeline: str = "") -> MoCoState | None:
+    """The state of `resume`, or None."""
+    resumed = resume(workdir, template, config, num_shards, fresh_start, data_pipeline)
+    return resumed[0] if resumed else None
 
 
 def load_encoder_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -523,3 +526,64 @@ def load_encoder_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dic
     finally:
         manager.close()
     raise NotFoundError(f"no usable checkpoint in {directory}")
+
+
+# ---------------------------------------------------------------------------
+# Inspecting a workdir, and bringing back checkpoints set aside by mistake.
+# ---------------------------------------------------------------------------
+def _step_of(name: str) -> int | None:
+    step = name.split(SET_ASIDE)[0]
+    return int(step) if step.isdigit() else None
+
+
+def _verdict(directory: str, step: int) -> str:
+    """"ok" or why checkpoint `step` in `directory` does not verify (reads only)."""
+    with quiet_orbax():
+        manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        with quiet_orbax():
+            read_verified(manager, step)
+        return "ok"
+    except DamagedCheckpointError as e:
+        return f"damaged: {e}"
+    finally:
+        manager.close()
+
+
+def inspect(workdir: str) -> list[tuple[str, str]]:
+    """(folder name, verdict) of every checkpoint in `workdir`, set-aside
+    ones included, newest first; reads only."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise NotFoundError(f"{workdir} has no checkpoints/ folder: not a pretraining or linear-probe workdir")
+    names = sorted((n for n in os.listdir(directory) if _step_of(n) is not None), key=lambda n: (-_step_of(n), n))
+    rows = []
+    for name in names:
+        if name.isdigit():
+            rows.append((name, _verdict(directory, int(name))))
+            continue
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".inspect-") as view:  # a step folder orbax can list
+            os.symlink(os.path.join(directory, name), os.path.join(view, str(_step_of(name))))
+            rows.append((name, "set aside; " + _verdict(view, _step_of(name))))
+    return rows
+
+
+def bring_back(workdir: str) -> list[tuple[str, str]]:
+    """Return every set-aside checkpoint of `workdir` that verifies now to its
+    step folder (a false alarm: a disk that was briefly unreadable, or an older
+    moco_jax's verdict); leave the others. The caller holds the workdir's lock.
+    Returns (folder name, what happened) for each set-aside folder."""
+    directory, done = checkpoint_dir(workdir), []
+    for name, verdict in inspect(workdir):
+        if name.isdigit():
+            continue
+        step = str(_step_of(name))
+        if not verdict.endswith("; ok"):
+            done.append((name, f"left as it is ({verdict.split('; ', 1)[1]})"))
+        elif os.path.exists(os.path.join(directory, step)):
+            done.append((name, f"verifies, but checkpoint {step} exists: left as it is"))
+        else:
+            os.replace(os.path.join(directory, name), os.path.join(directory, step))
+            done.append((name, f"verifies: brought back as checkpoint {step}"))
+    return done

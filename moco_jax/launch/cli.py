@@ -13,6 +13,10 @@
   with status 2 (flags) or 1 (everything else);
 * the traceback is shown only with `--verbose` or MOCO_JAX_VERBOSE=1, for a
   bug report;
+* a StorageError (a checkpoint that failed to write) exits without waiting
+  for orbax's background threads, which may hang on the failed save;
+* Ctrl-C (KeyboardInterrupt) in a program that does not handle it is one
+  line too, exit status 130;
 * any other exception is a bug and keeps its traceback.
 """
 
@@ -22,6 +26,7 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from absl import app, flags
@@ -30,7 +35,7 @@ from moco_jax.core.config import flatten_dotted, no_such_field
 from moco_jax.core.errors import UserError
 
 ENV_VERBOSE = "MOCO_JAX_VERBOSE"
-EXIT_ERROR, EXIT_USAGE = 1, 2
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def verbose(argv: Sequence[str] | None = None) -> bool:
@@ -87,11 +92,29 @@ def _reporting(main):
                 raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
             return main(argv)
         except (UserError, OSError, app.UsageError) as e:  # OSError: a path the program cannot read or write
+            if getattr(e, "abandon_threads", False):
+                _exit_abandoning_threads(e)
             if verbose():
                 raise
             fail(_error_message(e), EXIT_USAGE if isinstance(e, app.UsageError) else EXIT_ERROR)
+        except KeyboardInterrupt as e:  # Ctrl-C in a program without handlers of its own
+            if verbose():
+                raise
+            fail(one_line(e) or "interrupted by SIGINT", EXIT_INTERRUPTED)
 
     return wrapped
+
+
+def _exit_abandoning_threads(error: BaseException) -> None:
+    """Report `error` and exit now, without joining background threads: after
+    a failed checkpoint write orbax's threads can wait minutes for a save that
+    will never finish. (The workdir lock was released on the way here.)"""
+    if verbose():
+        traceback.print_exception(error)
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {_error_message(error)}\n")
+    sys.stderr.flush()
+    os._exit(EXIT_ERROR)
 
 
 def _error_message(error: BaseException) -> str:

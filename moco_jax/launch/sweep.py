@@ -22,9 +22,10 @@ After every point, `<workdir>/sweep_results.csv` and `sweep_results.md`
 tabulate the final metrics of all points (from each point's
 `final_metrics.json`) with a status: `ok`, `failed (exit N)` with the log's
 path, or `not run`. A point whose `final_metrics.json` exists is finished
-and skipped when the sweep is run again; failed points are retried (with
-checkpointing, a preempted point resumes where it stopped). The exit code is
-1 if any point failed.
+and skipped when the sweep is run again (an empty or cut-short one, e.g.
+from a full disk, is warned about and counts as not finished); failed
+points are retried (with checkpointing, a preempted point resumes where it
+stopped). The exit code is 1 if any point failed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from absl import logging
 
 from moco_jax.core.config import (
     PRETRAINING_RULES,
@@ -206,11 +209,22 @@ def train_command(config_path: str, point_workdir: Path, overrides: Mapping[str,
 # Running points and collecting results.
 # ---------------------------------------------------------------------------
 def read_final_metrics(point_workdir: Path) -> dict[str, Any] | None:
+    """The point's `final_metrics.json`, or None where it is not finished: no
+    such file, or one that cannot be read as a JSON object (empty or cut
+    short, e.g. by a full disk; one warning naming it)."""
     path = point_workdir / FINAL_METRICS
     if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            final = json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        logging.warning("%s is unreadable (%s: %s); the point counts as not finished", path, type(e).__name__, e)
+        return None
+    if not isinstance(final, dict):
+        logging.warning("%s holds no JSON object; the point counts as not finished", path)
+        return None
+    return final
 
 
 def run_point(command: Sequence[str], point_workdir: Path) -> int:

@@ -69,9 +69,7 @@ def _wandb_run_id(workdir: str, new_id) -> str:
         if run_id:
             return run_id
     run_id = new_id()
-    with open(path + ".tmp", "w") as f:
-        f.write(run_id + "\n")
-    os.replace(path + ".tmp", path)  # never a half-written id for the next launch
+    _write_atomic(path, lambda f: f.write(run_id + "\n"))  # never a half-written id for the next launch
     return run_id
 
 
@@ -103,7 +101,10 @@ class MetricWriter:
             return
         if workdir:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a")
+            path = os.path.join(workdir, JSONL_NAME)
+            if os.path.exists(path):
+                _repair_torn_tail(path)
+            self._jsonl = open(path, "a")
             self._tensorboard = _tensorboard_writer(workdir)
         self._wandb = wandb_run(workdir, config)
 
@@ -149,24 +150,113 @@ def weight_norms(params: Mapping[str, Any]) -> dict[str, float]:
     return {f"weight_norm/{group}": math.sqrt(total) for group, total in sums.items()}
 
 
+def _decodes(line: str | bytes) -> bool:
+    """Whether `line` is one whole JSON value."""
+    try:
+        json.loads(line)
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
+        return False
+    return True
+
+
+def _torn_tail_start(f) -> int | None:
+    """Where the last line of the binary file `f` starts if no newline ends
+    it (a write cut short); None if `f` is empty or ends with a newline."""
+    pos = f.seek(0, os.SEEK_END)
+    if pos == 0:
+        return None
+    f.seek(pos - 1)
+    if f.read(1) == b"\n":
+        return None
+    while pos > 0:
+        start = max(0, pos - 4096)
+        f.seek(start)
+        newline = f.read(pos - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        pos = start
+    return 0
+
+
+def _repair_torn_tail(path: str) -> None:
+    """End `path` with a newline before appending to it: an unterminated last
+    line that is a whole record gets its newline; a torn one (a run killed
+    mid-write) is cut off, so the next record starts on a line of its own."""
+    with open(path, "rb+") as f:
+        start = _torn_tail_start(f)
+        if start is None:
+            return
+        f.seek(start)
+        tail = f.read()
+        if _decodes(tail):
+            f.write(b"\n")
+            return
+        f.truncate(start)
+    logging.warning("%s: dropped its torn last line (%d bytes, a write cut short) before appending", path, len(tail))
+
+
+def _parse_lines(path: str, lines: list[str]) -> list[dict[str, Any]]:
+    """The JSON records of `lines` (of `path`). An undecodable line is skipped
+    with a one-line warning: the last one (a run killed mid-write) or one
+    elsewhere (a torn line later runs appended to). Raises ValueError where
+    several lines and none is JSON (not a metrics log)."""
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records, bad = [], []
+    for n, line in numbered:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # json.JSONDecodeError
+            bad.append(n)
+    if len(bad) > 1 and not records:
+        raise ValueError(f"no line of {path} is JSON")
+    for n in bad:
+        if n == numbered[-1][0]:
+            logging.warning("%s: skipped its torn last line %d (a write cut short)", path, n)
+        else:
+            logging.warning("%s: skipped line %d, which is not JSON (a torn record)", path, n)
+    return records
+
+
 def read_jsonl(workdir: str) -> list[dict[str, Any]]:
     """Every record of `metrics.jsonl`. A resumed run appends; where a step was
     logged twice (a crash after logging, before the next checkpoint) the later
     values win; records of one step (training and kNN metrics) are merged, so
-    the result is one record per step, in step order."""
-    records: dict[int, dict[str, Any]] = {}
+    the result is one record per step, in step order. Torn lines (a run killed
+    mid-write) are skipped with a warning each; raises ValueError if no line
+    of several is JSON (not a metrics log)."""
     path = os.path.join(workdir, JSONL_NAME)
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                record = json.loads(line)
-                records.setdefault(int(record["step"]), {}).update(record)
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    records: dict[int, dict[str, Any]] = {}
+    for record in _parse_lines(path, lines):
+        records.setdefault(int(record["step"]), {}).update(record)
     return [records[s] for s in sorted(records)]
 
 
+def _write_atomic(path: str, write) -> None:
+    """Call `write(f)` on a new file next to `path`, flush it to disk, then
+    rename it over `path`: a reader (or a full disk, or a kill) leaves either
+    the old file or the whole new one, never a partial one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """`obj` as indented JSON in `path`, replaced atomically (`_write_atomic`)."""
+    _write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
+
+
 def write_final(workdir: str | None, final: Mapping[str, Any]) -> None:
-    """`final_metrics.json`: the run's end result, for sweeps and scripts."""
+    """`final_metrics.json`: the run's end result, for sweeps and scripts;
+    written atomically, so that it exists only whole."""
     if workdir and jax.process_index() == 0:
-        with open(os.path.join(workdir, FINAL_NAME), "w") as f:
-            json.dump(dict(final), f, indent=2, sort_keys=True)
+        write_json_atomic(os.path.join(workdir, FINAL_NAME), dict(final))

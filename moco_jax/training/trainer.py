@@ -4,7 +4,9 @@ checkpoints; one run per workdir (io/lock.py), and a clean stop on SIGTERM
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -21,6 +23,8 @@ from moco_jax.data.feed import prefetch_to_device
 from moco_jax.eval import embed, knn
 from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
+from moco_jax.io.saver import CheckpointWriter
+from moco_jax.io.storage import StorageError
 from moco_jax.training import metrics, preemption
 
 
@@ -114,73 +118,109 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
 
     The run holds the workdir's lock (`take_over`: also from a run that looks
     alive). `fresh_start` allows starting at step 0 in a workdir whose
-    checkpoints are all unusable (see io/checkpoint.py).
+    checkpoints are all unusable (see io/checkpoint.py). SIGTERM and SIGINT
+    are handled from here to the end (training/preemption.py): during
+    start-up they raise `preemption.Interrupted` (the lock released).
 
     Returns a dict with `knn_random` / `knn_trained` (backbone and projection
     accuracies before and after training), `history` (the metrics logged by
-    this run), the final host `state`, and `preempted` (the step at which a
-    SIGTERM stopped the run after saving, else 0; then there is no
-    `knn_trained`).
+    this run), the final host `state`, `preempted` (the step after which a
+    signal stopped the run, its checkpoint saved, else 0; then there is no
+    `knn_trained`), `signal` (its number) and `phase` ("training", or "final
+    evaluation" when it came after the last step).
     """
     num_devices = jax.device_count()
     validate_config(config, num_devices)
     config = resolve_for_devices(config, num_devices)
-    if workdir:
-        checkpoint.check_writable(workdir)
-    with workdir_lock.holding(workdir, take_over) as lock:
-        return _train(config, workdir, show_progress, fresh_start, lock)
+    with preemption.RunSignals(multi_process=jax.process_count() > 1) as signals, contextlib.ExitStack() as held:
+        if workdir:
+            checkpoint.check_writable(workdir)
+        with signals.phase("start-up (taking the workdir's lock)", interruptible=False):  # never half-taken
+            lock = held.enter_context(workdir_lock.holding(workdir, take_over))
+        return _train(config, workdir, show_progress, fresh_start, lock, signals)
 
 
-def _train(config, workdir, show_progress, fresh_start, lock) -> dict[str, Any]:
+def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[str, Any]:
     num_devices = jax.device_count()
-    source = data.open_source(config)
-    knn_fn = knn_monitor(config, knn.monitor_dataset(source, config))  # un-augmented bank and queries
-    source = source.with_train_subset(config.train_subset, config.seed)
-    steps_per_epoch = data.steps_per_epoch(source.num_train_examples, config.batch_size)
-    total = total_steps(config, steps_per_epoch)
-    if total <= 0:
-        raise ConfigError(f"num_epochs={config.num_epochs} is less than half an epoch of {steps_per_epoch} steps: "
-                          "no step to train; raise num_epochs or set num_train_steps")
-    logging.info(
-        "%s: %d train images, %d steps/epoch, %d steps, %d devices, global batch %d, BN groups: %d devices x "
-        "%d splits of %d images", config.dataset, source.num_train_examples, steps_per_epoch, total, num_devices,
-        config.batch_size, num_devices, config.bn_splits, config.batch_size // num_devices // config.bn_splits,
-    )
+    with signals.phase("start-up", interruptible=True):
+        source = data.open_source(config)
+        knn_fn = knn_monitor(config, knn.monitor_dataset(source, config))  # un-augmented bank and queries
+        source = source.with_train_subset(config.train_subset, config.seed)
+        steps_per_epoch = data.steps_per_epoch(source.num_train_examples, config.batch_size)
+        total = total_steps(config, steps_per_epoch)
+        if total <= 0:
+            raise ConfigError(f"num_epochs={config.num_epochs} is less than half an epoch of {steps_per_epoch} "
+                              "steps: no step to train; raise num_epochs or set num_train_steps")
+        logging.info(
+            "%s: %d train images, %d steps/epoch, %d steps, %d devices, global batch %d, BN groups: %d devices x "
+            "%d splits of %d images", config.dataset, source.num_train_examples, steps_per_epoch, total,
+            num_devices, config.batch_size, num_devices, config.bn_splits,
+            config.batch_size // num_devices // config.bn_splits,
+        )
+        encoder = models.build_encoder(config, axis_name=sharding.AXIS)
+        tx, lr_schedule = optim.make_optimizer(config, steps_per_epoch)
+        image_shape = (config.crop_size, config.crop_size, 3)
+        state = state_lib.create_train_state(
+            jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
+        )
+        resumed = (checkpoint.resume(workdir, state, config, num_devices, fresh_start, source.loader)
+                   if workdir else None)
+        if resumed:
+            warn_on_schedule_changes(resumed[1], config, source.num_train_examples, lr_schedule)
+        knn_random = knn_fn(_encoder_variables(state))  # after the restore: a refused workdir fails at once
+        state = resumed[0] if resumed else state
+        start_step = int(state.step)
+        p_state = state_lib.to_devices(state)
+        del state  # its buffers now live on the devices
+        host_batches = pretrain_batches(source, config, start_step)
 
-    encoder = models.build_encoder(config, axis_name=sharding.AXIS)
-    tx, lr_schedule = optim.make_optimizer(config, steps_per_epoch)
-    image_shape = (config.crop_size, config.crop_size, 3)
-    state = state_lib.create_train_state(
-        jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
-    )
-    restored = (checkpoint.restore_latest(workdir, state, config, num_devices, fresh_start, source.loader)
-                if workdir else None)
-    knn_random = knn_fn(_encoder_variables(state))  # after the restore: a refused workdir fails at once
-    state = restored or state
-    start_step = int(state.step)
-
-    p_state = state_lib.to_devices(state)
-    del state  # its buffers now live on the devices
-    host_batches = pretrain_batches(source, config, start_step)
-    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, source.loader)
+    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, source.loader,
+                     source.num_train_examples)
     try:
-        p_state, history = loop.run(make_train_step(config, source.host_cropped, total), p_state,
-                                    prefetch_to_device(host_batches), start_step, show_progress,
-                                    knn_fn=lambda s: knn_fn(_encoder_variables(s)))
+        with signals.phase("training", interruptible=False):
+            p_state, history = loop.run(make_train_step(config, source.host_cropped, total), p_state,
+                                        prefetch_to_device(host_batches), start_step, show_progress,
+                                        knn_fn=lambda s: knn_fn(_encoder_variables(s)), signals=signals)
     finally:
         if hasattr(host_batches, "close"):
             host_batches.close()  # stops grain's worker processes now, not at exit
 
     state = state_lib.from_devices(p_state)
+    stopped = {"knn_random": knn_random, "history": history, "state": state, "signal": signals.received}
     if loop.preempted_at:
-        return {"knn_random": knn_random, "history": history, "state": state, "preempted": loop.preempted_at}
-    knn_trained = knn_fn(_encoder_variables(state))
+        return {**stopped, "preempted": loop.preempted_at, "phase": "training"}
+    try:
+        with signals.phase("final evaluation", interruptible=True):
+            knn_trained = knn_fn(_encoder_variables(state))
+    except preemption.Interrupted as e:
+        if isinstance(e, preemption.Aborted):
+            raise
+        return {**stopped, "signal": e.signum, "preempted": int(state.step), "phase": "final evaluation"}
     final = {"step": int(state.step), **{f"knn_{k}": v for k, v in knn_trained.items()},
              **{f"knn_random_{k}": v for k, v in knn_random.items()}}
     final.update(_last_training_metrics(history, workdir))
     metrics.write_final(workdir, final)
     return {"knn_random": knn_random, "knn_trained": knn_trained, "history": history, "state": state,
-            "preempted": 0}
+            "preempted": 0, "signal": None, "phase": ""}
+
+
+def warn_on_schedule_changes(meta: dict, config, num_train_examples: int, lr_schedule) -> None:
+    """Warn when the resumed run's schedule differs from the one that wrote
+    checkpoint `meta["step"]`: another number of training images (the epoch
+    length changes), or another learning rate at the resume step (a longer
+    `num_train_steps` / `num_epochs` stretches the decay)."""
+    step, saved_examples = meta["step"], meta.get("num_train_examples")
+    if saved_examples and saved_examples != num_train_examples:
+        logging.warning(
+            "checkpoint %d was written with %d training images and there are %d now: an epoch is now %d steps "
+            "(was %d), so the epoch-based schedule, logging and checkpoints shift from here on", step,
+            saved_examples, num_train_examples, data.steps_per_epoch(num_train_examples, config.batch_size),
+            data.steps_per_epoch(saved_examples, meta["config"]["batch_size"]))
+    before, now = meta.get("learning_rate"), float(lr_schedule(step))
+    if before is not None and not np.isclose(before, now, rtol=1e-5, atol=0.0):
+        logging.warning(
+            "the learning rate of step %d, the first after checkpoint %d, changes from %.6g (the schedule of the "
+            "run that wrote it) to %.6g (this config's)", step + 1, step, before, now)
 
 
 def _last_training_metrics(history: list[dict], workdir: str | None) -> dict[str, float]:
@@ -202,79 +242,103 @@ class TrainLoop:
     """Steps, logging, the kNN monitor and checkpoints of one run."""
 
     def __init__(self, config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices, lock=None,
-                 pipeline=""):
+                 pipeline="", num_train_examples=0):
         self.config, self.workdir, self.total_steps = config, workdir, total_steps
         self.steps_per_epoch, self.lr_schedule, self.num_devices = steps_per_epoch, lr_schedule, num_devices
         self.lock = lock  # process 0's WorkdirLock (None elsewhere, and without a workdir)
         self.pipeline = pipeline  # what reads the images (`Source.loader`), saved with each checkpoint
-        self.preempted_at = 0  # the step a SIGTERM stopped the run at (after saving it)
+        self.num_train_examples = num_train_examples  # saved too: a resume warns when it changed
+        self.preempted_at = 0  # the step a signal stopped the run at (after saving it)
 
-    def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn):
-        """Steps start_step+1 .. total_steps, or until a SIGTERM; returns (p_state, logged history)."""
+    def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn, signals=None):
+        """Steps start_step+1 .. total_steps, or until a signal; returns (p_state, logged history)."""
         config, last, spe = self.config, self.total_steps, self.steps_per_epoch
+        signals = signals or preemption.RunSignals(jax.process_count() > 1)
         log_every, knn_every = steps(config, "log_every", spe), steps(config, "knn_every", spe)
         checkpoint_every = steps(config, "checkpoint_every", spe)
         writer = metrics.MetricWriter(self.workdir, config)
-        manager = checkpoint.make_manager(self.workdir, config.checkpoints_to_keep) if self.workdir else None
+        saver = CheckpointWriter(self.workdir, config.checkpoints_to_keep) if self.workdir else None
         history, pending = [], []
         if start_step == 0:
             writer.write(0, metrics.weight_norms(state_lib.from_devices(p_state).params))
         last_time, last_step = time.perf_counter(), start_step
         try:
-            with preemption.PreemptionWatch() as watch:
-                for step in progress(range(start_step + 1, last + 1), last,
-                                     show_progress and jax.process_index() == 0):
-                    p_state, step_metrics = p_train_step(p_state, next(batches))
-                    pending.append(step_metrics)
-                    logged = is_due(step, log_every, last)
-                    if logged:
-                        summary = summarize(pending, step, start_step)
-                        now = time.perf_counter()
-                        summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
-                        writer.write(step, summary)
-                        history.append({"step": step, **summary})
-                        pending, last_time, last_step = [], now, step
-                    if is_due(step, knn_every, last):
-                        host_state = state_lib.from_devices(p_state)
-                        monitored = metrics.weight_norms(host_state.params)
-                        if step != last:  # the last kNN is train_and_evaluate's
-                            monitored.update({f"knn_{k}": v for k, v in knn_fn(host_state).items()})
-                        writer.write(step, monitored)
-                        last_time = time.perf_counter()  # the monitor's time is not training time
-                    stop = watch.should_stop(step)
-                    save = manager is not None and (is_due(step, checkpoint_every, last) or stop)
-                    self._check_lock(every_step=logged or save)
-                    if save:
-                        assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step, start_step)
-                        checkpoint.save(manager, state_lib.from_devices(p_state), config,
-                                        num_queue_shards=self.num_devices, data_pipeline=self.pipeline)
-                        last_time = time.perf_counter()
-                    if stop:
-                        self.preempted_at = step
-                        logging.warning("%s at step %d: %s", watch.signal_name, step,
-                                        f"saving checkpoint {step}" if manager else "no --workdir, nothing saved")
-                        break
+            for step in progress(range(start_step + 1, last + 1), last, show_progress and jax.process_index() == 0):
+                p_state, step_metrics = p_train_step(p_state, next(batches))
+                pending.append(step_metrics)
+                logged = is_due(step, log_every, last)
+                if logged:
+                    summary = summarize(pending, step, start_step)
+                    now = time.perf_counter()
+                    summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
+                    writer.write(step, summary)
+                    history.append({"step": step, **summary})
+                    pending, last_time, last_step = [], now, step
+                if is_due(step, knn_every, last):
+                    host_state = state_lib.from_devices(p_state)
+                    monitored = metrics.weight_norms(host_state.params)
+                    if step != last:  # the last kNN is train_and_evaluate's
+                        monitored.update({f"knn_{k}": v for k, v in knn_fn(host_state).items()})
+                    writer.write(step, monitored)
+                    last_time = time.perf_counter()  # the monitor's time is not training time
+                stop = self._should_stop(step, signals, agree=logged)
+                save = saver is not None and (is_due(step, checkpoint_every, last) or stop)
+                self._check_health(saver, agree=logged or save)
+                if save:
+                    assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step, start_step)
+                    saver.save(state_lib.from_devices(p_state), config, num_queue_shards=self.num_devices,
+                               data_pipeline=self.pipeline, num_train_examples=self.num_train_examples,
+                               learning_rate=float(self.lr_schedule(step)))
+                    last_time = time.perf_counter()
+                if stop:
+                    self.preempted_at = step
+                    logging.warning("%s at step %d: %s", signals.signal_name, step,
+                                    f"saving checkpoint {step}" if saver else "no --workdir, nothing saved")
+                    break
         finally:
-            if manager:
-                checkpoint.finish(manager)  # a good save in flight is completed, even on an error
-            writer.close()
+            try:
+                if saver:
+                    saver.finish()  # a good save in flight is completed and checked, even on an error
+            finally:
+                writer.close()
         return p_state, history
 
-    def _check_lock(self, every_step: bool) -> None:
-        """Stop without saving if another launch took the workdir over.
-        Process 0's heartbeat finds out; the processes agree at log and
-        checkpoint steps, where they wait for the devices anyway."""
+    def _should_stop(self, step: int, signals: preemption.RunSignals, agree: bool) -> bool:
+        """Whether a signal stops the run after `step`, on every process
+        alike: SIGTERM through JAX's preemption sync point (every step), a
+        SIGINT of any process at log and checkpoint steps."""
+        if signals.should_stop(step):
+            return True
+        if jax.process_count() == 1 or not agree:
+            return False
+        (interrupted,) = sharding.any_process_each([signals.received == signal.SIGINT])
+        if interrupted and signals.received is None:
+            signals.received = signal.SIGINT
+        return interrupted
+
+    def _check_health(self, saver: CheckpointWriter | None, agree: bool) -> None:
+        """Stop if another launch took the workdir over (without saving) or
+        the last checkpoint failed to save or read back. One process: after
+        every step (the lock is re-read at log and checkpoint steps); several:
+        at log and checkpoint steps, where they agree."""
         if not self.workdir:
             return
-        if jax.process_count() == 1:
-            lost = self.lock is not None and (self.lock.lost or (every_step and not self.lock.still_held()))
-        elif every_step:
-            lost = checkpoint.any_process(self.lock is not None and not self.lock.still_held())
-        else:
-            return
+        failure = saver.poll() if saver is not None else None
+        lost = self.lock is not None and (self.lock.lost or (agree and not self.lock.still_held()))
+        if jax.process_count() > 1:
+            if not agree:
+                return
+            lost, failed = sharding.any_process_each([lost, failure is not None])
+            if failed:
+                failure = StorageError(workdir_lock.broadcast_message(str(failure or ""))
+                                       or "a checkpoint failed to save on another process; training stopped")
         if lost:
-            raise WorkdirError(f"another launch took over workdir {self.workdir} (--take_over); this run stopped "
-                               "without saving so as not to write over its checkpoints")
+            holder = getattr(self.lock, "lost_to", None)
+            by = f" ({holder.describe()})" if holder is not None else ""
+            raise WorkdirError(f"another launch{by} took over workdir {self.workdir} (--take_over); this run "
+                               "stopped without saving so as not to write over its checkpoints")
+        if failure is not None:
+            raise failure
 
     def _throughput(self, steps: int, seconds: float) -> dict[str, float]:
         images_per_sec = steps * self.config.batch_size / seconds
