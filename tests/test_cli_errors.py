@@ -80,7 +80,7 @@ def files(tmp_path_factory):
               str(root / "plain.safetensors"))  # no metadata: an imported config, with no dataset
     for name in ("emptydir", "badmetrics", "emptymetrics", "out.msgpack"):
         (root / name).mkdir()
-    (root / "badmetrics" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+    (root / "badmetrics" / "metrics.jsonl").write_text("not json\nnor this\n")  # (a torn last line alone is skipped)
     (root / "emptymetrics" / "metrics.jsonl").write_text("")
     (root / "afile").write_text("not a directory")
     (root / "broken_config.py").write_text("def get_config(:\n")

@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from moco_jax.training import metrics, trainer
-from test_checkpoint import _assert_states_equal, _latest
 from test_workdir_lock import TINY_FLAGS
 from tiny import tiny_config
 
@@ -40,37 +38,9 @@ def _train_py(workdir, num_steps):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path):
-    workdir = tmp_path / "run"
-    proc = _train_py(workdir, num_steps=10_000)  # far more than it will get to train
-    deadline = time.time() + TIMEOUT
-    while not _logged_steps(workdir) or max(_logged_steps(workdir)) < 2:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "training never reached step 2"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, err[-3000:]
-    assert "Traceback" not in err
-    stopped = int(out.strip().splitlines()[-1].split("after step ")[1].split(":")[0])
-    assert out.strip().splitlines()[-1] == (f"stopped by SIGTERM after step {stopped}: checkpoint {stopped} is saved "
-                                            f"in {workdir}; relaunch the same command to resume")
-    assert stopped >= 2 and max(_logged_steps(workdir)) == stopped
-    assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped)]  # no periodic save was due
-    assert not (workdir / "LOCK").exists() and not (workdir / metrics.FINAL_NAME).exists()
-
-    # Relaunched (here in this process, for 2 more steps), it continues from
-    # the saved step, bit for bit like a run that was never interrupted.
-    total = stopped + 2
-    config = tiny_config(**RECIPE, num_train_steps=total)
-    trainer.train_and_evaluate(config, workdir=str(workdir), show_progress=False)
-    reference = trainer.train_and_evaluate(config, workdir=str(tmp_path / "reference"), show_progress=False)
-    resumed = _latest(workdir, config)
-    assert int(resumed.step) == total
-    _assert_states_equal(resumed, _latest(tmp_path / "reference", config))
-    logged = {r["step"]: r["loss"] for r in metrics.read_jsonl(str(workdir)) if "loss" in r}
-    for record in reference["history"]:
-        assert logged[record["step"]] == record["loss"], record["step"]
+# A train.py run stopped by SIGTERM, resumed by a new process, bit-exact with
+# an uninterrupted run: tests/test_resume_across_processes.py; every other
+# phase and SIGINT: tests/test_signals.py.
 
 
 def test_sigterm_without_a_workdir_says_nothing_was_saved(tmp_path):

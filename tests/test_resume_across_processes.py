@@ -19,6 +19,7 @@ from test_signals import _finish, _start, _when_paused
 from test_workdir_lock import REPO, TINY_FLAGS
 from tiny import tiny_config
 
+pytestmark = pytest.mark.slow
 TIMEOUT = 240
 RUN = dict(num_train_steps=4, checkpoint_every_steps=2, log_every_steps=1, knn_max_train_images=256)
 V3_RESNET = dict(method="moco_v3", queue_size=0, shuffle_bn=False, optimizer="lars", weight_decay_mask="no_bn_bias",

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from moco_jax.io import checkpoint
 from moco_jax.training import metrics
 from test_workdir_lock import TINY_FLAGS
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "signal_worker.py"
 TIMEOUT = 240
