@@ -54,6 +54,7 @@ def _assert_states_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_sigkill_and_relaunch_continues_bit_exactly(tmp_path):
     n, m = 4, 3
     overrides = dict(num_train_steps=n + m, log_every_steps=1, checkpoint_every_steps=n)
@@ -82,6 +83,7 @@ def test_sigkill_and_relaunch_continues_bit_exactly(tmp_path):
         assert logged[record["step"]] == record["loss"], record["step"]
 
 
+@pytest.mark.slow
 def test_resume_on_8_devices_from_a_4_device_checkpoint(tmp_path, caplog):
     overrides = dict(num_train_steps=3, log_every_steps=1, checkpoint_every_steps=3)
     # 3 steps of 16 keys into a queue of 32: the pointer is not at the start.
@@ -134,6 +136,7 @@ def _train(workdir, **overrides):
     return config
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config = _train(tmp_path, num_train_steps=4, checkpoint_every_steps=2)
     good = _latest(tmp_path, tiny_config(num_train_steps=4))
@@ -262,6 +265,7 @@ def test_checkpoint_without_orbax_bookkeeping_but_verified_arrays_is_used(two_ch
     assert not [r for r in caplog.records if r.levelname != "INFO"]
 
 
+@pytest.mark.slow
 def test_non_finite_values_in_a_checkpoint_name_the_checkpoint(tmp_path, caplog):
     """A checkpoint that is intact but holds NaN (written by other code: the
     trainer refuses to save one) is set aside naming the array."""
@@ -297,6 +301,7 @@ def test_export_reads_only_verified_checkpoints_and_never_creates_folders(two_ch
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # read-only: nothing moved
 
 
+@pytest.mark.slow
 def test_relaunch_with_nothing_left_to_train_keeps_the_final_loss(tmp_path):
     import json  # noqa: PLC0415
 
@@ -308,6 +313,7 @@ def test_relaunch_with_nothing_left_to_train_keeps_the_final_loss(tmp_path):
                                                                                              "step")}
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_config_is_refused_naming_the_fields(tmp_path):
     _train(tmp_path, num_train_steps=2)
     config = tiny_config(num_train_steps=4, embed_dim=16)
@@ -324,6 +330,7 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
 
 
 @pytest.mark.parametrize("log_every, error_step, poisoned", [(1, 3, "loss"), (10, 4, "loss"), (10, 4, "grad_norm")])
+@pytest.mark.slow
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_every, error_step, poisoned):
     """NaN from step 3 on. Logged every step: caught at step 3. Never logged
     before the end: caught by the check before the step-4 checkpoint. A NaN
@@ -352,6 +359,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_train_py_on_a_workdir_whose_checkpoints_are_all_damaged_says_so_in_one_line(two_checkpoints, tmp_path):
     """The console of the relaunch: one warning per checkpoint set aside and
     the error, with no traceback (orbax's and asyncio's included)."""
@@ -380,6 +388,7 @@ def test_train_py_on_a_workdir_whose_checkpoints_are_all_damaged_says_so_in_one_
 # ---------------------------------------------------------------------------
 # Set aside only what is damaged; bring back what was set aside by mistake.
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_checkpoint_that_verifies_but_does_not_fit_the_config_is_refused_and_nothing_moves(tmp_path):
     """A field that changes the optimizer state's layout (conv_grad_scale adds
     a level) is not one of MODEL_FIELDS: the checkpoint verifies, so it is
@@ -400,6 +409,7 @@ def test_a_checkpoint_that_verifies_but_does_not_fit_the_config_is_refused_and_n
     assert [h["step"] for h in result["history"]] == [5]
 
 
+@pytest.mark.slow
 def test_bring_back_returns_set_aside_checkpoints_that_verify_and_leaves_damaged_ones(two_checkpoints, tmp_path):
     import shutil  # noqa: PLC0415
 
@@ -508,6 +518,7 @@ def test_checkpoints_written_by_moco_jax_0_2_stay_readable(tmp_path, caplog, nam
     _assert_states_equal(variables["params"], restored.params)
 
 
+@pytest.mark.slow
 def test_a_resume_warns_when_the_dataset_size_or_the_learning_rate_at_the_resume_step_changed(tmp_path, caplog):
     _train(tmp_path, num_train_steps=4, checkpoint_every_steps=4, train_subset=800, log_every_steps=1)
     caplog.clear()

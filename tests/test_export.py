@@ -95,6 +95,7 @@ def test_detectron2_pickle_has_the_official_scripts_names(tmp_path):
         formats.write_detectron2(path, tiny_config(), random_variables(tiny_config()))
 
 
+@pytest.mark.slow
 def test_export_from_a_workdir(tmp_path):
     _, workdir, result = tiny_pretraining()
     state = result["state"]

@@ -231,6 +231,7 @@ def test_the_train_folder_is_listed_once(tmp_path, monkeypatch, loader):
 
 
 @needs_tf
+@pytest.mark.slow
 def test_resuming_through_another_pipeline_is_logged(tmp_path, caplog):
     """A run moved from a TensorFlow host to one without (data_loader auto ->
     tf there, grain here) resumes, and says that the data stream changed."""

@@ -37,6 +37,7 @@ def test_linear_probe_on_moco_features_beats_random_init():
     assert trained["history"][-1]["step"] == 100 * (1438 // 64)  # 100 epochs
 
 
+@pytest.mark.slow
 def test_full_protocol_resumes_exactly(tmp_path):
     """8 devices; a run stopped after 4 steps and relaunched to 8 ends where an
     uninterrupted 8-step run does (same data order, crops and updates)."""
@@ -55,6 +56,7 @@ def test_full_protocol_resumes_exactly(tmp_path):
     assert straight["history"][-1]["loss"] > 0
 
 
+@pytest.mark.slow
 def test_classifier_checkpoints_fall_back_past_a_corrupt_one_and_refuse_another_encoder(tmp_path, caplog):
     """The probe's checkpoints go through moco_jax.io.checkpoint: a corrupt
     newest one is moved aside and the previous one resumed; a workdir of

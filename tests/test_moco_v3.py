@@ -289,6 +289,7 @@ def _run_config(**overrides):
     return config
 
 
+@pytest.mark.slow
 def test_trainer_resumes_a_v3_run_bit_exactly_and_the_encoder_serves_downstream(tmp_path):
     """Through the real trainer on 8 devices: a run stopped after its step-2
     checkpoint and relaunched ends in the state of the uninterrupted run
@@ -332,6 +333,7 @@ def test_trainer_resumes_a_v3_run_bit_exactly_and_the_encoder_serves_downstream(
 CIFAR10_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
 
+@pytest.mark.slow
 def test_tiny_vit_learns_on_a_cifar10_subset():
     """End to end on real images: the "test" ViT (2 blocks of width 32, 4x4
     patches) trained 10 epochs on 2,000 CIFAR-10 train images with the v3

@@ -96,6 +96,7 @@ def _write_config(tmp_path: Path, config: dict = CONFIG) -> Path:
 SIGTERM_CONFIG = {**CONFIG, "num_train_steps": 12}
 
 
+@pytest.mark.slow
 def test_two_processes_preempted_by_sigterm_resume_like_one_process_with_8_devices(tmp_path):
     """Process 1 alone receives SIGTERM at step 2; JAX's preemption service
     makes both stop at the same step, which they save together; the relaunch

@@ -84,6 +84,7 @@ def _flags(data_dir, num_steps):
     return [f"--config.{k}={v}" for k, v in overrides.items()] + ["--config.model.width=4", "--config.input_workers=1"]
 
 
+@pytest.mark.slow
 def test_train_on_jpegs_resume_and_tensorboard_without_tensorflow(no_tf_env, tmp_path):
     """train.py through the grain image-folder source (worker processes
     included): 3 steps, then a relaunch to 6 that resumes from checkpoint 3
@@ -119,6 +120,7 @@ def test_train_on_jpegs_resume_and_tensorboard_without_tensorflow(no_tf_env, tmp
     np.testing.assert_allclose([scalars[s] for s in range(1, 7)], [logged[s] for s in range(1, 7)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tfds_array_record_and_conversion_without_tensorflow(no_tf_env, tmp_path):
     """A tensorflow-datasets dataset (prepared here with TensorFlow, as on a
     TPU VM) converted from TFRecord to ArrayRecord and read through grain, in
@@ -143,6 +145,7 @@ def test_tfds_array_record_and_conversion_without_tensorflow(no_tf_env, tmp_path
     assert out.split() == ["grain", str(NUM_TRAIN), "(1,", "8,", "2,", "8,", "8,", "3)", "(8,", "8,", "8,", "3)", "3"]
 
 
+@pytest.mark.slow
 def test_training_on_arrays_imports_no_tensorflow_even_where_it_is_installed(tmp_path):
     """The in-memory datasets' path (here: digits, 2 steps) never imports
     TensorFlow or tensorflow-datasets, so it pays neither's start-up."""

@@ -89,6 +89,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_load_workdir_gives_the_trained_query_encoder():
     _, workdir, result = tiny_pretraining()
     encoder = pretrained.load(workdir)

@@ -62,6 +62,7 @@ def _assert_one_error_line(run, cause, step=10):
 
 
 @needs_mounts
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_within_a_step_in_one_line(tmp_path):
     script = 'mkdir -p "$W/checkpoints" && mount -t tmpfs -o size=64k tmpfs "$W/checkpoints" && exec $TRAIN'
     run = _in_mount_namespace(script, tmp_path)
@@ -71,6 +72,7 @@ def test_a_full_disk_stops_the_run_within_a_step_in_one_line(tmp_path):
 
 
 @needs_mounts
+@pytest.mark.slow
 def test_checkpoints_turned_read_only_mid_run_stop_it_at_once_without_hanging(tmp_path):
     script = ('mkdir -p "$W/checkpoints" && mount --bind "$W/checkpoints" "$W/checkpoints" && '
               '($TRAIN > "$W/out" 2> "$W/err" & echo $! > "$W/pid"; wait) & '
@@ -86,6 +88,7 @@ def test_checkpoints_turned_read_only_mid_run_stop_it_at_once_without_hanging(tm
 
 
 @needs_mounts
+@pytest.mark.slow
 def test_a_read_only_checkpoint_folder_is_refused_at_start_up(tmp_path):
     script = ('mkdir -p "$W/checkpoints" && mount --bind "$W/checkpoints" "$W/checkpoints" && '
               'mount -o remount,bind,ro "$W/checkpoints" && exec $TRAIN')

@@ -82,6 +82,7 @@ def test_dry_run_prints_one_train_command_per_point(tmp_path):
     assert not (tmp_path / "w").exists(), "a dry run must not create anything"
 
 
+@pytest.mark.slow
 def test_sweep_reports_a_failed_point_runs_the_others_and_skips_finished_ones_on_rerun(tmp_path):
     config, workdir = _write_config(tmp_path), tmp_path / "w"
     first = _sweep(config, workdir)

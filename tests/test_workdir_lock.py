@@ -379,6 +379,7 @@ def _communicate(proc):
         raise
 
 
+@pytest.mark.slow
 def test_two_concurrent_launches_on_one_workdir_train_once(tmp_path):
     """Both start at once; one trains, the other refuses in one line naming
     the winner; every step is trained and logged once."""
