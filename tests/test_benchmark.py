@@ -56,3 +56,13 @@ def test_model_flops_fall_back_to_the_compiled_count(monkeypatch):
 
     monkeypatch.setattr(jax.stages.Compiled, "cost_analysis", lambda self: None)
     assert train_step.model_gflop_per_pair(config) is None
+
+
+def test_checkpoint_io_benchmark_reports_every_column(tmp_path):
+    from benchmarks import checkpoint_io  # noqa: PLC0415
+    from tiny import tiny_config  # noqa: PLC0415
+
+    result = checkpoint_io.measure(tiny_config(), str(tmp_path / "w"), repeats=1)
+    assert set(result) == {"state_mb", "blocking_s", "committed_s", "read_back_check_s", "disk_mb"}
+    assert result["committed_s"] >= result["blocking_s"] > 0 and result["read_back_check_s"] > 0
+    assert 0 < result["disk_mb"] and result["state_mb"] > 0
