@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from moco_jax.training import metrics, trainer
 from test_workdir_lock import TINY_FLAGS
@@ -68,3 +69,46 @@ def test_sigterm_without_a_workdir_says_nothing_was_saved(tmp_path):
     assert "knn_trained" not in result
     assert signal.getsignal(signal.SIGTERM) is before
     assert np.all(np.isfinite(jax.tree.leaves(result["state"].params)[0]))
+
+
+def test_with_several_processes_a_sigint_of_any_process_stops_all_at_the_next_log_step(monkeypatch):
+    """The agreement logic, with the collectives replaced: a SIGTERM is the
+    preemption sync point's (every step); a SIGINT that only another process
+    received stops this one too, at a log step, never between them."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    from moco_jax.core import sharding  # noqa: PLC0415
+    from moco_jax.training import preemption  # noqa: PLC0415
+
+    others_interrupted = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 9)
+    monkeypatch.setattr(sharding, "any_process_each", lambda flags: [f or bool(others_interrupted) for f in flags])
+    loop = trainer.TrainLoop(tiny_config(), None, 10, 5, lambda s: 0.1, 8)
+    signals = preemption.RunSignals(multi_process=True)
+    assert not loop._should_stop(1, signals, agree=True)
+    others_interrupted.append(True)  # another process got Ctrl-C
+    assert not loop._should_stop(2, signals, agree=False)  # not between log steps: all must agree on the step
+    assert loop._should_stop(3, signals, agree=True) and signals.received == signal.SIGINT
+    fresh = preemption.RunSignals(multi_process=True)
+    others_interrupted.clear()
+    assert not loop._should_stop(8, fresh, agree=True) and loop._should_stop(9, fresh, agree=False)
+    assert fresh.received == signal.SIGTERM
+
+
+def test_with_several_processes_a_failed_save_stops_all_with_process_0s_message(monkeypatch, tmp_path):
+    from moco_jax.core import sharding  # noqa: PLC0415
+    from moco_jax.io import lock as lock_lib  # noqa: PLC0415
+    from moco_jax.io.storage import StorageError  # noqa: PLC0415
+
+    class FailedSaver:
+        def poll(self):
+            return StorageError("checkpoint 4 could not be written to W/checkpoints/4: no space left on the device")
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sharding, "any_process_each", lambda flags: list(flags))
+    monkeypatch.setattr(lock_lib, "broadcast_message", lambda message: message)
+    loop = trainer.TrainLoop(tiny_config(), str(tmp_path), 10, 5, lambda s: 0.1, 8)
+    loop._check_health(FailedSaver(), agree=False)  # only where the processes agree
+    with pytest.raises(OSError, match="checkpoint 4 could not be written .* no space left"):
+        loop._check_health(FailedSaver(), agree=True)
