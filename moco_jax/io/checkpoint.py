@@ -563,7 +563,7 @@ def inspect(workdir: str) -> list[tuple[str, str]]:
         if name.isdigit():
             rows.append((name, _verdict(directory, int(name))))
             continue
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".inspect-") as view:  # a step folder orbax can list
+        with tempfile.TemporaryDirectory(prefix="moco_jax_inspect-") as view:  # a step folder orbax can list (a link)
             os.symlink(os.path.join(directory, name), os.path.join(view, str(_step_of(name))))
             rows.append((name, "set aside; " + _verdict(view, _step_of(name))))
     return rows
