@@ -74,7 +74,6 @@ FIELD_DEFAULTS = {"method": "moco_v2", "model.arch": "resnet", "model.vit": "sma
 HISTORY_NAME = "checkpoint_history.json"  # in the workdir: checkpoints have been written here
 SET_ASIDE = ".corrupt"  # suffix of a damaged checkpoint's directory
 REPLACED_PREFIX = "replaced-"  # a fresh start moves the earlier run's files to <workdir>/replaced-<time>/
-FORMAT = digests.FORMAT  # meta["format"] (io/digests.py)
 
 
 class CheckpointMismatchError(ConfigError):
