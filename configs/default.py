@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn_center_crop_fraction = 1.0  # kNN view: resize to crop_size / this, centre crop (0.875: ImageNet)
     # moco_v1 | moco_v2 | cifar | moco_v3 | cifar_v3 (moco_jax/core/augment.py)
     config.augmentation = "cifar"
-    config.crop_size = 16
+    config.crop_size = 16  # side of the square crops the encoder sees
     config.crop_scale = (0.5, 1.0)  # 8x8 digits lose their identity in smaller crops
 
     # Method: moco_v2 (v1/v2: queue, shuffle BN; core/moco.py) | moco_v3 (no
@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.patch_size = 16  # arch=vit
     config.model.stop_grad_patch = False  # arch=vit: freeze the random patch projection (MoCo v3)
     config.model.mlp_dim = 4096  # moco_v3: hidden width of the projector and predictor MLPs
-    config.embed_dim = 128
+    config.embed_dim = 128  # output width of the projection head (the contrastive space)
     # BN groups per device (split BN emulates shuffle BN over more devices);
     # 0 = auto: 8 groups in all (8 splits on 1 device, 4 on 2, 1 from 8 on).
     config.bn_splits = 0
@@ -104,44 +104,44 @@ def get_config() -> ml_collections.ConfigDict:
     # MoCo.
     config.queue_size = 256  # K (0 for moco_v3); divisible by batch_size; small vs the 1,438 images, so few
     # negatives are other views of the query image itself
-    config.temperature = 0.2
+    config.temperature = 0.2  # T of the InfoNCE logits q.k / T
     config.momentum = 0.99  # key-encoder EMA
     config.momentum_schedule = "constant"  # constant | cosine (m -> 1 over training, MoCo v3)
-    config.shuffle_bn = True
+    config.shuffle_bn = True  # moco_v2: the key encoder sees its batch shuffled across BN groups
     config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see core/moco.py)
     config.symmetric_loss = False  # moco_v2 only (moco_v3 is always symmetric)
 
     # Optimisation.
     config.optimizer = "sgd"  # sgd (v1/v2) | lars (v3 ResNet) | adamw (v3 ViT); core/optim.py
     config.batch_size = 64  # global, over all devices
-    config.num_epochs = 30
+    config.num_epochs = 30  # passes over the training images
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.learning_rate = 0.06  # per 256 images; scaled by batch_size / 256
     config.lr_schedule = "cosine"  # cosine (MoCo v2) | step (MoCo v1)
     config.lr_drop_epochs = (120, 160)  # for lr_schedule=step
-    config.warmup_epochs = 0.0
-    config.weight_decay = 5e-4
+    config.warmup_epochs = 0.0  # linear learning-rate warm-up from 0
+    config.weight_decay = 5e-4  # coupled (PyTorch SGD), on every parameter by default
     config.weight_decay_mask = "all"  # all (the reference) | no_bn_bias
     # none (the reference) | pytorch_init: each conv kernel's gradient x 6 * in / out channels, which under
     # BN is exactly training from the init shrunk to PyTorch's default scale (issue 16; core/optim.py)
     config.conv_grad_scale = "none"
     config.sgd_momentum = 0.9  # also LARS's momentum
-    config.lars_trust_coefficient = 0.001
+    config.lars_trust_coefficient = 0.001  # optimizer=lars: the trust ratio's coefficient
 
     # Logging and evaluation. Intervals are given in steps or in epochs
     # (X_every_steps / X_every_epochs, at most one of the two > 0; 0 = only at
     # the end); moco_jax.core.config.steps() turns them into steps.
-    config.seed = 0
-    config.log_every_steps = 20
-    config.log_every_epochs = 0.0
+    config.seed = 0  # initialisation, data order and augmentation
+    config.log_every_steps = 20  # console, metrics.jsonl and TensorBoard
+    config.log_every_epochs = 0.0  # (or in epochs)
     config.checkpoint_every_steps = 200  # with --workdir; also saved at the end
-    config.checkpoint_every_epochs = 0.0
-    config.checkpoints_to_keep = 3
+    config.checkpoint_every_epochs = 0.0  # (or in epochs)
+    config.checkpoints_to_keep = 3  # the newest ones; older ones are deleted
     config.knn_every_steps = 0  # kNN monitor during training (0: only at the end)
-    config.knn_every_epochs = 0.0
-    config.knn_k = 200
-    config.knn_temperature = 0.1
-    config.eval_batch_size = 256
+    config.knn_every_epochs = 0.0  # (or in epochs)
+    config.knn_k = 200  # neighbours of the weighted kNN
+    config.knn_temperature = 0.1  # T of the neighbours' weights exp(sim / T)
+    config.eval_batch_size = 256  # images per batch when embedding for the kNN
 
     # Weights & Biases (optional, `pip install wandb`): the same scalars as
     # TensorBoard, from process 0. The run id is kept in the workdir

@@ -1,13 +1,13 @@
-"""Linear evaluation on CIFAR-10-sized data (`python -m moco_jax.linear_eval`).
+"""Linear evaluation on CIFAR-10-sized data (`python -m moco_jax.linear_eval`,
+whose default config this is).
 
 The reference protocol (facebookresearch/moco `main_lincls.py`) on the
 digits default; for the real CIFAR-10 arrays (../shared/data/cifar10):
 
-  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
-      --config.pretrained=/tmp/moco_cifar10 --config.dataset=cifar10_arrays --workdir /tmp/linear
+  python -m moco_jax.linear_eval --pretrained=/tmp/moco_cifar10 --config.dataset=cifar10_arrays \
+      --workdir /tmp/linear
   # a quick check on CPU: features once, no augmentation
-  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
-      --config.pretrained=/tmp/moco --config.mode=features
+  python -m moco_jax.linear_eval --pretrained=/tmp/moco --config.mode=features
 """
 
 import ml_collections
@@ -17,7 +17,9 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.pretrained = ""  # a pretraining workdir or an exported encoder (see moco_jax.pretrained.load)
+    # The encoder: a pretraining workdir or an exported encoder (see moco_jax.pretrained.load). Set it
+    # with --pretrained; --config.pretrained is the old spelling, still accepted.
+    config.pretrained = ""
     config.mode = "full"  # full: the reference protocol | features: fixed features, no augmentation
 
     # Data (see moco_jax.eval.linear.load_dataset and configs/default.py

@@ -3,6 +3,8 @@ protocol of facebookresearch/moco `main_lincls.py` (batch 256, lr 30, 100
 epochs, lr x0.1 at 60 and 80, RandomResizedCrop(224) + flip, Resize(256) +
 CenterCrop(224)).
 
+  python -m moco_jax.linear_eval --config configs/linear_imagenet.py --pretrained=/ckpt/v2 --workdir /tmp/linear
+
 Linear evaluation holds the labelled images in host memory, decoded once at
 256 px (shorter side) and centre-cropped: the evaluation view is then exactly
 Resize(256) + CenterCrop(224), while training crops come from that central

@@ -6,7 +6,7 @@ epochs, the MoCo v2 augmentation (blur, jitter p=0.8). Per-device BN with
 shuffle BN, as the reference on 8 GPUs (32 images per device).
 
 Run (ImageNet prepared for tensorflow-datasets as ArrayRecord files, read by
-grain without TensorFlow; README "Data" says how to prepare or convert it):
+grain without TensorFlow; docs/data.md says how to prepare or convert it):
   python train.py --config configs/moco_v2_imagenet.py --workdir /ckpt/moco_v2 \
       --config.data_dir /data/tfds
 or from a folder of JPEGs (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG):
@@ -39,7 +39,7 @@ def get_config():
     config.model.head = "mlp"
     config.model.dtype = "bfloat16"  # float32 params and BN statistics
     config.embed_dim = 128
-    config.bn_splits = 1  # real devices: per-device BN + shuffle BN
+    config.bn_splits = 0  # auto: 8 BN groups in all, as the paper's 8 GPUs (1 per device from 8 devices on)
 
     config.queue_size = 65536
     config.temperature = 0.2

@@ -19,7 +19,7 @@ The 1-node setting of CONFIG.md (8 GPUs): --config.batch_size=1024 (the
 learning rate follows it: `learning_rate` is per 256 images).
 
 Expected: 73.2% linear top-1 at 300 epochs (batch 4096; CONFIG.md), with
-configs/linear_imagenet.py using the [CLS] features (--config.pretrained=W).
+configs/linear_imagenet.py using the [CLS] features (--pretrained=W).
 
 Departures from the official code: bfloat16 where it uses float16 autocast
 with a loss scaler (bfloat16 needs no scaling); the momentum and learning

@@ -21,12 +21,10 @@ from absl import flags
 from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
 from moco_jax.launch import cli
-from moco_jax.training.metrics import quiet_library_logs
 
 
 def main(argv):
     del argv  # cli.run refuses extra arguments
-    quiet_library_logs()
     workdir = flags.FLAGS.workdir
     if flags.FLAGS.bring_back:
         with workdir_lock.holding(workdir):

@@ -3,6 +3,14 @@
   python -m moco_jax.knn_eval --pretrained=/tmp/moco                  # its own dataset
   python -m moco_jax.knn_eval --pretrained=enc.msgpack --dataset=cifar10_arrays --k=200 --temperature=0.1
 
+`--pretrained` takes anything `moco_jax.pretrained.load` reads, as in every
+other program (a pretraining workdir, a .msgpack or .safetensors export, an
+official MoCo .pth.tar). By default the images are those of the encoder's
+pretraining config; `--dataset`, `--data_dir` and `--image_size` replace them.
+A pretraining config that stored a relative `data_dir` (older versions of
+train.py did) names a folder relative to where it was trained: from another
+directory pass `--data_dir`.
+
 The feature bank is the un-augmented train split, the queries the test split;
 each of the k nearest neighbours (cosine similarity) votes for its label with
 weight exp(sim / T). With a projection head, both backbone and projection
@@ -14,16 +22,17 @@ the backbone.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 
 import ml_collections
 from absl import flags
 
 from moco_jax import data, pretrained
-from moco_jax.core.errors import ConfigError
+from moco_jax.core.errors import ConfigError, NotFoundError, UserError
 from moco_jax.eval import knn
 from moco_jax.eval.embed import FEATURES
 from moco_jax.launch import cli
-from moco_jax.training import metrics
 
 
 def load_dataset(encoder: pretrained.Encoder, name: str = "", data_dir: str = "",
@@ -39,8 +48,43 @@ def load_dataset(encoder: pretrained.Encoder, name: str = "", data_dir: str = ""
     if name:
         spec = dataclasses.replace(spec, dataset=name, data_dir=data_dir, image_size=image_size)
     else:
+        if not data_dir:
+            check_stored_data_dir(spec.data_dir)
         spec = dataclasses.replace(spec, data_dir=data_dir or spec.data_dir, image_size=image_size or spec.image_size)
-    return knn.monitor_dataset(data.open_source(spec), _monitor_fields(config))
+    try:
+        return knn.monitor_dataset(data.open_source(spec), _monitor_fields(config))
+    except UserError as e:
+        raise _with_knn_flags(e) from None
+
+
+def check_stored_data_dir(data_dir: str) -> None:
+    """A relative data_dir stored in a pretraining config is relative to the
+    directory the encoder was trained from, which is not known: where it does
+    not exist from here, say so (rather than fail on a folder that is not
+    there) and ask for --data_dir."""
+    if data_dir and not os.path.isabs(data_dir) and not os.path.exists(data_dir):
+        raise NotFoundError(
+            f"the encoder's pretraining config stores data_dir={data_dir!r}, a path relative to the directory it "
+            f"was trained from, and {os.path.abspath(data_dir)} does not exist: pass --data_dir=<the dataset's "
+            "absolute path>")
+
+
+# The dataset fields knn_eval has flags for; the others come from the encoder's config.
+_FLAGS = ("dataset", "data_dir", "image_size")
+
+
+def _with_knn_flags(error: UserError) -> UserError:
+    """`error` with the --config.<field> hints of the pretraining program
+    (knn_eval has no --config) spelled as knn_eval's flags where it has one,
+    else as the pretraining config's field."""
+    message = re.sub(r"--config\.(\w+)", lambda m: f"--{m.group(1)}" if m.group(1) in _FLAGS
+                     else f"the pretraining config's {m.group(1)}", str(error))
+    if message == str(error):
+        return error
+    try:
+        return type(error)(message)
+    except TypeError:  # an error class with other constructor arguments: keep it as it is
+        return error
 
 
 def _monitor_fields(config) -> ml_collections.ConfigDict:
@@ -75,7 +119,6 @@ def features_to_evaluate(choice: str, encoder: pretrained.Encoder) -> tuple[str,
 
 def main(argv):
     del argv  # cli.run refuses extra arguments
-    metrics.quiet_library_logs()
     f = flags.FLAGS
     check_flags(f)
     encoder = pretrained.load(f.pretrained)
@@ -88,10 +131,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("pretrained", None, "Pretraining workdir or exported encoder (see moco_jax.pretrained).")
+    flags.DEFINE_string("pretrained", None, pretrained.FLAG_HELP)
     flags.DEFINE_string("dataset", "", f"One of {sorted(data.SOURCES)} or a tensorflow-datasets name; "
                         "'' = the encoder's pretraining dataset.")
-    flags.DEFINE_string("data_dir", "", "Dataset location; '' = its default (or the pretraining one).")
+    flags.DEFINE_string("data_dir", "", "Dataset location; '' = its default (or the pretraining one, which "
+                        "must then exist from the current directory if it is relative).")
     flags.DEFINE_integer("image_size", 0, "Load in-memory images at this size (digits); 0 = the dataset default.")
     flags.DEFINE_integer("k", 200, "Neighbours.")
     flags.DEFINE_float("temperature", 0.1, "T in the neighbour weight exp(sim / T).")

@@ -1,35 +1,161 @@
 """Linear classification on frozen MoCo features (the standard protocol).
 
-  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
-      --config.pretrained=/tmp/moco --workdir /tmp/moco_linear
-  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
-      --config.pretrained=/tmp/moco --config.mode=features          # quick CPU check
+  python -m moco_jax.linear_eval --pretrained=/tmp/moco --workdir /tmp/moco_linear
+  python -m moco_jax.linear_eval --pretrained=/tmp/moco --config.mode=features          # quick CPU check
+  python -m moco_jax.linear_eval --pretrained=enc.msgpack --config configs/linear_imagenet.py \
+      --config.dataset=image_folder --config.data_dir=/data/imagenette --workdir /tmp/linear
 
-The protocol and both modes are described in `moco_jax.eval.linear`.
+`--pretrained` takes anything `moco_jax.pretrained.load` reads, as in every
+other program: a pretraining workdir, a .msgpack or .safetensors export, an
+official MoCo .pth.tar. `--config.pretrained` is its old spelling, still
+accepted (the two may not name different encoders). `--config` defaults to
+configs/linear_cifar10.py; the protocol and both modes are described in
+`moco_jax.eval.linear`.
+
+The training scalars of every log step go where pretraining's go
+(`moco_jax.training.metrics.MetricWriter`): the console line `step N:
+loss=..., top1=..., epoch=...`, and with `--workdir` its metrics.jsonl and
+TensorBoard files. With `--workdir` the end result (test top-1 / top-5, the
+step, the encoder, mode, dataset and config) is written to
+final_metrics.json; a relaunch of a finished full-mode probe (the same
+config, its checkpoint at that step) retrains and re-evaluates nothing: it
+says so and prints the stored result.
 """
 
 from __future__ import annotations
 
-from absl import flags
+import json
+import os
 
+import jax
+import ml_collections
+from absl import app, flags
+
+from moco_jax import pretrained
+from moco_jax.core.config import validate_linear_config
 from moco_jax.eval import linear
+from moco_jax.io import checkpoint
 from moco_jax.launch import cli
-from moco_jax.training.metrics import quiet_library_logs
+from moco_jax.training import metrics
+
+# The repository's linear-probe config: the default --config (absent from an
+# installed package, where --config must be given).
+DEFAULT_CONFIG = os.path.join(cli.REPO_ROOT, "configs", "linear_cifar10.py")
+OLD_SPELLING = "--config.pretrained"
+
+
+def same_path(a: str, b: str) -> bool:
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def with_pretrained(config, flag: str | None) -> ml_collections.ConfigDict:
+    """`config`, checked, with `pretrained` set from --pretrained, or from
+    its old spelling --config.pretrained; both naming different encoders, or
+    neither, is a usage error (reported after the config's own errors)."""
+    if config is None:
+        raise app.UsageError(f"--config is required: there is no {DEFAULT_CONFIG} to default to (give a linear "
+                             "evaluation config, e.g. configs/linear_cifar10.py of the repository)")
+    validate_linear_config(config, jax.device_count())
+    given = config.get("pretrained", "") or ""
+    if flag and given and not same_path(flag, given):
+        raise app.UsageError(f"--pretrained={flag} and {OLD_SPELLING}={given} name different encoders: give "
+                             f"--pretrained only ({OLD_SPELLING} is its old spelling)")
+    source = flag or given
+    if not source:
+        raise app.UsageError(f"--pretrained is required: {pretrained.FLAG_HELP} ({OLD_SPELLING}, its old spelling, "
+                             "also works; see --helpshort)")
+    config = config.copy_and_resolve_references()
+    # Stored with the classifier's checkpoints and results: absolute, so it names the same encoder from anywhere.
+    config.pretrained = os.path.abspath(source) if os.path.exists(source) else source
+    return config
+
+
+def newest_checkpoint_step(workdir: str) -> int | None:
+    """The step of the newest checkpoint folder in `workdir`, or None."""
+    try:
+        names = os.listdir(checkpoint.checkpoint_dir(workdir))
+    except OSError:
+        return None
+    steps = [int(name) for name in names if name.isdigit()]
+    return max(steps) if steps else None
+
+
+def stored_result(config, workdir: str | None) -> dict | None:
+    """The final_metrics.json of a finished full-mode probe in `workdir` with
+    this very config and its checkpoint at the recorded step; else None (the
+    probe then runs: resumes, or only evaluates if it is at its last step)."""
+    if not workdir or config.mode != "full":
+        return None
+    try:
+        with open(os.path.join(workdir, metrics.FINAL_NAME)) as f:
+            final = json.load(f)
+    except (OSError, ValueError):  # none, or unreadable: it is written again at the end
+        return None
+    if not isinstance(final, dict) or final.get("config") != json.loads(config.to_json()):
+        return None
+    if final.get("step") is None or newest_checkpoint_step(workdir) != final["step"]:
+        return None
+    return final
+
+
+def final_record(config, result) -> dict:
+    """What final_metrics.json holds."""
+    return {"top1": result["top1"], "top5": result["top5"], "step": int(result["step"]),
+            "pretrained": config.pretrained, "mode": config.mode, "dataset": config.dataset,
+            "config": json.loads(config.to_json())}
+
+
+def result_line(final) -> str:
+    return (f"linear eval ({final['mode']}) of {final['pretrained']} on {final['dataset']}: "
+            f"top-1 {final['top1']:.2%}  top-5 {final['top5']:.2%}")
+
+
+class LazyWriter:
+    """A `metrics.MetricWriter` opened at the first scalars: a run that fails
+    at start-up, or has nothing left to train, adds no files to the workdir."""
+
+    def __init__(self, workdir: str | None):
+        self.workdir = workdir
+        self.writer = None
+
+    def write(self, step: int, scalars) -> None:
+        if self.writer is None:
+            self.writer = metrics.MetricWriter(self.workdir)
+        self.writer.write(step, scalars)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def main(argv):
     del argv  # cli.run refuses extra arguments
-    quiet_library_logs()
-    config = flags.FLAGS.config
-    result = linear.evaluate(config, flags.FLAGS.workdir, fresh_start=flags.FLAGS.fresh_start)
-    print(f"linear eval ({config.mode}) of {config.pretrained} on {config.dataset}: "
-          f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}")
+    f = flags.FLAGS
+    config = with_pretrained(f.config, f.pretrained)
+    workdir = f.workdir
+    stored = stored_result(config, workdir)
+    if stored is not None:
+        print(f"already complete: the linear probe in {workdir} reached its last step {stored['step']}; nothing "
+              f"retrained or re-evaluated, its stored result ({os.path.join(workdir, metrics.FINAL_NAME)}):")
+        print(result_line(stored))
+        return
+    writer = LazyWriter(workdir)
+    try:
+        result = linear.evaluate(config, workdir, fresh_start=f.fresh_start, log=writer.write)
+    finally:
+        writer.close()
+    final = final_record(config, result)
+    metrics.write_final(workdir, final)
+    print(result_line(final))
 
 
 if __name__ == "__main__":
-    cli.define_config_file("config", None, "Linear evaluation config, e.g. configs/linear_cifar10.py.")
-    flags.DEFINE_string("workdir", None, "Checkpoints of the classifier (full mode); a relaunch resumes.")
+    cli.define_config_file("config", DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None,
+                           "Linear evaluation config (default: the repository's configs/linear_cifar10.py).")
+    flags.DEFINE_string("pretrained", None, f"{pretrained.FLAG_HELP} Formerly {OLD_SPELLING}, which still works.")
+    flags.DEFINE_string("workdir", None, "Where the probe writes metrics.jsonl, TensorBoard files, "
+                        "final_metrics.json and (full mode) its checkpoints; a relaunch resumes, and one of a "
+                        "finished probe prints its stored result.")
     flags.DEFINE_bool("fresh_start", False, "Start over in a workdir whose checkpoints are all unusable "
                       "(without it such a relaunch refuses).")
-    flags.mark_flags_as_required(["config"])
     cli.run(main)

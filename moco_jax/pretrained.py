@@ -13,6 +13,10 @@ LayerNorm), exactly as the in-training kNN monitor does
 (`moco_jax.eval.embed`). `encoder.config` and `encoder.variables` are the raw
 material for fine-tuning with `moco_jax.core.models.build_encoder(config)`.
 
+Every program takes the encoder the same way, as `--pretrained` (anything
+`load` reads): `python -m moco_jax.export | knn_eval | linear_eval
+--pretrained=W`.
+
 Loading an exported file imports neither orbax nor the training loop; only
 a pretraining workdir needs orbax.
 """
@@ -20,4 +24,9 @@ a pretraining workdir needs orbax.
 from moco_jax.eval.embed import Encoder, load
 from moco_jax.io.formats import load_variables
 
-__all__ = ["Encoder", "load", "load_variables"]
+# What `load` reads, in the words of every program's --pretrained flag.
+SOURCES = ("a pretraining workdir (its newest checkpoint), a .msgpack (flax) or .safetensors (torchvision) export, "
+           "or an official MoCo PyTorch checkpoint (.pth.tar, needs PyTorch)")
+FLAG_HELP = f"The pretrained encoder: {SOURCES}."
+
+__all__ = ["Encoder", "load", "load_variables", "SOURCES", "FLAG_HELP"]

@@ -248,7 +248,7 @@ CASES = [
     ("knn_eval", [], USAGE, ["--pretrained"]),
     # --- linear_eval: the linear-probe config's fields.
     ("linear_eval", [], USAGE, ["--config"]),
-    ("linear_eval", ["--config=configs/linear_cifar10.py"], ERROR, ["pretrained is not set"]),
+    ("linear_eval", ["--config=configs/linear_cifar10.py"], USAGE, ["--pretrained is required"]),
     ("linear_eval", ["--config=configs/linear_cifar10.py", "--config.mode=fast"], ERROR,
      ["mode='fast'", "'full', 'features'"]),
     ("linear_eval", ["--config=configs/linear_cifar10.py", "--config.learning_rate=0"], ERROR,

@@ -6,7 +6,9 @@ environment); they skip when PyTorch is not installed.
 """
 
 import json
+import os
 import pickle
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -262,3 +264,23 @@ def test_official_checkpoint_file_is_imported_with_its_head(tmp_path):
         z = torch.nn.functional.normalize(model.fc(features), dim=1).numpy()
     assert np.abs(encoder.embed(images) - features.numpy()).max() < 1e-4
     assert np.abs(encoder.project(images) - z).max() < 1e-4
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_format_is_written_with_the_mode_of_a_plain_open(tmp_path, umask):
+    """0644 under umask 022 (colleagues can read the export): the mode a plain
+    open() gives, for every format (safetensors' own save_file gives 0600)."""
+    config = imagenet_config()  # the ImageNet stem: detectron2 takes it
+    source = str(tmp_path / "source.msgpack")
+    formats.write_flax(source, config, random_variables(config))
+    previous = os.umask(umask)
+    try:
+        for fmt in formats.WRITERS:
+            path = formats.export(source, fmt, str(tmp_path / f"out_{fmt}"))
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, (fmt, oct(os.stat(path).st_mode))
+        formats.export(source, "torchvision", str(tmp_path / "out_torchvision"))  # replacing a file
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "out_torchvision.safetensors").st_mode) == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["out_detectron2.pkl", "out_flax.msgpack", "out_torchvision.safetensors",
+                                            "source.msgpack"]  # no temporary file left

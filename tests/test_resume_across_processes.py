@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from configs import moco_v3_tiny
+from configs import default, moco_v3_tiny
 from moco_jax.training import metrics, trainer
 from test_checkpoint import _assert_states_equal, _latest
 from test_signals import _finish, _start, _when_paused
@@ -40,6 +40,8 @@ def _config(case):
     fields, model = CASES[case]
     config = tiny_config(**RUN, **fields)
     config.model.update(model)
+    if model.get("arch") == "vit":  # as train.py runs it: the ResNet fields are left at configs/default.py's
+        config.model.width, config.model.depth = default.get_config().model.width, default.get_config().model.depth
     return config
 
 
@@ -49,6 +51,13 @@ def _flags(case):
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
+def _tiny_flags(case):
+    """TINY_FLAGS, less the ResNet fields that a ViT refuses (it would ignore them)."""
+    if CASES[case][1].get("arch") != "vit":
+        return TINY_FLAGS
+    return [f for f in TINY_FLAGS if not f.startswith(("--config.model.width=", "--config.model.depth="))]
+
+
 def _env():
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
 
@@ -56,13 +65,13 @@ def _env():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_run_stopped_by_sigterm_resumes_in_a_new_process_and_its_encoder_serves_a_third(tmp_path, case):
     workdir = tmp_path / "run"
-    first = _start(workdir, "step:3", *_flags(case))
+    first = _start(workdir, "step:3", *_flags(case), tiny=_tiny_flags(case))
     _when_paused(first)
     first.send_signal(signal.SIGTERM)
     status, out, err = _finish(first)
     assert status == 0 and out.strip().splitlines()[-1].startswith("stopped by SIGTERM after step 3"), err[-3000:]
 
-    second = subprocess.run([sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", *TINY_FLAGS,
+    second = subprocess.run([sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", *_tiny_flags(case),
                              *_flags(case)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "damaged" not in second.stderr and "set aside" not in second.stderr

@@ -21,10 +21,10 @@ WORKER = Path(__file__).resolve().parent / "signal_worker.py"
 TIMEOUT = 240
 
 
-def _start(workdir, pause, *flags, after=0.0):
+def _start(workdir, pause, *flags, after=0.0, tiny=TINY_FLAGS):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                MOCO_TEST_PAUSE=pause, MOCO_TEST_PAUSE_AFTER=str(after))
-    command = [sys.executable, str(WORKER), f"--workdir={workdir}", *TINY_FLAGS, "--config.num_train_steps=4",
+    command = [sys.executable, str(WORKER), f"--workdir={workdir}", *tiny, "--config.num_train_steps=4",
                "--config.checkpoint_every_steps=2", *flags]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

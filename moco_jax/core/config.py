@@ -16,6 +16,7 @@ import difflib
 import importlib.util
 import math
 import numbers
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 from flax import traverse_util
@@ -93,6 +94,41 @@ def bn_splits_for(config, num_devices: int) -> int:
         if per_device % splits == 0 and per_device // splits >= 2:
             return splits
     return 1
+
+
+PATH_FIELDS = ("data_dir",)
+
+
+def with_absolute_paths(config):
+    """A copy of `config` with its relative local paths (`data_dir`) made
+    absolute, so that the config saved with each checkpoint and export means
+    the same files from any directory. URLs (gs://...) are kept."""
+    config = config.copy_and_resolve_references()
+    for name in PATH_FIELDS:
+        value = config.get(name, "")
+        if value and "://" not in value and not os.path.isabs(value):
+            config[name] = os.path.abspath(os.path.expanduser(value))
+    return config
+
+
+def shuffle_bn_warning(config, num_devices: int) -> str:
+    """Why this config's shuffle BN is weaker than the papers' (8 BN groups),
+    naming the fix; '' when it is not. One group in all shuffles nothing (the
+    key encoder's BN sees the query's batch: the cheat shuffle BN prevents);
+    auto bn_splits may find fewer than 8 groups when the batch does not divide."""
+    if models.method_of(config) == "moco_v3" or not config.shuffle_bn:
+        return ""
+    groups = num_devices * bn_splits_for(config, num_devices)
+    per_device = config.batch_size // max(1, num_devices)
+    if groups == 1:
+        return (f"shuffle BN over a single BN group (1 device, bn_splits={config.bn_splits}) shuffles nothing: the "
+                "key encoder's BN statistics mix all images, the leak shuffle BN exists to prevent; set "
+                f"--config.bn_splits=0 (auto: {AUTO_BN_GROUPS} groups in all) or a divisor of {per_device} > 1")
+    if config.bn_splits == 0 and groups < AUTO_BN_GROUPS and num_devices < AUTO_BN_GROUPS:
+        return (f"bn_splits=0 (auto) found {groups} BN groups, not {AUTO_BN_GROUPS}: the {per_device} images per "
+                f"device do not split into {AUTO_BN_GROUPS // num_devices} groups of 2 or more; a batch_size that "
+                f"divides by {AUTO_BN_GROUPS} gives {AUTO_BN_GROUPS}")
+    return ""
 
 
 def resolve_for_devices(config, num_devices: int):
@@ -348,6 +384,37 @@ def check_method(config) -> None:
     if models.is_vit(config) and config.crop_size % config.model.patch_size:
         raise ConfigError(f"crop_size={config.crop_size} must be a multiple of model.patch_size="
                           f"{config.model.patch_size}: the ViT cuts the crop into whole patches")
+
+
+# Fields that only one kind of encoder or one method reads. Set for another,
+# they would do nothing: an override of one is refused (`check_overrides`).
+_RESNET = (lambda c: not models.is_vit(c), "a ResNet encoder", "model.arch='vit' is sized by model.vit "
+           f"({' | '.join(vit.VIT_SIZES)}) and model.patch_size")
+_VIT = (models.is_vit, "a ViT encoder (model.arch='vit')", "a ResNet is sized by model.depth and model.width")
+_V2 = (lambda c: models.method_of(c) != "moco_v3", "MoCo v1/v2 (method='moco_v2')",
+       "MoCo v3 has no queue and no shuffle BN, is always symmetric, and has its own projector and predictor")
+_V3 = (lambda c: models.method_of(c) == "moco_v3", "MoCo v3 (method='moco_v3')",
+       "MoCo v1/v2 heads are sized by model.head and embed_dim")
+APPLIES_ONLY_TO = {
+    **dict.fromkeys(("model.depth", "model.width", "model.stem", "model.zero_init_residual", "model.conv_init"),
+                    _RESNET),
+    **dict.fromkeys(("model.vit", "model.patch_size", "model.stop_grad_patch"), _VIT),
+    **dict.fromkeys(("shuffle_mode", "symmetric_loss", "model.head"), _V2),  # (queue_size, shuffle_bn: check_method)
+    "model.mlp_dim": _V3,
+}
+
+
+def check_overrides(config, overridden: Sequence[str]) -> None:
+    """Refuse, in one line, a field set on the command line that `config`'s
+    encoder or method does not read (e.g. model.width on a ViT)."""
+    problems = []
+    for name in overridden:
+        if name in APPLIES_ONLY_TO:
+            applies, kind, instead = APPLIES_ONLY_TO[name]
+            if not applies(config):
+                problems.append(f"--config.{name} applies only to {kind} and would be ignored here ({instead})")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def validate_linear_config(config, num_devices: int | None = None) -> None:

@@ -365,6 +365,19 @@ def is_vit(config) -> bool:
     return model is not None and model.get("arch", "resnet") == "vit"
 
 
+def describe(config) -> str:
+    """The encoder in words, e.g. 'ResNet-10 (width 16, cifar stem) with an
+    mlp head' or 'ViT-small/16 (4096-d MLP heads)'."""
+    model = config.model
+    if is_vit(config):
+        encoder = f"ViT-{model.vit}/{model.patch_size}"
+    else:
+        encoder = f"ResNet-{model.depth} (width {model.width}, {model.stem} stem)"
+    if method_of(config) == "moco_v3":
+        return f"{encoder} with a {model.mlp_dim}-wide projector and predictor"
+    return f"{encoder} with {dict(mlp='an MLP', linear='a linear').get(model.head, model.head)} head"
+
+
 def build_backbone(config, axis_name: str = "batch") -> nn.Module:
     """`config.model.arch`: a ResNet (`model.depth`, `width`, `stem`,
     `sync_bn`, `zero_init_residual`, `conv_init`) or a ViT (`model.vit`, `patch_size`,

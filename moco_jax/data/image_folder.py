@@ -110,7 +110,7 @@ def _split_files(data_dir, split: str, field: str) -> ImageFiles:
     if not folder.is_dir():
         raise NotFoundError(
             f"image folder {folder} does not exist (data_dir={data_dir}, {field}={split!r}; "
-            f"--config.{field}='' reads data_dir itself)")
+            f"{field}='' reads data_dir itself)")
     return list_image_files(folder)
 
 

@@ -1,9 +1,7 @@
 """Linear classification on frozen MoCo features (the standard protocol).
 
-  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
-      --config.pretrained=/tmp/moco --workdir /tmp/moco_linear
-  python -m moco_jax.linear_eval --config configs/linear_cifar10.py \
-      --config.pretrained=/tmp/moco --config.mode=features          # quick CPU check
+  python -m moco_jax.linear_eval --pretrained=/tmp/moco --workdir /tmp/moco_linear
+  python -m moco_jax.linear_eval --pretrained=/tmp/moco --config.mode=features   # quick CPU check
 
 `mode=full` (default) is the reference `main_lincls.py` of
 facebookresearch/moco: the backbone is frozen and runs with BN in inference
@@ -22,12 +20,19 @@ corrupt checkpoint) and a relaunch with the same workdir resumes.
 preprocessing, no augmentation) and fits the same classifier with the same
 optimizer on them, on one device: minutes become seconds, at the price of
 the augmentation. It does not checkpoint.
+
+Both modes report their training scalars (loss, top1 of the batch, epoch;
+full mode also steps_per_sec) at every log step to `log(step, scalars)`,
+which the program `moco_jax.linear_eval` points at the pretraining metric
+writer (metrics.jsonl, TensorBoard, the console); by default they are
+logged as one `linear step N: loss=..., ...` line each. Writing files is
+the program's part: this package sits below `moco_jax.training`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -53,6 +58,14 @@ from moco_jax.io.saver import CheckpointWriter
 # Fields whose change makes a classifier checkpoint unusable: another encoder
 # (feature width) or another dataset (number of classes).
 CHECKPOINT_FIELDS = ("pretrained", "dataset")
+
+# Where the scalars of each log step go: log(step, {name: value}).
+Log = Callable[[int, Mapping[str, float]], None]
+
+
+def log_line(step: int, scalars: Mapping[str, float]) -> None:
+    """The default `Log`: one console line, numbers to 4 significant digits."""
+    logging.info("linear step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
 
 # ---------------------------------------------------------------------------
@@ -201,30 +214,51 @@ def resolve_config(config, encoder: Encoder) -> ml_collections.ConfigDict:
 # The two modes.
 # ---------------------------------------------------------------------------
 def run_full(config, encoder: Encoder, dataset: data.ArrayDataset, workdir: str | None = None,
-             fresh_start: bool = False) -> dict[str, Any]:
+             fresh_start: bool = False, log: Log | None = None) -> dict[str, Any]:
     """The reference protocol on all local devices. Returns top1, top5 (test
-    split, in [0, 1]), the logged `history` and the host `state`. With a
-    `workdir`, the probe holds its lock and resumes from its checkpoints
-    (`fresh_start`: start over if none of them is usable)."""
+    split, in [0, 1]), the last `step`, the logged `history` and the host
+    `state`. With a `workdir`, the probe holds its lock and resumes from its
+    checkpoints (`fresh_start`: start over if none of them is usable); a
+    relaunch of a probe checkpointed at its last step trains nothing and only
+    evaluates. Each log step's scalars go to `log` (default `log_line`)."""
     with workdir_lock.holding(workdir):
-        return _run_full(config, encoder, dataset, workdir, fresh_start)
+        return _run_full(config, encoder, dataset, workdir, fresh_start, log or log_line)
 
 
-def _run_full(config, encoder, dataset, workdir, fresh_start) -> dict[str, Any]:
+def _run_full(config, encoder, dataset, workdir, fresh_start, log) -> dict[str, Any]:
     n = jax.local_device_count()
     spe = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
     total = total_steps(config, spe)
-    log_every, checkpoint_every = steps(config, "log_every", spe), steps(config, "checkpoint_every", spe)
     state = create_state(config, encoder.feature_dim, dataset.num_classes, spe)
     if workdir:
         newest = checkpoint.restore_newest(workdir, state, config, CHECKPOINT_FIELDS, fresh_start)
         state = newest[0] if newest else state
-    saver = CheckpointWriter(workdir) if workdir else None
     start = int(state.step)
     backbone, mean, std = encoder.backbone, encoder.mean, encoder.std
-    recipe = train_recipe(config.crop_size, config.train_crop_scale, mean, std)
-    p_step = make_full_train_step(backbone, recipe, config.seed)
     p_backbone = sharding.replicate(encoder.backbone_variables)
+    history = []
+    if start >= total:
+        logging.info("linear probe in %s: checkpoint %d is the last step (of %d): nothing to train, only the final "
+                     "evaluation runs", workdir, start, total)
+    else:
+        state, history = _train_full(config, encoder, dataset, workdir, state, start, total, spe, p_backbone, log)
+    p_logits = make_full_logits_fn(backbone, state.apply_fn, config.crop_size, config.eval_crop_fraction, mean, std)
+    p_params = sharding.replicate(state.params)
+    eval_batch = -(-config.eval_batch_size // n) * n
+    logits = [p_logits(p_params, p_backbone, sharding.shard(x))
+              for x in padded_batches(dataset.test_images, eval_batch, n)]
+    logits = np.concatenate([np.asarray(x).reshape(-1, x.shape[-1]) for x in logits])[: len(dataset.test_images)]
+    return {**topk_accuracies(logits, dataset.test_labels), "step": int(state.step), "history": history,
+            "state": state}
+
+
+def _train_full(config, encoder, dataset, workdir, state, start, total, spe, p_backbone, log):
+    """Steps start+1 .. total of `_run_full`: (host state, logged history)."""
+    n = jax.local_device_count()
+    log_every, checkpoint_every = steps(config, "log_every", spe), steps(config, "checkpoint_every", spe)
+    saver = CheckpointWriter(workdir) if workdir else None
+    recipe = train_recipe(config.crop_size, config.train_crop_scale, encoder.mean, encoder.std)
+    p_step = make_full_train_step(encoder.backbone, recipe, config.seed)
     p_state = sharding.replicate(state)
     batches = prefetch_to_device(labelled_batches(
         dataset.train_images, dataset.train_labels, config.batch_size, config.seed, start, n))
@@ -237,21 +271,14 @@ def _run_full(config, encoder, dataset, workdir, fresh_start) -> dict[str, Any]:
             summary = {k: float(np.mean([sharding.unreplicate(m)[k] for m in pending])) for k in pending[0]}
             summary["epoch"] = step / spe
             summary["steps_per_sec"] = len(pending) / (time.perf_counter() - t0)
-            logging.info("linear step %d: %s", step, summary)
+            log(step, summary)
             history.append({"step": step, **summary})
             pending, t0 = [], time.perf_counter()
         if saver is not None and is_due(step, checkpoint_every, total):
             saver.save(sharding.unreplicate(p_state), config)
     if saver is not None:
         saver.finish()
-    state = sharding.unreplicate(p_state)
-    p_logits = make_full_logits_fn(backbone, state.apply_fn, config.crop_size, config.eval_crop_fraction, mean, std)
-    p_params = sharding.replicate(state.params)
-    eval_batch = -(-config.eval_batch_size // n) * n
-    logits = [p_logits(p_params, p_backbone, sharding.shard(x))
-              for x in padded_batches(dataset.test_images, eval_batch, n)]
-    logits = np.concatenate([np.asarray(x).reshape(-1, x.shape[-1]) for x in logits])[: len(dataset.test_images)]
-    return {**topk_accuracies(logits, dataset.test_labels), "history": history, "state": state}
+    return sharding.unreplicate(p_state), history
 
 
 def make_features_fn(encoder: Encoder, crop_size: int, crop_fraction: float):
@@ -262,9 +289,12 @@ def make_features_fn(encoder: Encoder, crop_size: int, crop_fraction: float):
     return lambda x: fn(encoder.backbone_variables, x)
 
 
-def fit_on_features(config, train_features: np.ndarray, train_labels: np.ndarray, num_classes: int):
+def fit_on_features(config, train_features: np.ndarray, train_labels: np.ndarray, num_classes: int,
+                    log: Log | None = None):
     """The classifier trained with the protocol's optimizer and schedule on
-    fixed (N, D) features, mini-batches in the order of every source."""
+    fixed (N, D) features, mini-batches in the order of every source; each
+    log step's scalars go to `log` (default `log_line`)."""
+    log = log or log_line
     spe = data.steps_per_epoch(len(train_features), config.batch_size)
     total = total_steps(config, spe)
     log_every = steps(config, "log_every", spe)
@@ -275,34 +305,39 @@ def fit_on_features(config, train_features: np.ndarray, train_labels: np.ndarray
     for step, idx in zip(range(1, total + 1), local_batch_indices(len(train_features), config.batch_size, config.seed)):
         state, metrics = step_fn(state, features[idx], labels[idx])
         if is_due(step, log_every, total):
-            history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+            summary = {**{k: float(v) for k, v in metrics.items()}, "epoch": step / spe}
+            log(step, summary)
+            history.append({"step": step, **summary})
     return state, history
 
 
-def run_features(config, encoder: Encoder, dataset: data.ArrayDataset) -> dict[str, Any]:
+def run_features(config, encoder: Encoder, dataset: data.ArrayDataset, log: Log | None = None) -> dict[str, Any]:
     """Features once, classifier on them. Same return value as `run_full`."""
     features_fn = make_features_fn(encoder, config.crop_size, config.eval_crop_fraction)
     extract = lambda x: knn.extract_features(features_fn, x, min(config.eval_batch_size, len(x)))  # noqa: E731
     train_features, test_features = extract(dataset.train_images), extract(dataset.test_images)
-    state, history = fit_on_features(config, train_features, dataset.train_labels, dataset.num_classes)
+    state, history = fit_on_features(config, train_features, dataset.train_labels, dataset.num_classes, log)
     logits = np.asarray(state.apply_fn({"params": state.params}, test_features))
-    return {**topk_accuracies(logits, dataset.test_labels), "history": history, "state": state}
+    return {**topk_accuracies(logits, dataset.test_labels), "step": int(state.step), "history": history,
+            "state": state}
 
 
 def evaluate(config, workdir: str | None = None, encoder: Encoder | None = None,
-             fresh_start: bool = False) -> dict[str, Any]:
+             fresh_start: bool = False, log: Log | None = None) -> dict[str, Any]:
     """Linear evaluation of `config.pretrained` (or of `encoder` if given),
-    in `config.mode` 'full' or 'features'; checkpoints in `workdir` (full)."""
+    in `config.mode` 'full' or 'features'; checkpoints in `workdir` (full);
+    each log step's scalars to `log` (default: a console line). Returns
+    top1, top5, step, history and state (see `run_full`)."""
     validate_linear_config(config, jax.device_count())
     if encoder is None:
         if not config.pretrained:
-            raise ConfigError("pretrained is not set: pass --config.pretrained=<a pretraining workdir or an "
-                              "exported encoder> (see moco_jax.pretrained.load)")
+            raise ConfigError("pretrained is not set: pass --pretrained=<a pretraining workdir or an exported "
+                              "encoder> (see moco_jax.pretrained.load)")
         encoder = load(config.pretrained)
     config = resolve_config(config, encoder)
     dataset = load_dataset(config)
     if config.mode == "full":
-        return run_full(config, encoder, dataset, workdir, fresh_start)
+        return run_full(config, encoder, dataset, workdir, fresh_start, log)
     if config.mode == "features":
-        return run_features(config, encoder, dataset)
+        return run_features(config, encoder, dataset, log)
     raise ConfigError(f"mode={config.mode!r} must be one of {', '.join(map(repr, LINEAR_MODES))}")

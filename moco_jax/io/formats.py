@@ -20,6 +20,10 @@ Formats:
 * official MoCo checkpoints (`.pth.tar`; reading the file needs PyTorch) and
   in-memory torch-style state dicts of numpy arrays (no PyTorch).
 
+Every export is written whole or not at all (a file next to the output,
+renamed over it), with the permissions of a plain `open()`: 0644 under the
+usual umask 022, so that colleagues on a shared file system can read it.
+
 Nothing here imports orbax unless a workdir is read.
 """
 
@@ -86,6 +90,25 @@ def architecture_name(config) -> str:
     return name
 
 
+def write_file(path: str, content: bytes) -> None:
+    """`content` as the file `path`, atomically: written to a file next to
+    it, flushed to disk and renamed over it, so that a reader (or a kill, or
+    a full disk) sees the old file or the whole new one. The file is created
+    by a plain `open()`, so its mode is 0666 less the umask (0644 under the
+    usual 022), as for any file the user writes."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 # ---------------------------------------------------------------------------
 # flax
 # ---------------------------------------------------------------------------
@@ -100,8 +123,7 @@ def write_flax(path: str, config, variables: Mapping[str, Any], include_head: bo
         "config": config.to_json(),
         "variables": {"params": params, "batch_stats": dict(variables.get("batch_stats", {}))},
     }
-    with open(path, "wb") as f:
-        f.write(serialization.msgpack_serialize(_to_numpy(payload)))
+    write_file(path, serialization.msgpack_serialize(_to_numpy(payload)))
 
 
 def read_flax(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -203,14 +225,16 @@ def torchvision_metadata(config) -> dict[str, str]:
 
 
 def write_torchvision(path: str, config, variables: Mapping[str, Any]) -> None:
-    from safetensors.numpy import save_file  # noqa: PLC0415 - only this format needs it
+    # safetensors' own save_file writes a temporary file and renames it: mode
+    # 0600 whatever the umask. Its bytes go through write_file instead.
+    from safetensors.numpy import save  # noqa: PLC0415 - only this format needs it
 
     if models.is_vit(config):  # timm's layout
         grid = config.crop_size // config.model.patch_size
         state_dict = torch_format.vit_to_timm(variables["params"]["backbone"], grid)
     else:
         state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
-    save_file(state_dict, path, metadata=torchvision_metadata(config))
+    write_file(path, save(state_dict, metadata=torchvision_metadata(config)))
 
 
 def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -279,8 +303,7 @@ def detectron2_checkpoint(config, variables: Mapping[str, Any]) -> dict[str, Any
 
 def write_detectron2(path: str, config, variables: Mapping[str, Any]) -> None:
     checkpoint = detectron2_checkpoint(config, variables)  # may refuse: before the file is opened
-    with open(path, "wb") as f:
-        pickle.dump(checkpoint, f)
+    write_file(path, pickle.dumps(checkpoint))
 
 
 # ---------------------------------------------------------------------------

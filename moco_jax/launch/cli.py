@@ -18,6 +18,13 @@
 * Ctrl-C (KeyboardInterrupt) in a program that does not handle it is one
   line too, exit status 130;
 * any other exception is a bug and keeps its traceback.
+
+`--help` (`-h`, `--helpshort`) prints the program's docstring and its own
+flags (with `--config` and `--verbose`), and exits 0; `--helpfull` is
+absl's list of every flag. A `--config` path that is not found under the
+current directory is looked up in the repository the package belongs to, so
+`--config configs/X.py` works from any directory once the package is
+installed with `pip install -e .`.
 """
 
 from __future__ import annotations
@@ -33,9 +40,13 @@ from absl import app, flags
 
 from moco_jax.core.config import flatten_dotted, no_such_field
 from moco_jax.core.errors import UserError
+from moco_jax.training import console
 
 ENV_VERBOSE = "MOCO_JAX_VERBOSE"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# The checkout the package lives in (its configs/ folder), for an editable install.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HELP_FLAGS = ("--help", "-h", "--helpshort", "-?", "--help=true")
 
 
 def verbose(argv: Sequence[str] | None = None) -> bool:
@@ -66,6 +77,9 @@ def define_config_file(name: str, default: str | None, help_string: str):
     at definition, from sys.argv)."""
     from ml_collections import config_flags  # noqa: PLC0415 - only programs with a config need it
 
+    _resolve_config_argument(name)
+    if default:
+        _make_importable(default)
     _DEFAULTS[name] = default
     try:
         return config_flags.DEFINE_config_file(name, default, help_string)
@@ -75,13 +89,45 @@ def define_config_file(name: str, default: str | None, help_string: str):
         fail(_config_error_message(e, name, sys.argv), EXIT_USAGE)
 
 
+def resolve_config_path(path: str) -> str:
+    """`path[:argument]` of a config file; a relative path not found under
+    the current directory is taken relative to the repository root."""
+    file, sep, argument = path.partition(":")
+    if not file or os.path.isabs(file) or os.path.isfile(file):
+        return path
+    candidate = os.path.join(REPO_ROOT, file)
+    return candidate + sep + argument if os.path.isfile(candidate) else path
+
+
+def _make_importable(path: str) -> None:
+    """Config files import each other as `from configs import default`: put
+    the folder holding `configs/` on sys.path, wherever the program runs."""
+    folder = os.path.dirname(os.path.abspath(path.partition(":")[0]))
+    if os.path.basename(folder) == "configs" and os.path.dirname(folder) not in sys.path:
+        sys.path.append(os.path.dirname(folder))
+
+
+def _resolve_config_argument(flag: str) -> None:
+    """Rewrite `--<flag>=PATH` / `--<flag> PATH` in sys.argv with
+    `resolve_config_path` (config_flags reads sys.argv itself)."""
+    argv = sys.argv
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith(f"--{flag}="):
+            argv[i] = f"--{flag}={resolve_config_path(arg.split('=', 1)[1])}"
+            _make_importable(argv[i].split("=", 1)[1])
+        elif arg == f"--{flag}" and i + 1 < len(argv):
+            argv[i + 1] = resolve_config_path(argv[i + 1])
+            _make_importable(argv[i + 1])
+
+
 def run(main: Callable[[list[str]], int | None]) -> None:
     """absl's app.run(main) with one-line errors (see the module docstring)."""
     # TensorFlow (tf.data, imported later by the file-based datasets) would
     # otherwise print its C++ start-up notices on stderr around the error.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "verbose" not in flags.FLAGS:
-        flags.DEFINE_bool("verbose", False, f"Show the traceback of an error (or set ${ENV_VERBOSE}=1).")
+        flags.DEFINE_bool("verbose", False, "Show everything: every library's log lines in absl's full format, and "
+                          f"the traceback of an error (or set ${ENV_VERBOSE}=1).")
     app.run(_reporting(main), flags_parser=parse_flags)
 
 
@@ -90,6 +136,7 @@ def _reporting(main):
         try:
             if len(argv) > 1:
                 raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            console.setup(verbose())
             return main(argv)
         except (UserError, OSError, app.UsageError) as e:  # OSError: a path the program cannot read or write
             if getattr(e, "abandon_threads", False):
@@ -127,6 +174,9 @@ def _error_message(error: BaseException) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """FLAGS(argv), with every parsing failure reported in one line."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(program_help())
+        raise SystemExit(0)
     try:
         remaining = flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - absl and ml_collections raise many kinds; all are the user's flags
@@ -148,6 +198,30 @@ def _check_config_loaded(argv: Sequence[str]) -> None:
             error = object.__getattribute__(value, "_error")
             fail(_config_problem(name, argv) or f"--{name}: the config file cannot be loaded: {one_line(error)}",
                  EXIT_USAGE)
+
+
+# Modules whose flags are not the program's: absl's own, and libraries'.
+_FOREIGN_FLAG_MODULES = ("absl", "jax", "tensorflow", "tensorboard", "orbax", "grain", "etils")
+
+
+def program_help() -> str:
+    """The program's docstring and its own flags (name, help, default)."""
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    lines = [doc, "", "flags:"] if doc else ["flags:"]
+    own = []
+    for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+        if not os.path.basename(module).startswith(_FOREIGN_FLAG_MODULES) and not module.startswith(
+                _FOREIGN_FLAG_MODULES):
+            own.extend(module_flags)
+    for flag in sorted({f.name: f for f in own}.values(), key=lambda f: (f.name != "config", f.name)):
+        default = _DEFAULTS.get(flag.name, flag.default) if flag.name in _DEFAULTS else flag.default
+        lines.append(f"  --{flag.name}: {one_line(flag.help)}" + (f" (default: {default!r})" if default not in
+                                                                   (None, "") else ""))
+        if flag.name in _DEFAULTS:
+            lines.append(f"      --{flag.name}.<field>=<value> overrides one field; `python -m moco_jax.config_fields "
+                         f"--config FILE` lists the fields")
+    lines.append("  --helpfull: every flag, the libraries' included")
+    return "\n".join(lines)
 
 
 def _config_flags() -> list[str]:
@@ -179,6 +253,7 @@ def _config_problem(flag: str, argv: Sequence[str]) -> str | None:
     path = _config_path(argv, flag)
     if not path:
         return None
+    path = resolve_config_path(path)
     file = (path or "").partition(":")[0]
     if path and not os.path.isfile(file):
         return (f"--{flag}={path}: no such config file (give a path to a .py file with get_config(), "
@@ -210,11 +285,22 @@ _DEFAULTS: dict[str, str | None] = {}
 
 def load_config_file(path: str):
     """`get_config()` of a config file, `path[:argument]` as config_flags reads it."""
+    path = resolve_config_path(path)
+    _make_importable(path)
     file, _, argument = path.partition(":")
     spec = importlib.util.spec_from_file_location("_moco_cli_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(argument) if argument else module.get_config()
+
+
+def config_overrides(argv: Sequence[str], flag: str) -> list[str]:
+    """The fields overridden on the command line, `--<flag>.X=...` -> X."""
+    names = []
+    for arg in argv[1:]:
+        if arg.startswith(f"--{flag}."):
+            names.append(arg[len(flag) + 3:].split("=", 1)[0])
+    return names
 
 
 def unknown_config_fields(argv: Sequence[str], flag: str, config, file: str) -> list[str]:

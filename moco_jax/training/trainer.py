@@ -17,7 +17,8 @@ from absl import logging
 from moco_jax import data
 from moco_jax.core import augment, models, moco, moco_v3, optim, sharding
 from moco_jax.core import state as state_lib
-from moco_jax.core.config import is_due, resolve_for_devices, steps, total_steps, validate_config
+from moco_jax.core.config import (is_due, resolve_for_devices, shuffle_bn_warning, steps, total_steps,
+                                  validate_config)
 from moco_jax.core.errors import ConfigError, DivergedError, WorkdirError
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.eval import embed, knn
@@ -25,7 +26,7 @@ from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
 from moco_jax.io.saver import CheckpointWriter
 from moco_jax.io.storage import StorageError
-from moco_jax.training import metrics, preemption
+from moco_jax.training import console, metrics, preemption
 
 
 def step_hparams(config, total_steps: int = 0) -> moco.MoCoHParams:
@@ -97,16 +98,6 @@ def assert_finite(values, step: int, resumed_from: int = 0) -> None:
         )
 
 
-def progress(steps: range, total: int, enabled: bool) -> Iterator[int]:
-    """A console progress bar with ETA (tqdm), on process 0 only."""
-    if not enabled:
-        return iter(steps)
-    import tqdm  # noqa: PLC0415 - optional nicety, imported where used
-
-    return iter(tqdm.tqdm(steps, total=total, initial=steps.start - 1, desc="train", unit="step",
-                          dynamic_ncols=True, mininterval=1.0))
-
-
 def _encoder_variables(state: state_lib.MoCoState) -> dict[str, Any]:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -131,6 +122,9 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
     """
     num_devices = jax.device_count()
     validate_config(config, num_devices)
+    weak_shuffle = shuffle_bn_warning(config, num_devices)
+    if weak_shuffle:
+        logging.warning("%s", weak_shuffle)
     config = resolve_for_devices(config, num_devices)
     with preemption.RunSignals(multi_process=jax.process_count() > 1) as signals, contextlib.ExitStack() as held:
         if workdir:
@@ -151,22 +145,21 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
         if total <= 0:
             raise ConfigError(f"num_epochs={config.num_epochs} is less than half an epoch of {steps_per_epoch} "
                               "steps: no step to train; raise num_epochs or set num_train_steps")
-        logging.info(
-            "%s: %d train images, %d steps/epoch, %d steps, %d devices, global batch %d, BN groups: %d devices x "
-            "%d splits of %d images", config.dataset, source.num_train_examples, steps_per_epoch, total,
-            num_devices, config.batch_size, num_devices, config.bn_splits,
-            config.batch_size // num_devices // config.bn_splits,
-        )
         encoder = models.build_encoder(config, axis_name=sharding.AXIS)
         tx, lr_schedule = optim.make_optimizer(config, steps_per_epoch)
         image_shape = (config.crop_size, config.crop_size, 3)
         state = state_lib.create_train_state(
             jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
         )
+        logging.info("%s", startup_line(config, state, source.num_train_examples, steps_per_epoch, total,
+                                        num_devices))
         resumed = (checkpoint.resume(workdir, state, config, num_devices, fresh_start, source.loader)
                    if workdir else None)
         if resumed:
             warn_on_schedule_changes(resumed[1], config, source.num_train_examples, lr_schedule)
+            finished = finished_run(workdir, int(resumed[0].step), total)
+            if finished:
+                return finished
         knn_random = knn_fn(_encoder_variables(state))  # after the restore: a refused workdir fails at once
         state = resumed[0] if resumed else state
         start_step = int(state.step)
@@ -174,6 +167,9 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
         del state  # its buffers now live on the devices
         host_batches = pretrain_batches(source, config, start_step)
 
+    if not workdir:  # said once the start-up has succeeded, so that a start-up error stays the one line
+        logging.warning("no --workdir: nothing will be saved (checkpoints, metrics, the trained encoder); to keep "
+                        "the encoder, add --workdir DIR, e.g. --workdir runs/default")
     loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, source.loader,
                      source.num_train_examples)
     try:
@@ -201,7 +197,39 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
     final.update(_last_training_metrics(history, workdir))
     metrics.write_final(workdir, final)
     return {"knn_random": knn_random, "knn_trained": knn_trained, "history": history, "state": state,
-            "preempted": 0, "signal": None, "phase": ""}
+            "preempted": 0, "signal": None, "phase": "", "step": int(state.step), "complete": False}
+
+
+METHOD_NAMES = {"moco_v2": "MoCo v1/v2", "moco_v3": "MoCo v3"}
+
+
+def startup_line(config, state: state_lib.MoCoState, num_train_examples: int, steps_per_epoch: int, total: int,
+                 num_devices: int) -> str:
+    """What is trained, on what, how long: the run's first log line."""
+    params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
+    method = models.method_of(config)
+    negatives = f"queue of {config.queue_size}" if method != "moco_v3" else "in-batch negatives"
+    bn = (f"BN groups: {num_devices} devices x {config.bn_splits} splits of "
+          f"{config.batch_size // num_devices // config.bn_splits} images")
+    return (f"{METHOD_NAMES.get(method, method)} ({negatives}): {models.describe(config)}, {params:,} trainable "
+            f"parameters in the query encoder; {config.dataset}: {num_train_examples} train images, "
+            f"{steps_per_epoch} steps/epoch, {total} steps, global batch {config.batch_size} on {num_devices} "
+            f"devices, {bn}")
+
+
+def finished_run(workdir: str, step: int, total: int) -> dict[str, Any] | None:
+    """A relaunch of a run that is complete (its last checkpoint is the last
+    step and its final metrics were written): the stored result, reported
+    in one line, with nothing trained, evaluated or written; else None."""
+    final = metrics.read_final(workdir) if step >= total else None
+    if not final or final.get("step") != step:
+        return None
+    logging.info("%s is complete (step %d of %d, %s written): nothing to train; the stored result follows", workdir,
+                 step, total, metrics.FINAL_NAME)
+    knn = {kind: {name: final[f"{key}_{name}"] for name in ("backbone", "projection") if f"{key}_{name}" in final}
+           for kind, key in (("knn_random", "knn_random"), ("knn_trained", "knn"))}
+    return {**knn, "history": [], "state": None, "preempted": 0, "signal": None, "phase": "", "step": step,
+            "complete": True}
 
 
 def warn_on_schedule_changes(meta: dict, config, num_train_examples: int, lr_schedule) -> None:
@@ -238,6 +266,25 @@ def _last_training_metrics(history: list[dict], workdir: str | None) -> dict[str
     return {}
 
 
+class _Eta:
+    """The time left, from the steps run since the first one (which
+    compiles, and so is left out of the rate)."""
+
+    def __init__(self, last: int):
+        self.last, self.first, self.start = last, None, 0.0
+
+    def stepped(self, step: int) -> None:
+        if self.first is None:
+            self.first, self.start = step, time.perf_counter()
+
+    def left(self, step: int) -> str:
+        """'(eta 0:31)', or '' before a rate is known or after the last step."""
+        if self.first is None or step <= self.first or step >= self.last:
+            return ""
+        rate = (time.perf_counter() - self.start) / (step - self.first)
+        return f"(eta {console.eta(rate * (self.last - step))})"
+
+
 class TrainLoop:
     """Steps, logging, the kNN monitor and checkpoints of one run."""
 
@@ -262,16 +309,19 @@ class TrainLoop:
         if start_step == 0:
             writer.write(0, metrics.weight_norms(state_lib.from_devices(p_state).params))
         last_time, last_step = time.perf_counter(), start_step
+        timer = _Eta(last)
         try:
-            for step in progress(range(start_step + 1, last + 1), last, show_progress and jax.process_index() == 0):
+            for step in console.progress(range(start_step + 1, last + 1), last,
+                                         show_progress and jax.process_index() == 0):
                 p_state, step_metrics = p_train_step(p_state, next(batches))
                 pending.append(step_metrics)
+                timer.stepped(step)
                 logged = is_due(step, log_every, last)
                 if logged:
                     summary = summarize(pending, step, start_step)
                     now = time.perf_counter()
                     summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
-                    writer.write(step, summary)
+                    writer.write(step, summary, progress=f"/{last} {timer.left(step)}".rstrip())
                     history.append({"step": step, **summary})
                     pending, last_time, last_step = [], now, step
                 if is_due(step, knn_every, last):
