@@ -102,8 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.bn_splits = 0
 
     # MoCo.
-    config.queue_size = 256  # K (0 for moco_v3); divisible by batch_size; small vs the 1,438 images, so few
-    # negatives are other views of the query image itself
+    # (256 is small vs the 1,438 digits, so few negatives are other views of the query image itself.)
+    config.queue_size = 256  # K, the negatives (0 for moco_v3); a multiple of batch_size
     config.temperature = 0.2  # T of the InfoNCE logits q.k / T
     config.momentum = 0.99  # key-encoder EMA
     config.momentum_schedule = "constant"  # constant | cosine (m -> 1 over training, MoCo v3)
