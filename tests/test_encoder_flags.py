@@ -118,6 +118,7 @@ FULL = ["--config.batch_size=16", "--config.num_train_steps=4", "--config.log_ev
         "--config.checkpoint_every_steps=2", "--config.eval_batch_size=128", "--config.learning_rate=0.5"]
 
 
+@pytest.mark.slow
 def test_relaunch_of_a_finished_full_probe_trains_nothing(encoder, tmp_path, capfd):
     """Full mode, 4 steps on 8 devices; the relaunch prints the stored result
     and adds nothing to the workdir. Without final_metrics.json (a run killed

@@ -13,7 +13,8 @@ from moco_jax.core import config as config_lib
 from moco_jax.core.errors import ConfigError
 from moco_jax.launch import cli
 from moco_jax.training import console, metrics
-from tests.tiny import tiny_config
+from tiny import tiny_config
+from test_cli_errors import PROGRAMS, run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 # tests/tiny.py's config as train.py flags, on one CPU device, 6 steps.
@@ -76,11 +77,12 @@ def test_a_run_without_workdir_warns_that_nothing_will_be_saved(tmp_path):
 
 @pytest.mark.parametrize("override, field", [("--config.model.width=32", "model.width"),
                                              ("--config.model.depth=50", "model.depth")])
-def test_resnet_fields_on_a_vit_config_are_refused(override, field):
-    run = _train("--config=configs/moco_v3_tiny.py", override)
-    assert run.returncode == 1
-    assert run.stderr.count("\n") == 1, run.stderr
-    assert run.stderr.startswith(f"error: --config.{field} applies only to a ResNet encoder and would be ignored")
+def test_resnet_fields_on_a_vit_config_are_refused(override, field, capfd):
+    code = run_in_process("train", ["--config=configs/moco_v3_tiny.py", override])
+    err = capfd.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: --config.{field} applies only to a ResNet encoder and would be ignored")
 
 
 def test_check_overrides_knows_each_encoder_and_method():
@@ -113,22 +115,22 @@ def test_imagenet_configs_shuffle_over_eight_groups_on_one_device():
         assert config_lib.shuffle_bn_warning(config, 1) == "", name
 
 
-PROGRAMS = [["train.py"], ["-m", "moco_jax.train"], ["-m", "moco_jax.export"], ["-m", "moco_jax.knn_eval"],
-            ["-m", "moco_jax.linear_eval"], ["-m", "moco_jax.sweep"], ["-m", "moco_jax.plot"],
-            ["-m", "moco_jax.checkpoints"], ["-m", "moco_jax.config_fields"]]
+@pytest.mark.parametrize("program", [*PROGRAMS, "checkpoints", "config_fields"])
+def test_help_exits_0_and_shows_the_programs_own_flags(program, capfd, monkeypatch):
+    monkeypatch.setitem(PROGRAMS, program, PROGRAMS.get(program, ("module", f"moco_jax.{program}")))
+    assert run_in_process(program, ["--help"]) == 0
+    out = capfd.readouterr().out
+    assert "--verbose" in out and "--helpfull" in out
+    if program in ("train", "linear_eval", "sweep", "config_fields"):
+        assert "--config" in out
+    assert "--alsologtostderr" not in out  # absl's own flags stay in --helpfull
 
 
-@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p[-1])
-def test_help_exits_0_and_shows_the_programs_own_flags(program, tmp_path):
-    args = [str(REPO / "train.py")] if program == ["train.py"] else program
-    run = subprocess.run([sys.executable, *args, "--help"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def test_help_of_the_installed_program_from_another_directory(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "moco_jax.train", "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "--verbose" in run.stdout and "--helpfull" in run.stdout
-    if program[-1] in ("train.py", "moco_jax.train", "moco_jax.linear_eval", "moco_jax.sweep",
-                       "moco_jax.config_fields"):
-        assert "--config" in run.stdout
-    assert "--alsologtostderr" not in run.stdout  # absl's own flags stay in --helpfull
+    assert "--config" in run.stdout and "python -m moco_jax.train" in run.stdout
 
 
 def test_config_fields_lists_every_field_with_its_default_and_comment(tmp_path):

@@ -16,6 +16,7 @@ from tiny import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_knn_cli_agrees_with_the_training_monitor():
     """`python -m moco_jax.knn_eval --pretrained=<workdir>` prints what
     `trainer.train_and_evaluate` measured at the end of training."""

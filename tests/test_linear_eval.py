@@ -21,6 +21,7 @@ def linear_config(**overrides):
     return config
 
 
+@pytest.mark.slow
 def test_linear_probe_on_moco_features_beats_random_init():
     """Features mode, full reference schedule (100 epochs, lr 30, drops at 60
     and 80) on the digits: the encoder after 100 MoCo steps against the

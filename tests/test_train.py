@@ -40,6 +40,7 @@ def test_no_recompilation_after_the_first_step():
     assert int(sharding.unreplicate(p_state.step)) == 4
 
 
+@pytest.mark.slow
 def test_default_config_trains_end_to_end(tmp_path):
     """The default experiment at 16 px (width 16, K=256) on 8 devices.
 
