@@ -6,12 +6,14 @@ Packages, each importing only those listed before it:
   data      datasets as `Source`s (in-memory arrays, image folders, tensorflow-datasets)
   io        checkpoints and encoder files (flax, torchvision, detectron2, official MoCo)
   eval      embeddings, weighted kNN, the linear probe
-  training  the pretraining loop and its metrics
-  launch    multi-process start-up, sweeps
+  training  the pretraining loop, its metrics and the console
+  launch    the programs' command line (errors, --help), multi-process start-up, sweeps, summaries
 
 Entry points: `pretrained` (load an encoder and embed images, for downstream
-code) and the programs `python -m moco_jax.{export,knn_eval,linear_eval,plot,sweep}`;
-pretraining is `train.py` at the repository root.
+code), `torch_resnet` (the same encoder in PyTorch; imports torch, and nothing
+here imports it), and the programs `python -m moco_jax.{train,export,knn_eval,
+linear_eval,checkpoints,config_fields,plot,sweep}` (`train.py` at the
+repository root runs `moco_jax.train`).
 """
 
 __version__ = "0.2.0"
