@@ -429,7 +429,10 @@ def test_bring_back_returns_set_aside_checkpoints_that_verify_and_leaves_damaged
     assert listing.returncode == 0, listing.stderr[-2000:]
     assert listing.stdout.splitlines() == ["4.corrupt: set aside; ok",
                                            listing.stdout.splitlines()[1]]
-    assert listing.stdout.splitlines()[1].startswith("2.corrupt: set aside; damaged: 1 of")
+    # A flipped bit in a compressed chunk fails either the checksum or the decompression (the chunk layout
+    # of the OCDBT file varies from run to run): damaged both ways.
+    assert listing.stdout.splitlines()[1].startswith(("2.corrupt: set aside; damaged: 1 of",
+                                                      "2.corrupt: set aside; damaged: its arrays cannot be read"))
     brought = run("--bring_back")
     assert brought.returncode == 0, brought.stderr[-2000:]
     assert "4.corrupt: verifies: brought back as checkpoint 4" in brought.stdout
