@@ -86,12 +86,8 @@ def stored_result(config, workdir: str | None) -> dict | None:
     probe then runs: resumes, or only evaluates if it is at its last step)."""
     if not workdir or config.mode != "full":
         return None
-    try:
-        with open(os.path.join(workdir, metrics.FINAL_NAME)) as f:
-            final = json.load(f)
-    except (OSError, ValueError):  # none, or unreadable: it is written again at the end
-        return None
-    if not isinstance(final, dict) or final.get("config") != json.loads(config.to_json()):
+    final = metrics.read_final(workdir)  # None if absent (it is written again at the end)
+    if final is None or final.get("config") != json.loads(config.to_json()):
         return None
     if final.get("step") is None or newest_checkpoint_step(workdir) != final["step"]:
         return None

@@ -43,7 +43,7 @@ from flax import serialization
 from moco_jax.core import augment, models, vit
 from moco_jax.core.config import PRETRAINING_RULES, check_fields
 from moco_jax.core.errors import ConfigError, InputError, NotFoundError, UserError
-from moco_jax.io import torch_format
+from moco_jax.io import storage, torch_format
 
 FLAX_FORMAT = "moco_jax.encoder/v1"
 TORCH_SUFFIXES = (".pth", ".pt", ".tar")
@@ -90,25 +90,6 @@ def architecture_name(config) -> str:
     return name
 
 
-def write_file(path: str, content: bytes) -> None:
-    """`content` as the file `path`, atomically: written to a file next to
-    it, flushed to disk and renamed over it, so that a reader (or a kill, or
-    a full disk) sees the old file or the whole new one. The file is created
-    by a plain `open()`, so its mode is 0666 less the umask (0644 under the
-    usual 022), as for any file the user writes."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------
 # flax
 # ---------------------------------------------------------------------------
@@ -123,7 +104,7 @@ def write_flax(path: str, config, variables: Mapping[str, Any], include_head: bo
         "config": config.to_json(),
         "variables": {"params": params, "batch_stats": dict(variables.get("batch_stats", {}))},
     }
-    write_file(path, serialization.msgpack_serialize(_to_numpy(payload)))
+    storage.write_file(path, serialization.msgpack_serialize(_to_numpy(payload)))
 
 
 def read_flax(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -234,7 +215,7 @@ def write_torchvision(path: str, config, variables: Mapping[str, Any]) -> None:
         state_dict = torch_format.vit_to_timm(variables["params"]["backbone"], grid)
     else:
         state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
-    write_file(path, save(state_dict, metadata=torchvision_metadata(config)))
+    storage.write_file(path, save(state_dict, metadata=torchvision_metadata(config)))
 
 
 def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -303,7 +284,7 @@ def detectron2_checkpoint(config, variables: Mapping[str, Any]) -> dict[str, Any
 
 def write_detectron2(path: str, config, variables: Mapping[str, Any]) -> None:
     checkpoint = detectron2_checkpoint(config, variables)  # may refuse: before the file is opened
-    write_file(path, pickle.dumps(checkpoint))
+    storage.write_file(path, pickle.dumps(checkpoint))
 
 
 # ---------------------------------------------------------------------------

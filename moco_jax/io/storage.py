@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from typing import IO, Any, Callable
 
 from moco_jax.core.errors import PathError, UserError
 
@@ -105,3 +106,27 @@ def storage_cause(error: BaseException) -> str:
         return os.strerror(number)
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def write_file(path: str, content: bytes) -> None:
+    """`content` as the file `path`, atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(content))
+
+
+def write_atomic(path: str, write: Callable[[IO], Any], mode: str = "wb") -> None:
+    """Call `write(f)` on a new file next to `path` (opened with `mode`),
+    flush it to disk and rename it over `path`, so that a reader (or a kill,
+    or a full disk) sees the old file or the whole new one. The file is created
+    by a plain `open()`, so its mode is 0666 less the umask (0644 under the
+    usual 022), as for any file the user writes."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from moco_jax.core import config as config_lib
+from moco_jax.io import storage
 
 JSONL_NAME = "metrics.jsonl"
 FINAL_NAME = "final_metrics.json"
@@ -66,7 +67,7 @@ def _wandb_run_id(workdir: str, new_id) -> str:
         if run_id:
             return run_id
     run_id = new_id()
-    _write_atomic(path, lambda f: f.write(run_id + "\n"))  # never a half-written id for the next launch
+    storage.write_file(path, (run_id + "\n").encode())  # never a half-written id for the next launch
     return run_id
 
 
@@ -234,26 +235,9 @@ def read_jsonl(workdir: str) -> list[dict[str, Any]]:
     return [records[s] for s in sorted(records)]
 
 
-def _write_atomic(path: str, write) -> None:
-    """Call `write(f)` on a new file next to `path`, flush it to disk, then
-    rename it over `path`: a reader (or a full disk, or a kill) leaves either
-    the old file or the whole new one, never a partial one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_json_atomic(path: str, obj: Any) -> None:
-    """`obj` as indented JSON in `path`, replaced atomically (`_write_atomic`)."""
-    _write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
+    """`obj` as indented JSON in `path`, replaced atomically (`storage.write_atomic`)."""
+    storage.write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True), mode="w")
 
 
 def read_final(workdir: str) -> dict[str, Any] | None:
