@@ -26,15 +26,16 @@ import time
 import jax
 import numpy as np
 
-from moco_jax.core import models, optim
+from moco_jax.core import optim
 from moco_jax.core import state as state_lib
-from moco_jax.io import checkpoint
+from moco_jax.io import workdirs
 from moco_jax.io.saver import CheckpointWriter
 from moco_jax.launch import cli
+from moco_jax import methods
 
 
 def host_state(config):
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     tx, _ = optim.make_optimizer(config, steps_per_epoch=100)
     shape = (config.crop_size, config.crop_size, 3)
     state = state_lib.create_train_state(jax.random.key(0), encoder, tx, shape, config.queue_size, config.embed_dim)
@@ -68,7 +69,7 @@ def measure(config, directory: str, repeats: int) -> dict:
     return {"state_mb": round(state_mb, 1), "blocking_s": round(statistics.median(blocking), 3),
             "committed_s": round(statistics.median(committed), 3),
             "read_back_check_s": round(statistics.median(read_back), 3),
-            "disk_mb": round(folder_bytes(os.path.join(checkpoint.checkpoint_dir(directory), str(repeats))) / 2**20, 1)}
+            "disk_mb": round(folder_bytes(os.path.join(workdirs.checkpoint_dir(directory), str(repeats))) / 2**20, 1)}
 
 
 def main():

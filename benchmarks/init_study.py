@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from configs import moco_v2_cifar10
 from moco_jax.core import models
-from moco_jax.core.config import CONV_GRAD_SCALES
+from moco_jax.core.optim import CONV_GRAD_SCALES
 from moco_jax.training import metrics, trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -40,9 +40,11 @@ import numpy as np
 
 from configs import default
 from moco_jax import data
-from moco_jax.core import augment, models, moco, optim, sharding
+from moco_jax.core import augment, optim, sharding
 from moco_jax.core import state as state_lib
 from moco_jax.training import trainer
+from moco_jax import methods
+from moco_jax.methods import moco_v2
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -165,15 +167,15 @@ def train_step(args) -> list[dict]:
         config.queue_size = 16 * batch.shape[1]
         config.crop_size = recipe.crop_size
         config.bn_splits = 8 if batch.shape[1] % 8 == 0 else 1
-        encoder = models.build_encoder(config, axis_name=sharding.AXIS)
+        encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
         tx, _ = optim.make_optimizer(config, steps_per_epoch=100)
         state = state_lib.create_train_state(jax.random.key(0), encoder, tx,
                                              (recipe.crop_size, recipe.crop_size, 3),
                                              config.queue_size, config.embed_dim)
-        hp = moco.MoCoHParams(temperature=config.temperature, ema_momentum=config.momentum,
+        hp = moco_v2.MoCoHParams(temperature=config.temperature, ema_momentum=config.momentum,
                               shuffle_bn=config.shuffle_bn, symmetric=config.symmetric_loss,
                               axis_name=sharding.AXIS)
-        step = jax.pmap(functools.partial(moco.train_step, hp=hp,
+        step = jax.pmap(functools.partial(moco_v2.train_step, hp=hp,
                                           views=augment.make_views_fn(recipe, host_cropped)),
                         axis_name=sharding.AXIS, donate_argnums=(0,))
         p_state = state_lib.to_devices(state, jax.local_devices()[:1])

@@ -62,11 +62,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default as default_config
-from moco_jax.core import models, optim, sharding
+from moco_jax.core import optim, sharding
 from moco_jax.core import state as state_lib
-from moco_jax.core.config import validate_config
+from moco_jax.training.checks import validate_config
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.training import trainer
+from moco_jax import methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +186,7 @@ def model_gflop_per_pair(config) -> float | None:
     None), the compiled forward's count; None if neither exists."""
     config = config.copy_and_resolve_references()
     config.model.dtype = "float32"
-    encoder = models.build_encoder(config, axis_name=sharding.AXIS)
+    encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
     image = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), image)
     lowered = jax.jit(lambda v, x: encoder.apply(v, x, train=False)).lower(variables, image)
@@ -194,7 +195,7 @@ def model_gflop_per_pair(config) -> float | None:
         flops = xla_flops(lowered.compile())
     if flops is None:
         return None
-    forwards = 8 if models.method_of(config) == "moco_v3" else 4
+    forwards = 8 if config.method == "moco_v3" else 4
     return forwards * flops / 1e9
 
 
@@ -252,7 +253,7 @@ def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int 
     config = experiment_config(spec, dtype, n * local_batch, shuffle_mode, bn_splits)
     validate_config(config, jax.device_count())
 
-    encoder = models.build_encoder(config, axis_name=sharding.AXIS)
+    encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
     tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
     image_shape = (spec.crop_size, spec.crop_size, 3)
     host_state = state_lib.create_train_state(

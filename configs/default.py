@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.crop_size = 16  # side of the square crops the encoder sees
     config.crop_scale = (0.5, 1.0)  # 8x8 digits lose their identity in smaller crops
 
-    # Method: moco_v2 (v1/v2: queue, shuffle BN; core/moco.py) | moco_v3 (no
-    # queue, symmetric loss against the global batch's keys, predictor; core/moco_v3.py).
+    # Method: moco_v2 (v1/v2: queue, shuffle BN; methods/moco_v2.py) | moco_v3 (no
+    # queue, symmetric loss against the global batch's keys, predictor; methods/moco_v3.py).
     config.method = "moco_v2"
 
     # Model.
@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.momentum = 0.99  # key-encoder EMA
     config.momentum_schedule = "constant"  # constant | cosine (m -> 1 over training, MoCo v3)
     config.shuffle_bn = True  # moco_v2: the key encoder sees its batch shuffled across BN groups
-    config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see core/moco.py)
+    config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see methods/shuffle_bn.py)
     config.symmetric_loss = False  # moco_v2 only (moco_v3 is always symmetric)
 
     # Optimisation.

@@ -2,7 +2,8 @@
 
 Packages, each importing only those listed before it:
 
-  core      the method: models, augmentation, training state and step, optimizer, config helpers
+  core      what the methods build on: models, augmentation, training state, optimizer, config rules
+  methods   the MoCo methods (v1/v2, v3), one module each behind one interface, and their registry
   data      datasets as `Source`s (in-memory arrays, image folders, tensorflow-datasets)
   io        checkpoints and encoder files (flax, torchvision, detectron2, official MoCo)
   eval      embeddings, weighted kNN, the linear probe

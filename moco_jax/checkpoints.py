@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from moco_jax.io import checkpoint
+from moco_jax.io import integrity, workdirs
 from moco_jax.io import lock as workdir_lock
 from moco_jax.launch import cli
 
@@ -28,13 +28,13 @@ def main(argv):
     workdir = flags.FLAGS.workdir
     if flags.FLAGS.bring_back:
         with workdir_lock.holding(workdir):
-            done = checkpoint.bring_back(workdir)
+            done = integrity.bring_back(workdir)
         for name, what in done:
             print(f"{name}: {what}")
         if not done:
-            print(f"nothing is set aside in {checkpoint.checkpoint_dir(workdir)}")
+            print(f"nothing is set aside in {workdirs.checkpoint_dir(workdir)}")
         return
-    for name, verdict in checkpoint.inspect(workdir):
+    for name, verdict in integrity.inspect(workdir):
         print(f"{name}: {verdict}")
 
 

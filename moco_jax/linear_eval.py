@@ -32,9 +32,8 @@ import ml_collections
 from absl import app, flags
 
 from moco_jax import pretrained
-from moco_jax.core.config import validate_linear_config
 from moco_jax.eval import linear
-from moco_jax.io import checkpoint
+from moco_jax.io import workdirs
 from moco_jax.launch import cli
 from moco_jax.training import metrics
 
@@ -55,8 +54,8 @@ def with_pretrained(config, flag: str | None) -> ml_collections.ConfigDict:
     if config is None:
         raise app.UsageError(f"--config is required: there is no {DEFAULT_CONFIG} to default to (give a linear "
                              "evaluation config, e.g. configs/linear_cifar10.py of the repository)")
-    validate_linear_config(config, jax.device_count())
-    given = config.get("pretrained", "") or ""
+    linear.validate_linear_config(config, jax.device_count())
+    given = config.pretrained
     if flag and given and not same_path(flag, given):
         raise app.UsageError(f"--pretrained={flag} and {OLD_SPELLING}={given} name different encoders: give "
                              f"--pretrained only ({OLD_SPELLING} is its old spelling)")
@@ -73,7 +72,7 @@ def with_pretrained(config, flag: str | None) -> ml_collections.ConfigDict:
 def newest_checkpoint_step(workdir: str) -> int | None:
     """The step of the newest checkpoint folder in `workdir`, or None."""
     try:
-        names = os.listdir(checkpoint.checkpoint_dir(workdir))
+        names = os.listdir(workdirs.checkpoint_dir(workdir))
     except OSError:
         return None
     steps = [int(name) for name in names if name.isdigit()]

@@ -11,7 +11,7 @@ mean/std of the config's augmentation recipe) and runs the backbone with BN
 in inference mode (a MoCo v3 ViT gives its [CLS] token after the final
 LayerNorm), exactly as the in-training kNN monitor does
 (`moco_jax.eval.embed`). `encoder.config` and `encoder.variables` are the raw
-material for fine-tuning with `moco_jax.core.models.build_encoder(config)`.
+material for fine-tuning with `moco_jax.methods.build_encoder(config)`.
 
 Every program takes the encoder the same way, as `--pretrained` (anything
 `load` reads): `python -m moco_jax.export | knn_eval | linear_eval

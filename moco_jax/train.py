@@ -32,7 +32,7 @@ from absl import flags, logging  # noqa: E402
 
 from moco_jax.core import config as config_lib  # noqa: E402
 from moco_jax.launch import cli, distributed, summary  # noqa: E402
-from moco_jax.training import trainer  # noqa: E402
+from moco_jax.training import checks, trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(cli.REPO_ROOT, "configs", "default.py")
 _CONFIG = cli.define_config_file("config", _DEFAULT_CONFIG, "Experiment config file.")
@@ -72,7 +72,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn
     distributed.check_same_config(_CONFIG.value)
     config, workdir = config_lib.with_absolute_paths(_CONFIG.value), _WORKDIR.value
-    config_lib.check_overrides(config, cli.config_overrides(sys.argv, "config"))
+    checks.check_overrides(config, cli.config_overrides(sys.argv, "config"))
     workdir = os.path.abspath(workdir) if workdir else None
     try:
         result = trainer.train_and_evaluate(config, workdir, show_progress=is_main,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from moco_jax.core import augment as A
+from moco_jax.core import image_ops as ops
 
 KEY = jax.random.PRNGKey(0)
 
@@ -27,27 +28,27 @@ def jitted(fn, *args, **static):
 # The ops take their randomness as uniforms; these draw them from a key, one
 # row per image, as the pipelines do for a whole step.
 def random_flip(rng, x, p=0.5):
-    return A.flip(jax.random.uniform(rng, (x.shape[0],)), x, p)
+    return ops.flip(jax.random.uniform(rng, (x.shape[0],)), x, p)
 
 
 def random_grayscale(rng, x, p):
-    return A.grayscale(jax.random.uniform(rng, (x.shape[0],)), x, p)
+    return ops.grayscale(jax.random.uniform(rng, (x.shape[0],)), x, p)
 
 
 def color_jitter(rng, x, brightness, contrast, saturation, hue, p=1.0):
-    return A.color_jitter(jax.random.uniform(rng, (x.shape[0], 9)), x, brightness, contrast, saturation, hue, p)
+    return ops.color_jitter(jax.random.uniform(rng, (x.shape[0], 9)), x, brightness, contrast, saturation, hue, p)
 
 
 def random_gaussian_blur(rng, x, p, sigma_range=(0.1, 2.0), kernel_size=None):
-    return A.blur(jax.random.uniform(rng, (x.shape[0], 2)), x, p, sigma_range, kernel_size)
+    return ops.blur(jax.random.uniform(rng, (x.shape[0], 2)), x, p, sigma_range, kernel_size)
 
 
 def jitter_order(rng, batch_size):
-    return A.jitter_order(jax.random.uniform(rng, (batch_size, 4)))
+    return ops.jitter_order(jax.random.uniform(rng, (batch_size, 4)))
 
 
 def random_resized_crop_boxes(rng, batch_size, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
-    return A.crop_boxes(jax.random.uniform(rng, (batch_size, 4 * attempts)), height, width, scale, ratio)
+    return ops.crop_boxes(jax.random.uniform(rng, (batch_size, 4 * attempts)), height, width, scale, ratio)
 
 
 # p is an ordinary (traced) argument, so one compile serves every p below.
@@ -67,17 +68,17 @@ def solid(rgb, b=1, h=4, w=4):
 
 @pytest.mark.parametrize("rgb,expected", [((1, 0, 0), 0.299), ((0, 1, 0), 0.587), ((0, 0, 1), 0.114)])
 def test_grayscale_weights(rgb, expected):
-    g = A.rgb_to_grayscale(solid(rgb))
+    g = ops.rgb_to_grayscale(solid(rgb))
     assert g.shape == (1, 4, 4, 1)
     np.testing.assert_allclose(g, expected, atol=1e-6)
 
 
 def test_brightness():
     x = rand_images(1)
-    np.testing.assert_allclose(A.adjust_brightness(x, jnp.ones(4)), x, atol=1e-7)
-    np.testing.assert_array_equal(A.adjust_brightness(x, jnp.zeros(4)), 0.0)
+    np.testing.assert_allclose(ops.adjust_brightness(x, jnp.ones(4)), x, atol=1e-7)
+    np.testing.assert_array_equal(ops.adjust_brightness(x, jnp.zeros(4)), 0.0)
     f = np.array([0.5, 1.5, 2.0, 0.0], np.float32)
-    np.testing.assert_allclose(A.adjust_brightness(x, f),
+    np.testing.assert_allclose(ops.adjust_brightness(x, f),
                                np.clip(x * f[:, None, None, None], 0, 1), atol=1e-6)
 
 
@@ -90,20 +91,20 @@ def test_contrast_blends_around_gray_mean():
     f = np.array([0.0, 0.5, 1.0, 1.7], np.float32)
     mean = np_gray(x.astype(np.float64)).mean(axis=(1, 2, 3), keepdims=True)
     expected = np.clip(f[:, None, None, None] * x + (1 - f[:, None, None, None]) * mean, 0, 1)
-    np.testing.assert_allclose(A.adjust_contrast(x, f), expected, atol=1e-6)
+    np.testing.assert_allclose(ops.adjust_contrast(x, f), expected, atol=1e-6)
     # Factor 0: every pixel becomes that image's own mean grey level.
-    out0 = np.asarray(A.adjust_contrast(x, f))[0]
+    out0 = np.asarray(ops.adjust_contrast(x, f))[0]
     np.testing.assert_allclose(out0, np.broadcast_to(mean[0], out0.shape), atol=1e-6)
 
 
 def test_saturation():
     x = rand_images(3)
-    out = A.adjust_saturation(x, jnp.zeros(4))
+    out = ops.adjust_saturation(x, jnp.zeros(4))
     np.testing.assert_allclose(out, np.broadcast_to(np_gray(x), x.shape), atol=1e-6)
-    np.testing.assert_allclose(A.adjust_saturation(x, jnp.ones(4)), x, atol=1e-6)
+    np.testing.assert_allclose(ops.adjust_saturation(x, jnp.ones(4)), x, atol=1e-6)
     f = np.float32(1.5)
     expected = np.clip(f * x + (1 - f) * np_gray(x), 0, 1)
-    np.testing.assert_allclose(A.adjust_saturation(x, jnp.full(4, f)), expected, atol=1e-6)
+    np.testing.assert_allclose(ops.adjust_saturation(x, jnp.full(4, f)), expected, atol=1e-6)
 
 
 def np_hue(x, delta):
@@ -119,15 +120,15 @@ def test_hue_against_colorsys():
     x = rand_images(4, b=3, h=5, w=5)
     x[0, 0, 0] = 0.3  # a grey pixel: hue undefined, must stay put
     delta = np.array([0.1, -0.37, 0.5], np.float32)
-    np.testing.assert_allclose(jitted(A.adjust_hue, x, delta), np_hue(x, delta), atol=2e-5)
+    np.testing.assert_allclose(jitted(ops.adjust_hue, x, delta), np_hue(x, delta), atol=2e-5)
 
 
 def test_hue_identities():
     x = rand_images(5)
 
     def shifts(y, d):
-        half = A.adjust_hue(y, d)
-        return A.adjust_hue(y, 0 * d), A.adjust_hue(half, -d), A.adjust_hue(half, d), half
+        half = ops.adjust_hue(y, d)
+        return ops.adjust_hue(y, 0 * d), ops.adjust_hue(half, -d), ops.adjust_hue(half, d), half
 
     zero, back, twice, half = jitted(shifts, x, jnp.full(4, 0.5))
     np.testing.assert_allclose(zero, x, atol=1e-5)
@@ -141,9 +142,9 @@ def test_hue_identities():
 def test_hue_third_turn_maps_red_to_green_to_blue():
     red = solid((1, 0, 0))
     third = jnp.full(1, 1 / 3)
-    green = A.adjust_hue(red, third)
+    green = ops.adjust_hue(red, third)
     np.testing.assert_allclose(green, solid((0, 1, 0)), atol=1e-5)
-    np.testing.assert_allclose(A.adjust_hue(green, third), solid((0, 0, 1)), atol=1e-5)
+    np.testing.assert_allclose(ops.adjust_hue(green, third), solid((0, 0, 1)), atol=1e-5)
 
 
 # ---------------------------------------------------------------- colour jitter
@@ -162,7 +163,7 @@ def test_apply_color_jitter_respects_order():
     b, c = np.array([1.6, 1.6], np.float32), np.array([0.3, 0.3], np.float32)
     # Image 0: brightness then contrast; image 1: contrast then brightness.
     order = jnp.array([[0, 1, 2, 3], [1, 0, 2, 3]])
-    out = np.asarray(jitted(A.apply_color_jitter, x, order, b, c))
+    out = np.asarray(jitted(ops.apply_color_jitter, x, order, b, c))
 
     def bright(img, f):
         return np.clip(img * f, 0, 1)
@@ -173,7 +174,7 @@ def test_apply_color_jitter_respects_order():
     np.testing.assert_allclose(out[0], contrast(bright(x[0], 1.6), 0.3), atol=1e-5)
     np.testing.assert_allclose(out[1], bright(contrast(x[1], 0.3), 1.6), atol=1e-5)
     # Same image, same factors, other order: a different result.
-    swapped = np.asarray(A.apply_color_jitter(x[:1], order[1:], brightness=b[:1], contrast=c[:1]))
+    swapped = np.asarray(ops.apply_color_jitter(x[:1], order[1:], brightness=b[:1], contrast=c[:1]))
     assert np.abs(swapped[0] - out[0]).max() > 1e-2
 
 
@@ -183,13 +184,13 @@ def test_apply_color_jitter_all_ops_any_order_matches_sequential():
     x = rand_images(9, b=24, h=4, w=4)
     rng = np.random.default_rng(0)
     order = np.array(list(itertools.permutations(range(4))), np.int32)  # all 24 orders
-    f = {op: rng.uniform(0.6, 1.4, 24).astype(np.float32) for op in (A.BRIGHTNESS, A.CONTRAST, A.SATURATION)}
-    f[A.HUE] = rng.uniform(-0.1, 0.1, 24).astype(np.float32)
-    out = np.asarray(jitted(A.apply_color_jitter, x, order, f[0], f[1], f[2], f[3]))
+    f = {op: rng.uniform(0.6, 1.4, 24).astype(np.float32) for op in (ops.BRIGHTNESS, ops.CONTRAST, ops.SATURATION)}
+    f[ops.HUE] = rng.uniform(-0.1, 0.1, 24).astype(np.float32)
+    out = np.asarray(jitted(ops.apply_color_jitter, x, order, f[0], f[1], f[2], f[3]))
     for b in range(24):
         ref = x[b:b + 1]
         for op in order[b]:
-            ref = A._ADJUSTMENTS[op](ref, f[op][b:b + 1])
+            ref = ops._ADJUSTMENTS[op](ref, f[op][b:b + 1])
         np.testing.assert_allclose(out[b], np.asarray(ref)[0], atol=1e-5)
 
 
@@ -230,7 +231,7 @@ def test_random_grayscale():
 
 def test_gaussian_kernel_sums_to_one_and_matches_definition():
     sigma = jnp.array([0.1, 0.7, 2.0])
-    k = np.asarray(A.gaussian_kernel1d(sigma, 7))
+    k = np.asarray(ops.gaussian_kernel1d(sigma, 7))
     np.testing.assert_allclose(k.sum(axis=1), 1.0, atol=1e-6)
     xs = np.arange(-3, 4)
     ref = np.exp(-0.5 * (xs / 0.7) ** 2)
@@ -238,17 +239,17 @@ def test_gaussian_kernel_sums_to_one_and_matches_definition():
 
 
 def test_default_blur_kernel_size():
-    assert A.default_blur_kernel_size(224) == 23
-    assert A.default_blur_kernel_size(96) == 9
-    assert A.default_blur_kernel_size(32) == 3
-    assert A.default_blur_kernel_size(8) == 3
+    assert ops.default_blur_kernel_size(224) == 23
+    assert ops.default_blur_kernel_size(96) == 9
+    assert ops.default_blur_kernel_size(32) == 3
+    assert ops.default_blur_kernel_size(8) == 3
 
 
 def test_blur_matches_2d_reflect_convolution():
     x = rand_images(10, b=2, h=9, w=7)
     sigma = np.array([0.8, 1.7], np.float32)
     k = 5
-    out = np.asarray(jitted(A.gaussian_blur, x, sigma, kernel_size=k))
+    out = np.asarray(jitted(ops.gaussian_blur, x, sigma, kernel_size=k))
     for b in range(2):
         t = np.arange(k) - k // 2
         g = np.exp(-0.5 * (t / sigma[b]) ** 2)
@@ -264,10 +265,10 @@ def test_blur_matches_2d_reflect_convolution():
 
 def test_blur_constant_is_identity_and_sigma_spreads_impulse():
     const = np.full((2, 8, 8, 3), 0.37, np.float32)
-    np.testing.assert_allclose(jitted(A.gaussian_blur, const, jnp.array([0.5, 2.0]), kernel_size=5), const, atol=1e-6)
+    np.testing.assert_allclose(jitted(ops.gaussian_blur, const, jnp.array([0.5, 2.0]), kernel_size=5), const, atol=1e-6)
     imp = np.zeros((2, 11, 11, 1), np.float32)
     imp[:, 5, 5] = 1.0
-    out = np.asarray(jitted(A.gaussian_blur, imp, jnp.array([0.5, 2.0]), kernel_size=7))
+    out = np.asarray(jitted(ops.gaussian_blur, imp, jnp.array([0.5, 2.0]), kernel_size=7))
     np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), 1.0, atol=1e-5)  # mass kept
     r2 = (np.arange(11) - 5)[:, None] ** 2 + (np.arange(11) - 5)[None, :] ** 2
     spread = (out[..., 0] * r2).sum(axis=(1, 2))
@@ -334,7 +335,7 @@ def torchvision_get_params(u, height, width, scale, ratio):
 def test_crop_boxes_match_torchvision_loop(scale):
     h, w = 12, 30
     u = np.random.default_rng(0).uniform(size=(64, 40)).astype(np.float32)
-    boxes = np.asarray(jax.jit(lambda u: A.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
+    boxes = np.asarray(jax.jit(lambda u: ops.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
     expected = np.array([torchvision_get_params(r.astype(np.float64), h, w, scale, (3 / 4, 4 / 3))
                          for r in u])
     np.testing.assert_array_equal(boxes, expected)
@@ -365,7 +366,7 @@ def test_crop_boxes_deterministic_per_key():
 def test_crop_and_resize_full_box_identity():
     x = rand_images(12, b=2, h=8, w=8)
     boxes = jnp.array([[0, 0, 8, 8]] * 2, jnp.float32)
-    out = A.crop_and_resize(x, boxes, 8)
+    out = ops.crop_and_resize(x, boxes, 8)
     assert out.shape == (2, 8, 8, 3) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, x, atol=1e-6)
 
@@ -377,7 +378,7 @@ def test_crop_and_resize_full_box_matches_jax_image():
         ref = jax.jit(lambda im, s=size: jax.image.scale_and_translate(
             im, (s, s, 3), (0, 1), jnp.full(2, s / 12), jnp.zeros(2),
             method="linear", antialias=True))(jnp.asarray(x[0]))
-        np.testing.assert_allclose(jitted(A.crop_and_resize, x, box, size=size)[0], ref, atol=1e-5)
+        np.testing.assert_allclose(jitted(ops.crop_and_resize, x, box, size=size)[0], ref, atol=1e-5)
 
 
 def np_aa_resize_1d(n_in, n_out):
@@ -399,7 +400,7 @@ def np_aa_resize_1d(n_in, n_out):
 def test_crop_and_resize_equals_crop_then_resize():
     x = rand_images(14, b=2, h=16, w=16)
     boxes = np.array([[3, 2, 11, 7], [0, 5, 4, 9]], np.float32)
-    out = np.asarray(jitted(A.crop_and_resize, x, boxes, size=6))
+    out = np.asarray(jitted(ops.crop_and_resize, x, boxes, size=6))
     for b, (t, l, h, w) in enumerate(boxes.astype(int)):
         crop = x[b, t:t + h, l:l + w]
         ref = np.einsum("oh,hwc,pw->opc", np_aa_resize_1d(h, 6), crop, np_aa_resize_1d(w, 6))
@@ -419,7 +420,7 @@ def test_flip():
 
 def test_normalize():
     x = rand_images(16)
-    out = A.normalize(x, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+    out = ops.normalize(x, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
     np.testing.assert_allclose(out, (x - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0]),
                                atol=1e-6)
 
@@ -556,10 +557,10 @@ def test_solarize_is_pils():
 
     values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
     expected = np.asarray(ImageOps.solarize(Image.fromarray(values[0])))
-    out = A.solarize(jnp.zeros((1,)), jnp.asarray(values, jnp.float32) / 255.0, 1.0)
+    out = ops.solarize(jnp.zeros((1,)), jnp.asarray(values, jnp.float32) / 255.0, 1.0)
     np.testing.assert_allclose(np.asarray(out[0]) * 255.0, expected, atol=1e-4)
     floats = jnp.asarray(values, jnp.float32) / 255.0
-    kept = A.solarize(jnp.ones((1,)) * 0.9, floats, 0.5)  # u >= p: unchanged
+    kept = ops.solarize(jnp.ones((1,)) * 0.9, floats, 0.5)  # u >= p: unchanged
     np.testing.assert_array_equal(np.asarray(kept), np.asarray(floats))
 
 

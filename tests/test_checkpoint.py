@@ -11,10 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from moco_jax.core import models, optim
+from moco_jax.core import optim
 from moco_jax.core import state as state_lib
 from moco_jax.io import checkpoint
 from moco_jax.training import metrics, trainer
+from moco_jax import methods
 from tiny import tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
@@ -40,7 +41,7 @@ def _finish(proc):
 
 
 def _template(config):
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     tx, _ = optim.make_optimizer(config, steps_per_epoch=10)
     return state_lib.create_train_state(jax.random.key(0), encoder, tx, (8, 8, 3), config.queue_size, config.embed_dim)
 
@@ -91,14 +92,14 @@ def test_resume_on_8_devices_from_a_4_device_checkpoint(tmp_path, caplog):
     config = tiny_config(**overrides)
     saved = checkpoint.restore_latest(str(tmp_path), _template(config), config, num_shards=4)
     assert int(saved.queue_ptr) == (3 * 4) % 8  # 4 keys per device per step, 8-row shards
-    fifo = checkpoint.queue_in_fifo_order(np.asarray(saved.queue), int(saved.queue_ptr), 4, 4)
+    fifo = state_lib.queue_in_fifo_order(np.asarray(saved.queue), int(saved.queue_ptr), 4, 4)
 
     restored = _latest(tmp_path, config, num_shards=8)
     assert int(restored.queue_ptr) == 0
     rows = lambda q: {tuple(r) for r in np.asarray(q)}  # noqa: E731
     assert rows(restored.queue) == rows(saved.queue)
     # The oldest global batch is the next one to be replaced: FIFO order kept.
-    np.testing.assert_array_equal(checkpoint.queue_in_fifo_order(np.asarray(restored.queue), 0, 8, 2), fifo)
+    np.testing.assert_array_equal(state_lib.queue_in_fifo_order(np.asarray(restored.queue), 0, 8, 2), fifo)
 
     # Training on 8 devices continues from it: one step replaces exactly the oldest batch.
     config.num_train_steps = 4
@@ -115,19 +116,19 @@ def test_reshard_queue_keeps_fifo_order():
     queue = rng.normal(size=(k, c))
     for old, new in [(3, 6), (6, 2), (2, 3)]:
         for ptr in range(0, k // old, batch // old):
-            fifo = checkpoint.queue_in_fifo_order(queue, ptr, old, batch // old)
-            new_queue, new_ptr = checkpoint.reshard_queue(queue, ptr, old, new, batch)
+            fifo = state_lib.queue_in_fifo_order(queue, ptr, old, batch // old)
+            new_queue, new_ptr = state_lib.reshard_queue(queue, ptr, old, new, batch)
             assert new_ptr == 0
-            np.testing.assert_array_equal(checkpoint.queue_in_fifo_order(new_queue, 0, new, batch // new), fifo)
-    same, ptr = checkpoint.reshard_queue(queue, 2, 3, 3, batch)
+            np.testing.assert_array_equal(state_lib.queue_in_fifo_order(new_queue, 0, new, batch // new), fifo)
+    same, ptr = state_lib.reshard_queue(queue, 2, 3, 3, batch)
     assert same is queue and ptr == 2
     # Same devices, new global batch (6 -> 12): re-laid out, age order kept.
-    fifo = checkpoint.queue_in_fifo_order(queue, 4, 3, 2)
-    new_queue, ptr = checkpoint.reshard_queue(queue, 4, 3, 3, 12, old_global_batch=6)
+    fifo = state_lib.queue_in_fifo_order(queue, 4, 3, 2)
+    new_queue, ptr = state_lib.reshard_queue(queue, 4, 3, 3, 12, old_global_batch=6)
     assert ptr == 0
-    np.testing.assert_array_equal(checkpoint.queue_in_fifo_order(new_queue, 0, 3, 4), fifo)
+    np.testing.assert_array_equal(state_lib.queue_in_fifo_order(new_queue, 0, 3, 4), fifo)
     with pytest.raises(ValueError, match="batch_size"):
-        checkpoint.reshard_queue(queue, 0, 3, 4, batch)
+        state_lib.reshard_queue(queue, 0, 3, 4, batch)
 
 
 def _train(workdir, **overrides):

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 from moco_jax.core import models, optim
-from moco_jax.core.config import bn_splits_for, validate_config
+from moco_jax import methods
+from moco_jax.training.checks import validate_config
 
 
 @pytest.mark.parametrize("name, devices", [
@@ -24,7 +25,7 @@ def test_default_config_runs_on_every_device_count_that_divides_its_batch(device
     """8 BN groups in all while the devices are fewer than 8; then one per device."""
     config = importlib.import_module("configs.default").get_config()
     assert config.batch_size % devices == 0
-    assert bn_splits_for(config, devices) == splits
+    assert methods.get(config).bn_splits(config, devices) == splits
     validate_config(config, devices)
 
 
@@ -38,7 +39,8 @@ def test_paper_recipes():
         assert (c.queue_size, c.momentum, c.model.depth, c.num_epochs, c.weight_decay) == (65536, 0.999, 50, 200, 1e-4)
         assert optim.scaled_learning_rate(c) == pytest.approx(0.03)
     assert (cifar.model.depth, cifar.model.stem, cifar.batch_size, cifar.queue_size) == (18, "cifar", 512, 4096)
-    assert (cifar.momentum, cifar.temperature, bn_splits_for(cifar, 1), cifar.weight_decay) == (0.99, 0.1, 8, 5e-4)
+    splits = methods.get(cifar).bn_splits(cifar, 1)
+    assert (cifar.momentum, cifar.temperature, splits, cifar.weight_decay) == (0.99, 0.1, 8, 5e-4)
     assert optim.scaled_learning_rate(cifar) == pytest.approx(0.06)
     assert cifar.crop_scale == (0.08, 1.0) and not cifar.symmetric_loss
     assert cifar.model.head == "linear"  # the demo's resnet18(num_classes=128)

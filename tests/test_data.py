@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits as sk_load_digits
 
 from moco_jax import data
 from moco_jax.core import sharding
-from moco_jax.data import arrays
+from moco_jax.data.sources import arrays
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.data.source import array_batches, epoch_permutation, knn_subset, local_batch_indices, steps_per_epoch
 from tiny import knn_arrays, pretrain_source
@@ -314,10 +314,10 @@ def test_cifar10_arrays_pretrain_input():
 
 
 def test_source_registry():
-    assert data.source_module("digits") == "arrays"
-    assert data.source_module("cifar10_arrays") == "arrays"
-    assert data.source_module("image_folder") == "image_folder"
-    assert data.source_module("cifar10") == data.source_module("tfds:stl10") == "tfds_source"
+    assert data.source_module("digits") == "sources.arrays"
+    assert data.source_module("cifar10_arrays") == "sources.arrays"
+    assert data.source_module("image_folder") == "sources.image_folder"
+    assert data.source_module("cifar10") == data.source_module("tfds:stl10") == "sources.tfds"
     assert isinstance(data.open_source(_config()), arrays.ArraySource)
 
 

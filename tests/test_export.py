@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from moco_jax import pretrained
-from moco_jax.core import augment, models
+from moco_jax.core import augment, image_ops, models
 from moco_jax.io import formats, torch_format
+from moco_jax import methods
 from test_pretrained import assert_trees_equal, random_variables, tiny_pretraining
 from tiny import tiny_config
 
@@ -46,8 +47,8 @@ def test_torchvision_round_trip_is_exact(tmp_path):
     with safe_open(path, framework="np") as f:
         metadata = f.metadata()
     assert metadata["architecture"] == "resnet18-width4"
-    assert json.loads(metadata["mean"]) == list(augment.IMAGENET_MEAN)
-    assert json.loads(metadata["std"]) == list(augment.IMAGENET_STD)
+    assert json.loads(metadata["mean"]) == list(image_ops.IMAGENET_MEAN)
+    assert json.loads(metadata["std"]) == list(image_ops.IMAGENET_STD)
     assert metadata["input_size"] == "32"
 
     read_config, read = formats.read_torchvision(path)
@@ -182,7 +183,7 @@ def torch_resnet(torch, depth, width, stem, num_classes=1000):
 def jax_features(config, variables, images):
     mean, std = augment.normalization(config)
     x = (images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    backbone = models.build_encoder(config).backbone
+    backbone = methods.build_encoder(config).backbone
     apply = jax.jit(lambda v, x: backbone.apply(v, x, train=False))
     return np.asarray(apply(models.backbone_variables(variables), x)), x
 
@@ -215,7 +216,7 @@ def test_pytorch_resnet_loads_the_export_and_computes_the_same_features(tmp_path
 def test_resnet50_export_has_torchvisions_names_and_shapes():
     torch = _torch()
     config = imagenet_config(depth=50, width=64)
-    shapes = jax.eval_shape(lambda: models.build_encoder(config).init(
+    shapes = jax.eval_shape(lambda: methods.build_encoder(config).init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     exported = torch_format.backbone_to_torchvision(models.backbone_variables(zeros))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from moco_jax.core import config as config_lib
+from moco_jax.training import checks
 from moco_jax.core.errors import ConfigError
 from moco_jax.launch import cli
 from moco_jax.training import console, metrics
@@ -88,31 +89,31 @@ def test_resnet_fields_on_a_vit_config_are_refused(override, field, capfd):
 def test_check_overrides_knows_each_encoder_and_method():
     resnet_v2, vit_v3 = tiny_config(), tiny_config()
     vit_v3.method, vit_v3.model.arch, vit_v3.queue_size, vit_v3.shuffle_bn = "moco_v3", "vit", 0, False
-    config_lib.check_overrides(resnet_v2, ["model.width", "model.depth", "model.head", "symmetric_loss"])
-    config_lib.check_overrides(vit_v3, ["model.vit", "model.patch_size", "model.mlp_dim", "batch_size"])
+    checks.check_overrides(resnet_v2, ["model.width", "model.depth", "model.head", "symmetric_loss"])
+    checks.check_overrides(vit_v3, ["model.vit", "model.patch_size", "model.mlp_dim", "batch_size"])
     for config, field in ((resnet_v2, "model.vit"), (resnet_v2, "model.patch_size"), (resnet_v2, "model.mlp_dim"),
                           (vit_v3, "model.stem"), (vit_v3, "model.head"), (vit_v3, "symmetric_loss")):
         with pytest.raises(ConfigError, match=f"--config.{re.escape(field)} applies only to"):
-            config_lib.check_overrides(config, [field])
+            checks.check_overrides(config, [field])
 
 
 def test_shuffle_bn_over_one_group_warns_with_the_fix():
     config = tiny_config(batch_size=16, bn_splits=1)
-    assert "shuffles nothing" in config_lib.shuffle_bn_warning(config, 1)
-    assert "--config.bn_splits=0" in config_lib.shuffle_bn_warning(config, 1)
-    assert config_lib.shuffle_bn_warning(config, 2) == ""  # two devices: two groups
+    assert "shuffles nothing" in checks.startup_warning(config, 1)
+    assert "--config.bn_splits=0" in checks.startup_warning(config, 1)
+    assert checks.startup_warning(config, 2) == ""  # two devices: two groups
     config.bn_splits = 0
-    assert config_lib.shuffle_bn_warning(config, 1) == ""  # 8 splits of 2
+    assert checks.startup_warning(config, 1) == ""  # 8 splits of 2
     config.batch_size = 68
-    assert "found 4 BN groups, not 8" in config_lib.shuffle_bn_warning(config, 1)
+    assert "found 4 BN groups, not 8" in checks.startup_warning(config, 1)
     config.shuffle_bn = False
-    assert config_lib.shuffle_bn_warning(config, 1) == ""
+    assert checks.startup_warning(config, 1) == ""
 
 
 def test_imagenet_configs_shuffle_over_eight_groups_on_one_device():
     for name in ("moco_v1_imagenet.py", "moco_v2_imagenet.py"):
         config = cli.load_config_file(str(REPO / "configs" / name))
-        assert config_lib.shuffle_bn_warning(config, 1) == "", name
+        assert checks.startup_warning(config, 1) == "", name
 
 
 @pytest.mark.parametrize("program", [*PROGRAMS, "checkpoints", "config_fields"])

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from configs import default
-from moco_jax.core import augment
-from moco_jax.data import grain_stream, host_images, image_folder
+from moco_jax.core import image_ops
+from moco_jax.data.pipelines import crop_rule, grain, pillow_ops
+from moco_jax.data.sources import image_folder
 from image_files import imagenette_or_skip
 from tiny import knn_arrays
 
@@ -27,8 +28,8 @@ S = 8  # crop size
 def stream(paths, n, workers=0, skip_corrupt=False, **kw):
     args = dict(global_batch=8, seed=5, crop_size=S, crop_scale=(0.2, 1.0))
     args.update(kw)
-    options = grain_stream.Options(workers=workers, threads=2, skip_corrupt=skip_corrupt)
-    batches = grain_stream.two_crop_batches(image_folder.FileImages(np.asarray(paths)), options=options, **args)
+    options = grain.Options(workers=workers, threads=2, skip_corrupt=skip_corrupt)
+    batches = grain.two_crop_batches(image_folder.FileImages(np.asarray(paths)), options=options, **args)
     return list(itertools.islice(batches, n))
 
 
@@ -45,8 +46,8 @@ def test_crop_boxes_match_augment_sampler():
     u = np.random.default_rng(0).uniform(size=(64, 40)).astype(np.float32)
     for (h, w), scale in [((12, 30), (0.08, 1.0)), ((12, 30), (0.5, 1.0)), ((40, 10), (5.0, 6.0)),
                           ((375, 500), (0.2, 1.0))]:
-        ref = np.asarray(jax.jit(lambda u: augment.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
-        got = host_images.crop_boxes(u.reshape(64, 10, 4), h, w, scale)
+        ref = np.asarray(jax.jit(lambda u: image_ops.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
+        got = crop_rule.crop_boxes(u.reshape(64, 10, 4), h, w, scale)
         np.testing.assert_array_equal(got, ref)
 
 
@@ -55,11 +56,11 @@ def test_host_crop_equals_device_crop_and_resize(size):
     """Pillow's crop + antialiased bilinear resize (torchvision's resized_crop
     on PIL images) gives the pixels of the device op, +-1 rounding."""
     img = np.random.default_rng(size).integers(0, 256, (40, 56, 3), dtype=np.uint8)
-    resize = jax.jit(lambda x, b: augment.crop_and_resize(x, b, size))
+    resize = jax.jit(lambda x, b: image_ops.crop_and_resize(x, b, size))
     for i in range(3):
-        u = host_images.example_uniforms(7, i)
-        crops = host_images.two_crops(encode(img), u, size, (0.08, 1.0))
-        boxes = host_images.crop_boxes(u, 40, 56, (0.08, 1.0))
+        u = pillow_ops.example_uniforms(7, i)
+        crops = pillow_ops.two_crops(encode(img), u, size, (0.08, 1.0))
+        boxes = crop_rule.crop_boxes(u, 40, 56, (0.08, 1.0))
         assert not np.array_equal(boxes[0], boxes[1])
         for v, box in enumerate(boxes):
             ref = np.asarray(resize(img[None] / 255.0, box[None].astype(np.float32)))[0] * 255
@@ -80,10 +81,10 @@ def test_every_image_mode_becomes_rgb():
         "BMP": (encode(rgb, "BMP"), (200, 100, 50)),
     }
     for name, (encoded, want) in cases.items():
-        crops = host_images.two_crops(encoded, host_images.example_uniforms(0, 0), S, (0.5, 1.0))
+        crops = pillow_ops.two_crops(encoded, pillow_ops.example_uniforms(0, 0), S, (0.5, 1.0))
         assert crops.shape == (2, S, S, 3) and crops.dtype == np.uint8, name
         assert np.abs(crops.reshape(-1, 3).mean(0) - want).max() <= 3, (name, crops.reshape(-1, 3).mean(0))
-        centre = host_images.center_crop(encoded, S)
+        centre = pillow_ops.center_crop(encoded, S)
         assert centre.shape == (S, S, 3) and np.abs(centre.reshape(-1, 3).mean(0) - want).max() <= 3, name
 
 
@@ -115,14 +116,14 @@ def test_large_jpeg_decodes_reduced_only_where_the_crops_allow():
     encoded = encode(img, "JPEG", quality=95)
 
     def scale(fraction):
-        return host_images.decode(host_images.open_image(encoded), fraction)[1]
+        return pillow_ops.decode(pillow_ops.open_image(encoded), fraction)[1]
 
     assert scale(0.1) == (1 / 8, 1 / 8)
     assert scale(0.16) == (1 / 4, 1 / 4)  # 1/8 would keep less than 16%
     assert scale(0.6) == (1.0, 1.0)  # a crop that needs more than half: no reduction
-    u = host_images.example_uniforms(3, 0)
-    reduced = host_images.two_crops(encoded, u, 32, (0.2, 1.0)).astype(int)
-    boxes = host_images.crop_boxes(u, 768, 1024, (0.2, 1.0))
+    u = pillow_ops.example_uniforms(3, 0)
+    reduced = pillow_ops.two_crops(encoded, u, 32, (0.2, 1.0)).astype(int)
+    boxes = crop_rule.crop_boxes(u, 768, 1024, (0.2, 1.0))
     reference = np.stack([np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR,
                                                                  box=(b[1], b[0], b[1] + b[3], b[0] + b[2])))
                           for b in boxes]).astype(int)
@@ -135,10 +136,10 @@ def test_center_crop_resizes_shorter_side():
     img = np.zeros((16, 32, 3), np.uint8)
     img[:, :16, 0] = 255
     img[:, 16:, 2] = 255
-    out = host_images.center_crop(encode(img), 8)
+    out = pillow_ops.center_crop(encode(img), 8)
     assert out.shape == (8, 8, 3)
     assert out[:, :3, 0].min() == 255 and out[:, 5:, 2].min() == 255
-    zoom = host_images.center_crop(encode(img), 8, crop_fraction=0.5)
+    zoom = pillow_ops.center_crop(encode(img), 8, crop_fraction=0.5)
     np.testing.assert_array_equal(zoom, img[4:12, 12:20])  # 16 x 32 -> centre 8 x 8 of the unchanged image
 
 
@@ -166,17 +167,17 @@ def test_undecodable_files_in_a_worker_are_skipped_and_counted_here(corrupt_fold
 def test_bad_layouts_fail_at_call_time(folder):
     files = image_folder.FileImages(image_folder.list_image_files(folder).paths)
     with pytest.raises(ValueError, match="not divisible"):
-        grain_stream.two_crop_batches(files, global_batch=8, seed=0, crop_size=S, crop_scale=(0.2, 1.0),
-                                      num_local_devices=3)
+        grain.two_crop_batches(files, global_batch=8, seed=0, crop_size=S, crop_scale=(0.2, 1.0),
+                               num_local_devices=3)
     with pytest.raises(ValueError, match="exceeds the 20 examples"):
-        grain_stream.two_crop_batches(files, global_batch=32, seed=0, crop_size=S, crop_scale=(0.2, 1.0))
+        grain.two_crop_batches(files, global_batch=32, seed=0, crop_size=S, crop_scale=(0.2, 1.0))
 
 
 def test_uniforms_depend_only_on_seed_and_position():
-    u = host_images.stream_uniforms(3, np.arange(100, 164))
+    u = pillow_ops.stream_uniforms(3, np.arange(100, 164))
     assert u.shape == (64, 2, 10, 4) and u.dtype == np.float32 and 0 <= u.min() and u.max() < 1
-    np.testing.assert_array_equal(u[5], host_images.example_uniforms(3, 105))
-    assert not np.array_equal(host_images.example_uniforms(4, 105), u[5])
+    np.testing.assert_array_equal(u[5], pillow_ops.example_uniforms(3, 105))
+    assert not np.array_equal(pillow_ops.example_uniforms(4, 105), u[5])
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01  # uniform on [0, 1)
 
 

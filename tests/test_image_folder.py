@@ -19,8 +19,9 @@ import pytest
 
 from configs import default
 from moco_jax import data
-from moco_jax.core import augment
-from moco_jax.data import grain_stream, image_folder
+from moco_jax.core import image_ops
+from moco_jax.data.pipelines import grain, tfdata
+from moco_jax.data.sources import image_folder
 from moco_jax.data.source import has_module, local_batch_indices
 from moco_jax.eval import knn
 from image_files import _save, colour, ids_of, imagenette_or_skip
@@ -42,18 +43,18 @@ def stream(loader, paths, n, skip_corrupt=False, **kw):
     args = dict(global_batch=8, seed=5, crop_size=S, crop_scale=(0.2, 1.0))
     args.update(kw)
     if loader == "grain":
-        options = grain_stream.Options(threads=2, skip_corrupt=skip_corrupt)
-        batches = grain_stream.two_crop_batches(image_folder.FileImages(np.asarray(paths)), options=options, **args)
+        options = grain.Options(threads=2, skip_corrupt=skip_corrupt)
+        batches = grain.two_crop_batches(image_folder.FileImages(np.asarray(paths)), options=options, **args)
     else:
-        batches = image_folder.two_crop_batches(paths, num_threads=2, skip_corrupt=skip_corrupt, **args)
+        batches = tfdata.two_crop_batches(paths, num_threads=2, skip_corrupt=skip_corrupt, **args)
     return list(itertools.islice(batches, n))
 
 
 def center_crops(loader, paths, size, skip_corrupt=False):
     if loader == "grain":
-        return grain_stream.center_crops(image_folder.FileImages(np.asarray(paths)), np.arange(len(paths)), size,
-                                         options=grain_stream.Options(skip_corrupt=skip_corrupt), chunk=4)
-    return image_folder.center_crops(paths, size, skip_corrupt=skip_corrupt)
+        return grain.center_crops(image_folder.FileImages(np.asarray(paths)), np.arange(len(paths)), size,
+                                  options=grain.Options(skip_corrupt=skip_corrupt), chunk=4)
+    return tfdata.center_crops(paths, size, skip_corrupt=skip_corrupt)
 
 
 # --------------------------------------------------------------------------- listing
@@ -291,66 +292,66 @@ def test_imagenette_knn_arrays(imagenette, loader):
 
 # --------------------------------------------------------------------------- tf.data's own arithmetic
 @pytest.fixture(scope="module")
-def tf_images():
+def tf_ops():
     pytest.importorskip("tensorflow", reason="the tf.data pipeline is optional (pip install -r requirements-tf.txt)")
-    from moco_jax.data import tf_images
+    from moco_jax.data.pipelines import tf_ops
 
-    return tf_images
+    return tf_ops
 
 
-def test_tf_crop_boxes_match_augment_sampler(tf_images):
+def test_tf_crop_boxes_match_augment_sampler(tf_ops):
     """Host (TF) and device (JAX) RandomResizedCrop boxes are the same
     function of the same uniforms, fallback included."""
-    tf = tf_images.tf
+    tf = tf_ops.tf
     u = np.random.default_rng(0).uniform(size=(64, 40)).astype(np.float32)
     for (h, w), scale in [((12, 30), (0.08, 1.0)), ((12, 30), (0.5, 1.0)), ((40, 10), (5.0, 6.0))]:
-        ref = np.asarray(jax.jit(lambda u: augment.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
-        got = tf_images.crop_boxes_from_uniforms(tf.constant(u.reshape(64, 10, 4)), h, w, scale).numpy()
+        ref = np.asarray(jax.jit(lambda u: image_ops.crop_boxes(u, h, w, scale, (3 / 4, 4 / 3)))(u))
+        got = tf_ops.crop_boxes_from_uniforms(tf.constant(u.reshape(64, 10, 4)), h, w, scale).numpy()
         np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("size", [12, 48])  # mostly shrinking / always enlarging
-def test_tf_host_crop_equals_device_crop_and_resize(tf_images, size):
+def test_tf_host_crop_equals_device_crop_and_resize(tf_ops, size):
     """The host's decode-crop-resize gives the pixels of the device op that
     reproduces torchvision's resized_crop (antialiased bilinear), +-1 rounding."""
-    tf = tf_images.tf
+    tf = tf_ops.tf
     img = np.random.default_rng(size).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     encoded = tf.io.encode_png(img)
-    resize = jax.jit(lambda x, b: augment.crop_and_resize(x, b, size))
+    resize = jax.jit(lambda x, b: image_ops.crop_and_resize(x, b, size))
     for i in range(3):
         seed = tf.constant([7, i], tf.int64)
-        crops = tf_images.two_crops(encoded, seed, size, (0.08, 1.0)).numpy()
-        boxes = tf_images.sample_crop_boxes(seed, 40, 56, (0.08, 1.0)).numpy()
+        crops = tf_ops.two_crops(encoded, seed, size, (0.08, 1.0)).numpy()
+        boxes = tf_ops.sample_crop_boxes(seed, 40, 56, (0.08, 1.0)).numpy()
         assert not np.array_equal(boxes[0], boxes[1])
         for v, box in enumerate(boxes):
             ref = np.asarray(resize(img[None] / 255.0, box[None].astype(np.float32)))[0] * 255
             assert np.abs(crops[v] - ref).max() <= 1.0, (size, i, v, box)
 
 
-def test_tf_two_crops_are_random_resized_crops(tf_images):
+def test_tf_two_crops_are_random_resized_crops(tf_ops):
     """A gradient image: crops differ per view and cover >= 20% of the area."""
-    tf = tf_images.tf
+    tf = tf_ops.tf
     x = np.linspace(0, 255, 64).astype(np.uint8)
     ramp = np.stack(np.broadcast_arrays(x[None, :], x[:, None], x[None, :]), axis=-1)  # R, B: x; G: y
     encoded = tf.io.encode_png(ramp)
-    crops = np.stack([tf_images.two_crops(encoded, tf.constant([1, i], tf.int64), 16, (0.2, 1.0)).numpy()
+    crops = np.stack([tf_ops.two_crops(encoded, tf.constant([1, i], tf.int64), 16, (0.2, 1.0)).numpy()
                       for i in range(8)]).astype(int)
     assert crops.shape == (8, 2, 16, 16, 3)
     spans = crops[..., 0].max(axis=(2, 3)) - crops[..., 0].min(axis=(2, 3))
     assert spans.min() >= 0.3 * 255 and len(np.unique(crops.reshape(16, -1), axis=0)) == 16
-    same = tf_images.two_crops(encoded, tf.constant([1, 0], tf.int64), 16, (0.2, 1.0)).numpy()
+    same = tf_ops.two_crops(encoded, tf.constant([1, 0], tf.int64), 16, (0.2, 1.0)).numpy()
     np.testing.assert_array_equal(same, crops[0])  # deterministic per seed
 
 
-def test_tf_center_crop_resizes_shorter_side(tf_images):
+def test_tf_center_crop_resizes_shorter_side(tf_ops):
     # 16 x 32: a left half red, right half blue; the centre 8 x 8 of the
     # 8 x 16 resize is half red, half blue.
-    tf = tf_images.tf
+    tf = tf_ops.tf
     img = np.zeros((16, 32, 3), np.uint8)
     img[:, :16, 0] = 255
     img[:, 16:, 2] = 255
-    out = tf_images.center_crop(tf.io.encode_png(img), 8).numpy()
+    out = tf_ops.center_crop(tf.io.encode_png(img), 8).numpy()
     assert out.shape == (8, 8, 3)
     assert out[:, :3, 0].min() == 255 and out[:, 5:, 2].min() == 255
-    zoom = tf_images.center_crop(tf.io.encode_png(img), 8, crop_fraction=0.5).numpy()
+    zoom = tf_ops.center_crop(tf.io.encode_png(img), 8, crop_fraction=0.5).numpy()
     assert zoom.shape == (8, 8, 3)  # 16 x 32 -> centre 8 x 8 of the unchanged image

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moco_jax.core import moco
+from moco_jax.methods import contrastive
+
 
 N_DEV, LOCAL, K, C, T = 8, 3, 40, 6, 0.1
 
@@ -34,7 +35,7 @@ def _sharded(q, k, queue):
 
 def test_distributed_loss_equals_full_queue_loss():
     q, k, queue = _data()
-    loss, rank = jax.pmap(lambda *a: moco.info_nce(*a, T, "batch"), axis_name="batch")(*_sharded(q, k, queue))
+    loss, rank = jax.pmap(lambda *a: contrastive.info_nce(*a, T, "batch"), axis_name="batch")(*_sharded(q, k, queue))
     np.testing.assert_allclose(np.asarray(loss).reshape(-1), _reference_losses(q, k, queue), rtol=1e-5, atol=1e-6)
     l_pos = np.sum(q * k, 1)
     expected_rank = (q @ queue.T > l_pos[:, None]).sum(1)
@@ -44,7 +45,7 @@ def test_distributed_loss_equals_full_queue_loss():
 def test_distributed_loss_is_stable_for_small_temperatures():
     q, k, queue = _data(1)
     t = 0.005  # logits up to 200: a naive exp would overflow float32
-    loss, _ = jax.pmap(lambda *a: moco.info_nce(*a, t, "batch"), axis_name="batch")(*_sharded(q, k, queue))
+    loss, _ = jax.pmap(lambda *a: contrastive.info_nce(*a, t, "batch"), axis_name="batch")(*_sharded(q, k, queue))
     logits = np.concatenate([np.sum(q * k, 1, keepdims=True), q @ queue.T], 1).astype(np.float64) / t
     m = logits.max(1, keepdims=True)
     expected = (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[:, 0]
@@ -58,7 +59,7 @@ def test_distributed_gradient_equals_full_queue_gradient():
     q, k, queue = _data(2)
 
     def local_mean_loss(q, k, queue):
-        return moco.info_nce(q, k, queue, T, "batch")[0].mean()
+        return contrastive.info_nce(q, k, queue, T, "batch")[0].mean()
 
     grads = jax.pmap(jax.grad(local_mean_loss, argnums=(0, 1, 2)), axis_name="batch")(*_sharded(q, k, queue))
     # pmap differentiates each device's local mean; their mean is the gradient

@@ -2,7 +2,7 @@
 (the runs themselves are the study, in BENCHMARKS.md)."""
 
 from benchmarks import init_study
-from moco_jax.core.config import validate_config
+from moco_jax.training.checks import validate_config
 
 
 def test_study_config_is_the_shrunk_demo_recipe():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moco_jax import pretrained
-from moco_jax.data import arrays
+from moco_jax.data.sources import arrays
 from moco_jax.io import formats
 from test_pretrained import random_variables, tiny_pretraining
 from tiny import tiny_config

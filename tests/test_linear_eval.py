@@ -8,7 +8,7 @@ import pytest
 
 from configs import linear_cifar10
 from moco_jax import pretrained
-from moco_jax.core import augment
+from moco_jax.core import image_ops
 from moco_jax.eval import linear as linear_eval
 from moco_jax.io import checkpoint
 from test_pretrained import initial_variables, random_variables, tiny_pretraining
@@ -81,7 +81,7 @@ def test_classifier_checkpoints_fall_back_past_a_corrupt_one_and_refuse_another_
 def test_eval_view_is_resize_and_center_crop():
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     x = images / 255.0
-    mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    mean, std = image_ops.CIFAR10_MEAN, image_ops.CIFAR10_STD
     # fraction 1: the whole image, unchanged but normalised.
     np.testing.assert_allclose(linear_eval.eval_view(images, 32, 1.0, mean, std),
                                (x - mean) / np.asarray(std), atol=1e-5)

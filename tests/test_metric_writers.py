@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moco_jax.core import config as config_lib
+from moco_jax.training import checks
 from moco_jax.core.errors import ConfigError
 from moco_jax.training import metrics
 from tiny import tiny_config
@@ -108,7 +108,7 @@ def test_wandb_without_a_workdir_is_a_plain_run(fake_wandb):
 def test_no_wandb_project_never_imports_wandb(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would raise
     config = tiny_config()
-    config_lib.validate_config(config, num_devices=8)
+    checks.validate_config(config, num_devices=8)
     writer = metrics.MetricWriter(str(tmp_path), config)
     writer.write(1, {"loss": 1.0})
     writer.close()
@@ -119,7 +119,7 @@ def test_wandb_project_without_wandb_installed_is_refused_at_start_up(tmp_path, 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails
     config = tiny_config(wandb_project="moco")
     with pytest.raises(ConfigError, match="pip install wandb"):
-        config_lib.validate_config(config, num_devices=8)
+        checks.validate_config(config, num_devices=8)
     with pytest.raises(ConfigError, match="pip install wandb"):
         metrics.MetricWriter(str(tmp_path), config)
 

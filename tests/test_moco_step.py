@@ -10,8 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from moco_jax.core import models, moco, sharding
+from moco_jax.core import sharding
 from moco_jax.core import state as state_lib
+from moco_jax import methods
+from moco_jax.methods import moco_v2, momentum
 from tiny import tiny_config
 
 N_DEV, LOCAL = 8, 4
@@ -21,7 +23,7 @@ K, T, M = 64, 0.2, 0.9
 
 def _setup(**overrides):
     config = tiny_config(batch_size=GLOBAL, queue_size=K, **overrides)
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     tx = optax.sgd(1.0)  # lr 1, no momentum: the parameter change *is* the gradient
     state = state_lib.create_train_state(jax.random.key(0), encoder, tx, (8, 8, 3), K, config.embed_dim)
     return encoder, state
@@ -93,9 +95,9 @@ def reference_step(encoder, s, x_q, x_k, symmetric=False):
 
 
 def _pmap_step(symmetric=False):
-    hp = moco.MoCoHParams(temperature=T, ema_momentum=M, symmetric=symmetric)
+    hp = moco_v2.MoCoHParams(temperature=T, ema_momentum=M, symmetric=symmetric)
     identity_views = lambda rng, batch: batch  # noqa: E731 - the views are given
-    return jax.pmap(functools.partial(moco.train_step, hp=hp, views=identity_views), axis_name="batch")
+    return jax.pmap(functools.partial(moco_v2.train_step, hp=hp, views=identity_views), axis_name="batch")
 
 
 def _per_device(x):
@@ -173,15 +175,15 @@ def test_key_encoder_gets_no_gradient_and_momentum_update_is_exact():
     # Make the two encoders differ so the update is visible.
     s0 = s0.replace(momentum_params=jax.tree.map(lambda p: p + 1.0, s0.params))
     expected = jax.tree.map(lambda k, q: 0.9 * k + 0.1 * q, s0.momentum_params, s0.params)
-    actual = moco.momentum_update(s0.momentum_params, s0.params, 0.9)
+    actual = momentum.momentum_update(s0.momentum_params, s0.params, 0.9)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, e, rtol=1e-7, atol=1e-7)
 
     x = _images(3)[0][:LOCAL]
-    hp = moco.MoCoHParams(shuffle_bn=False)
+    hp = moco_v2.MoCoHParams(shuffle_bn=False)
 
     def key_loss(momentum_params):
-        k, _ = moco.compute_keys(s0, momentum_params, x, None, hp)
+        k, _ = moco_v2.compute_keys(s0, momentum_params, x, None, hp)
         return jnp.sum(k * jnp.arange(k.shape[1]))
 
     grads = jax.grad(key_loss)(s0.momentum_params)

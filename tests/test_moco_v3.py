@@ -14,9 +14,11 @@ import optax
 import pytest
 
 from configs import moco_v3_tiny
-from moco_jax.core import models, moco, moco_v3, optim, sharding
+from moco_jax.core import optim, sharding
 from moco_jax.core import state as state_lib
 from moco_jax.training import trainer
+from moco_jax import methods
+from moco_jax.methods import moco_v3, momentum
 
 N_DEV, LOCAL, SIZE = 8, 2, 16
 GLOBAL = N_DEV * LOCAL
@@ -33,7 +35,7 @@ def _config(**model):
 
 
 def _state(config, tx=None):
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     tx = tx or optax.sgd(1.0)
     state = state_lib.create_train_state(jax.random.key(0), encoder, tx, (SIZE, SIZE, 3), 0, config.embed_dim)
     # Perturb the key encoder and the BN statistics, so that the test sees
@@ -50,7 +52,7 @@ def _views():
 
 def _reference(config, state, x1, x2):
     """Loss, gradient, momentum params and BN statistics of one v3 step, on one device."""
-    encoder = models.build_encoder(config, axis_name=None)  # whole-batch BN == SyncBN over the devices
+    encoder = methods.build_encoder(config, axis_name=None)  # whole-batch BN == SyncBN over the devices
     m0, t = config.momentum, config.temperature
     m = 1 - (1 - m0) * (math.cos(math.pi * STEP / TOTAL) + 1) / 2
     unit = lambda z: z / jnp.linalg.norm(z, axis=1, keepdims=True)  # noqa: E731
@@ -202,10 +204,10 @@ def test_cosine_momentum_schedule():
     m0, total = 0.99, 1000
     official = lambda e: 1.0 - 0.5 * (1.0 + math.cos(math.pi * e / total)) * (1.0 - m0)  # noqa: E731
     for step in (0, 1, 250, 500, 999, 1000):
-        np.testing.assert_allclose(float(moco.momentum_at(step, m0, "cosine", total)), official(step), rtol=1e-6)
-    assert float(moco.momentum_at(500, m0, "cosine", total)) == pytest.approx((1 + m0) / 2)
-    assert moco.momentum_at(500, m0, "constant", total) == m0
-    assert float(moco.momentum_at(total, m0, "cosine", total)) == pytest.approx(1.0)
+        np.testing.assert_allclose(float(momentum.momentum_at(step, m0, "cosine", total)), official(step), rtol=1e-6)
+    assert float(momentum.momentum_at(500, m0, "cosine", total)) == pytest.approx((1 + m0) / 2)
+    assert momentum.momentum_at(500, m0, "constant", total) == m0
+    assert float(momentum.momentum_at(total, m0, "cosine", total)) == pytest.approx(1.0)
 
 
 def _official_lars(params, grads_seq, lrs, wd, momentum, trust):
@@ -265,7 +267,7 @@ def test_adamw_decay_mask():
 
 
 def test_config_refuses_v2_fields_with_v3():
-    from moco_jax.core.config import validate_config
+    from moco_jax.training.checks import validate_config
     from moco_jax.core.errors import ConfigError
 
     config = _config()
@@ -314,7 +316,7 @@ def test_trainer_resumes_a_v3_run_bit_exactly_and_the_encoder_serves_downstream(
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
     assert straight["state"].queue is None and set(straight["knn_trained"]) == {"backbone", "projection"}
     momenta = [h["momentum"] for h in straight["history"]]
-    np.testing.assert_allclose(momenta, [moco.momentum_at(s, 0.99, "cosine", 4) for s in range(4)], rtol=1e-6)
+    np.testing.assert_allclose(momenta, [momentum.momentum_at(s, 0.99, "cosine", 4) for s in range(4)], rtol=1e-6)
 
     encoder = pretrained.load(str(tmp_path / "a"))
     assert encoder.feature_dim == 32 and "predictor" in encoder.variables["params"]

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from moco_jax.core import models
+from moco_jax import methods
 from tiny import tiny_config
 
 
@@ -29,8 +30,8 @@ def test_split_bn_with_one_split_is_flax_batchnorm():
 
 def test_split_bn_on_one_device_equals_per_device_bn_on_eight():
     config = tiny_config(bn_splits=8)
-    split_encoder = models.build_encoder(config)
-    device_encoder = models.build_encoder(tiny_config(bn_splits=1))
+    split_encoder = methods.build_encoder(config)
+    device_encoder = methods.build_encoder(tiny_config(bn_splits=1))
     x = _x((32, 8, 8, 3))
     variables = split_encoder.init(jax.random.key(1), x, train=False)
 
@@ -100,7 +101,7 @@ def test_heads():
 def test_bfloat16_compute_keeps_float32_params_and_stats():
     config = tiny_config()
     config.model.dtype = "bfloat16"
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     x = _x((4, 8, 8, 3))
     variables = encoder.init(jax.random.key(0), x, train=False)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
@@ -110,7 +111,7 @@ def test_bfloat16_compute_keeps_float32_params_and_stats():
     jaxpr = str(jax.make_jaxpr(lambda v: encoder.apply(v, x, train=False))(variables))
     assert "bf16" in jaxpr  # the convolutions really run in bfloat16
     config.model.dtype = "float32"
-    encoder32 = models.build_encoder(config)
+    encoder32 = methods.build_encoder(config)
     (_, z32), _ = jax.jit(lambda v: encoder32.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
     assert np.abs(np.asarray(z32) - np.asarray(z)).max() < 0.1 * np.abs(np.asarray(z32)).max()
 
@@ -223,7 +224,7 @@ def test_conv_grad_scale_is_the_init_at_pytorch_scale():
 
 def test_conv_grad_scale_needs_sgd_on_a_resnet():
     from moco_jax.core import optim
-    from moco_jax.core.config import validate_config
+    from moco_jax.training.checks import validate_config
 
     config = tiny_config(conv_grad_scale="pytorch_init", optimizer="lars")
     with pytest.raises(models.ConfigError, match="conv_grad_scale='pytorch_init' needs a ResNet trained with"):

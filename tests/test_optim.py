@@ -13,9 +13,10 @@ import optax
 import pytest
 
 from configs import moco_v3_tiny
-from moco_jax.core import config as config_lib
-from moco_jax.core import models, optim
+from moco_jax.training import checks
+from moco_jax.core import optim
 from moco_jax.core.errors import ConfigError
+from moco_jax import methods
 from tiny import tiny_config
 
 N_DEV = 8
@@ -37,8 +38,8 @@ def _v3_vit():
 
 
 METHODS = {"v2_resnet": _v2_resnet, "v3_resnet": _v3_resnet, "v3_vit": _v3_vit}
-AXES = dict(method=tuple(METHODS), optimizer=config_lib.OPTIMIZERS, mask=config_lib.WEIGHT_DECAY_MASKS,
-            stop_grad_patch=(True, False), conv_grad_scale=config_lib.CONV_GRAD_SCALES)
+AXES = dict(method=tuple(METHODS), optimizer=optim.OPTIMIZERS, mask=optim.WEIGHT_DECAY_MASKS,
+            stop_grad_patch=(True, False), conv_grad_scale=optim.CONV_GRAD_SCALES)
 
 
 def _config(method, optimizer, mask, stop_grad_patch, conv_grad_scale):
@@ -52,7 +53,7 @@ def _config(method, optimizer, mask, stop_grad_patch, conv_grad_scale):
 def _param_shapes(method, stop_grad_patch):
     """The query encoder's parameters as ShapeDtypeStructs (nothing computed)."""
     config = _config(method, "sgd", "all", stop_grad_patch, "none")
-    encoder = models.build_encoder(config, axis_name=None)
+    encoder = methods.build_encoder(config, axis_name=None)
     image = jnp.zeros((2, config.crop_size, config.crop_size, 3))
     method_fn = "query" if hasattr(encoder, "query") else None
     init = lambda r: encoder.init(r, image, train=False, method=method_fn)["params"]  # noqa: E731
@@ -63,7 +64,7 @@ def _accepted_optimizer(combo):
     """(config, optimizer) of a combination, or None where it is refused."""
     config = _config(*combo)
     try:
-        config_lib.validate_config(config, num_devices=N_DEV)
+        checks.validate_config(config, num_devices=N_DEV)
         return config, optim.make_optimizer(config, STEPS_PER_EPOCH)[0]
     except ConfigError:
         return None

@@ -3,6 +3,7 @@ loads without the training machinery, and an installable distribution."""
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "moco_jax"
 # Each package may import only itself and the packages of lower rank; the
 # top-level modules (the programs and `pretrained`) may import anything.
-RANKS = {"core": 0, "data": 1, "io": 1, "eval": 2, "training": 3, "launch": 4}
+RANKS = {"core": 0, "methods": 1, "data": 2, "io": 2, "eval": 3, "training": 4, "launch": 5}
 
 
 def module_name(path: Path) -> str:
@@ -55,7 +56,7 @@ def package_of(module: str) -> str | None:
 
 def test_the_graph_is_read(graph):
     """The parser sees imports, lazy ones inside functions included."""
-    assert "moco_jax.core.moco" in graph["moco_jax.training.trainer"]
+    assert "moco_jax.methods" in graph["moco_jax.training.trainer"]
     assert "moco_jax.io.checkpoint" in graph["moco_jax.io.formats"]  # imported inside a function
     assert len(graph) > 30
 
@@ -71,6 +72,23 @@ def test_imports_only_go_downward(graph):
             if other_package != package and (other_package is None or RANKS[other_package] >= RANKS[package]):
                 wrong.append(f"{module} -> {other}")
     assert not wrong, wrong
+
+
+def test_the_method_and_the_architecture_are_asked_only_where_they_are_built():
+    """No module outside the methods and the model builders branches on which
+    method or which backbone it runs; core/config.py imports none of the
+    modules whose fields it checks; and no module restates a field's default
+    with `config.get(name, default)` except the reader of old configs."""
+    code = {p.relative_to(ROOT).as_posix(): p.read_text() for p in PACKAGE.rglob("*.py")}
+    branching = [f for f, text in code.items() if ("is_vit(" in text or "method_of(" in text)
+                 and not (f.startswith("moco_jax/methods/") or f == "moco_jax/core/models.py")]
+    assert not branching, branching
+    config_imports = {m for m in imported_modules(PACKAGE / "core" / "config.py", {module_name(p) for p in
+                                                                                     PACKAGE.rglob("*.py")})}
+    assert config_imports <= {"moco_jax.core.errors"}, config_imports
+    defaults = [f for f, text in code.items() if re.search(r"\b(config|model_config|spec)\.get\(", text)
+                and f not in ("moco_jax/io/old_configs.py", "moco_jax/torch_resnet.py")]  # readers of old files
+    assert not defaults, defaults
 
 
 def test_no_import_cycle(graph):
@@ -113,7 +131,7 @@ features = encoder.embed(images)
 assert features.shape == (5, encoder.feature_dim) and np.isfinite(features).all()
 import moco_jax
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('orbax', 'tensorflow', 'torch')
-               or m.startswith('moco_jax.training') or m.startswith('moco_jax.data.tf'))
+               or m.startswith(('moco_jax.training', 'moco_jax.data.pipelines.tf', 'moco_jax.data.sources.tfds')))
 print(moco_jax.__file__)
 print('heavy:', heavy)
 print('embedded', features.shape)

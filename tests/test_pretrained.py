@@ -13,10 +13,11 @@ import pytest
 from moco_jax import pretrained
 from moco_jax.core import models, optim
 from moco_jax.core import state as state_lib
-from moco_jax.data import arrays
+from moco_jax.data.sources import arrays
 from moco_jax.eval import embed
 from moco_jax.io import formats, torch_format
 from moco_jax.training import trainer
+from moco_jax import methods
 from tiny import tiny_config
 
 
@@ -39,7 +40,7 @@ def tiny_pretraining():
 
 def initial_variables(config):
     """The encoder a pretraining run with `config` starts from."""
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     tx, _ = optim.make_optimizer(config, 1)
     image_shape = (config.crop_size, config.crop_size, 3)
     state = state_lib.create_train_state(jax.random.key(config.seed), encoder, tx, image_shape,
@@ -51,7 +52,7 @@ def random_variables(config, seed=0):
     """Random encoder variables for `config`, every leaf non-trivial (BN
     statistics are not 0 / 1). Drawn with numpy from the shapes alone: no
     ResNet is run, which keeps the tests fast."""
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     image = jnp.zeros((1, config.crop_size, config.crop_size, 3))
     shapes = jax.eval_shape(lambda: encoder.init(jax.random.key(0), image, train=False))
     rng = np.random.default_rng(seed)
@@ -146,7 +147,7 @@ def test_architecture_is_inferred_for_every_depth():
     for depth in models.ARCHITECTURES:
         config = tiny_config()
         config.model.depth = depth
-        shapes = jax.eval_shape(lambda: models.build_encoder(config).init(
+        shapes = jax.eval_shape(lambda: methods.build_encoder(config).init(
             jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(zeros))

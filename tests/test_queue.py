@@ -4,8 +4,8 @@ pointer arithmetic."""
 import jax.numpy as jnp
 import numpy as np
 
-from moco_jax.core import moco
 from moco_jax.core import state as state_lib
+from moco_jax.methods import moco_v2
 import jax
 
 
@@ -15,7 +15,7 @@ def test_enqueue_is_fifo_and_wraps_around():
     pointers = []
     for step in range(1, 7):  # 6 writes of 4 rows into 12: two full turns
         keys = jnp.full((batch, dim), float(step))
-        queue, ptr = moco.enqueue(queue, ptr, keys)
+        queue, ptr = moco_v2.enqueue(queue, ptr, keys)
         pointers.append(int(ptr))
         # The newest batch sits just before the pointer, the oldest at it.
         newest = (int(ptr) - batch) % shard_rows
@@ -30,7 +30,7 @@ def test_enqueue_is_fifo_and_wraps_around():
 
 def test_enqueue_is_jittable_with_a_traced_pointer():
     queue = jnp.arange(16.0).reshape(8, 2)
-    new, ptr = jax.jit(moco.enqueue)(queue, jnp.int32(6), -jnp.ones((2, 2)))
+    new, ptr = jax.jit(moco_v2.enqueue)(queue, jnp.int32(6), -jnp.ones((2, 2)))
     assert int(ptr) == 0
     np.testing.assert_array_equal(new[6:], -1)
     np.testing.assert_array_equal(new[:6], queue[:6])

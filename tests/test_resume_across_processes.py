@@ -111,10 +111,11 @@ import jax, numpy as np
 from flax import serialization
 from moco_jax.core import models, optim, state as state_lib
 from moco_jax.io import digests
+from moco_jax import methods
 from test_resume_across_processes import _config
 config = _config(sys.argv[1])
 tx, _ = optim.make_optimizer(config, 10)
-state = state_lib.create_train_state(jax.random.key(0), models.build_encoder(config), tx, (8, 8, 3),
+state = state_lib.create_train_state(jax.random.key(0), methods.build_encoder(config), tx, (8, 8, 3),
                                      config.queue_size, config.embed_dim)
 print(json.dumps(digests.array_digests(jax.tree.map(np.asarray, serialization.to_state_dict(state)))))
 """

@@ -14,12 +14,13 @@ import numpy as np
 import optax
 import pytest
 
-from moco_jax.core import models, moco, sharding
+from moco_jax.core import models, sharding
 from moco_jax.core import state as state_lib
+from moco_jax.methods import moco_v2, shuffle_bn
 
 N_DEV, LOCAL = 8, 16
 GLOBAL = N_DEV * LOCAL
-MODES = moco.SHUFFLE_MODES
+MODES = shuffle_bn.SHUFFLE_MODES
 
 
 class _SmallEncoder(nn.Module):
@@ -53,11 +54,11 @@ def _group_centred(x):
 def _shuffle(mode, encode):
     """pmap over 8 devices: (rng (2,) replicated, x (8, LOCAL, ...)) ->
     (keys, aux, the permutation each device drew)."""
-    hp = moco.MoCoHParams(shuffle_mode=mode)
-    forward = moco.all_to_all_shuffled_forward if mode == "all_to_all" else moco.shuffled_forward
+    hp = moco_v2.MoCoHParams(shuffle_mode=mode)
+    forward = shuffle_bn.all_to_all_shuffled_forward if mode == "all_to_all" else shuffle_bn.shuffled_forward
 
     def run(raw_rng, x):
-        perm = moco.draw_permutation(jax.random.wrap_key_data(raw_rng), hp, x.shape[0])
+        perm = moco_v2.draw_permutation(jax.random.wrap_key_data(raw_rng), hp, x.shape[0])
         keys, aux = forward(encode, x, perm, hp.axis_name)
         return keys, aux, perm
 
@@ -111,7 +112,7 @@ def test_permutation_is_shared_by_all_devices_and_new_every_step(mode):
 
 
 def test_stratified_permutation_takes_the_same_number_from_every_device():
-    perm = np.asarray(moco.stratified_permutation(jax.random.key(5), N_DEV, LOCAL))
+    perm = np.asarray(shuffle_bn.stratified_permutation(jax.random.key(5), N_DEV, LOCAL))
     np.testing.assert_array_equal(np.sort(perm), np.arange(GLOBAL))
     sources = perm.reshape(N_DEV, LOCAL) // LOCAL
     for row in sources:
@@ -119,7 +120,7 @@ def test_stratified_permutation_takes_the_same_number_from_every_device():
     # Random order inside a slice (so split-BN sub-groups mix devices too).
     assert any(np.any(np.diff(row) < 0) for row in sources)
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
-        moco.stratified_permutation(jax.random.key(5), N_DEV, 4)
+        shuffle_bn.stratified_permutation(jax.random.key(5), N_DEV, 4)
 
 
 def test_all_to_all_keys_match_single_device_bn_over_the_same_groups():
@@ -129,11 +130,11 @@ def test_all_to_all_keys_match_single_device_bn_over_the_same_groups():
     encoder = _SmallEncoder()
     state = state_lib.create_train_state(jax.random.key(0), encoder, optax.sgd(0.1), (4, 4, 3), 64, 8)
     x = np.random.default_rng(2).normal(size=(GLOBAL, 4, 4, 3)).astype(np.float32)
-    perm = np.asarray(moco.stratified_permutation(jax.random.key(7), N_DEV, LOCAL))
+    perm = np.asarray(shuffle_bn.stratified_permutation(jax.random.key(7), N_DEV, LOCAL))
 
     def keys_fn(mode):
-        hp = moco.MoCoHParams(shuffle_mode=mode)
-        step = lambda s, xs, p: moco.compute_keys(s, s.momentum_params, xs, p, hp)  # noqa: E731
+        hp = moco_v2.MoCoHParams(shuffle_mode=mode)
+        step = lambda s, xs, p: moco_v2.compute_keys(s, s.momentum_params, xs, p, hp)  # noqa: E731
         return jax.pmap(step, axis_name=hp.axis_name, in_axes=(None, 0, None))
 
     keys, stats = keys_fn("all_to_all")(state, _per_device(x), perm)
@@ -162,7 +163,7 @@ def test_all_to_all_keys_match_single_device_bn_over_the_same_groups():
 
 def test_unknown_shuffle_mode_is_rejected():
     with pytest.raises(ValueError, match="shuffle_mode"):
-        moco.MoCoHParams(shuffle_mode="ring")
+        moco_v2.MoCoHParams(shuffle_mode="ring")
 
 
 def _step_memory(mode, num_devices, local_batch, queue_size=256, side=16):
@@ -172,9 +173,9 @@ def _step_memory(mode, num_devices, local_batch, queue_size=256, side=16):
         jax.random.key(0), _SmallEncoder(), optax.sgd(0.1), (side, side, 3), queue_size, 8
     )
     devices = jax.devices()[:num_devices]
-    hp = moco.MoCoHParams(shuffle_mode=mode)
+    hp = moco_v2.MoCoHParams(shuffle_mode=mode)
     step = jax.pmap(
-        functools.partial(moco.train_step, hp=hp, views=lambda rng, x: (x, x)),
+        functools.partial(moco_v2.train_step, hp=hp, views=lambda rng, x: (x, x)),
         axis_name=hp.axis_name, devices=devices, donate_argnums=(0,),
     )
     p_state = state_lib.to_devices(state, devices)
@@ -225,15 +226,16 @@ def test_train_step_all_to_all_equals_all_gather_given_the_same_permutation(monk
     batch = (sharding.shard(x[0]), sharding.shard(x[1]))
 
     def run(mode):
-        hp = moco.MoCoHParams(shuffle_mode=mode)
-        step = jax.pmap(functools.partial(moco.train_step, hp=hp, views=lambda rng, b: b), axis_name=hp.axis_name)
+        hp = moco_v2.MoCoHParams(shuffle_mode=mode)
+        step = jax.pmap(functools.partial(moco_v2.train_step, hp=hp, views=lambda rng, b: b), axis_name=hp.axis_name)
         p_state, metrics = state_lib.to_devices(state), None
         for _ in range(2):
             p_state, metrics = step(p_state, batch)
         return state_lib.from_devices(p_state), metrics
 
     a2a, a2a_metrics = run("all_to_all")
-    monkeypatch.setattr(moco, "shuffle_permutation", lambda rng, b: moco.stratified_permutation(rng, N_DEV, b // N_DEV))
+    monkeypatch.setattr(moco_v2, "shuffle_permutation",
+                        lambda rng, b: shuffle_bn.stratified_permutation(rng, N_DEV, b // N_DEV))
     gather, gather_metrics = run("all_gather")
     np.testing.assert_allclose(np.asarray(a2a_metrics["loss"]), np.asarray(gather_metrics["loss"]), rtol=1e-6)
     for a, g in zip(jax.tree.leaves(a2a), jax.tree.leaves(gather)):

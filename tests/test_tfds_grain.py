@@ -11,7 +11,8 @@ pytest.importorskip("tensorflow_datasets")
 from configs import default  # noqa: E402
 from moco_jax import data  # noqa: E402
 from moco_jax.core.errors import ConfigError  # noqa: E402
-from moco_jax.data import convert_tfds, tfds_source  # noqa: E402
+from moco_jax.data import convert_tfds  # noqa: E402
+from moco_jax.data.sources import tfds as tfds_source  # noqa: E402
 from moco_jax.data.source import local_batch_indices  # noqa: E402
 from image_files import ids_of  # noqa: E402
 from tfds_tiny import NAME, NUM_TEST, NUM_TRAIN, prepare  # noqa: E402

@@ -11,7 +11,7 @@ pytest.importorskip("tensorflow", reason="these tests exercise the optional tf.d
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import default  # noqa: E402
-from moco_jax.data import tfds_source  # noqa: E402
+from moco_jax.data.sources import tfds as tfds_source  # noqa: E402
 from tiny import knn_arrays, pretrain_source  # noqa: E402
 
 S = 8

@@ -6,11 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from moco_jax.core import models, optim, sharding
+from moco_jax.core import optim, sharding
 from moco_jax.core import state as state_lib
-from moco_jax.data import arrays, source
+from moco_jax.data import source
+from moco_jax.data.sources import arrays
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.training import metrics, trainer
+from moco_jax import methods
 from tiny import tiny_config
 
 _LOWERINGS = []
@@ -23,7 +25,7 @@ jax.monitoring.register_event_duration_secs_listener(
 
 def test_no_recompilation_after_the_first_step():
     config = tiny_config()
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     tx, _ = optim.make_optimizer(config, steps_per_epoch=10)
     state = state_lib.create_train_state(jax.random.key(0), encoder, tx, (8, 8, 3), 32, config.embed_dim)
     p_state = state_lib.to_devices(state)
@@ -79,3 +81,43 @@ def test_default_config_trains_end_to_end(tmp_path):
         assert all(0.0 <= a <= 1.0 for a in accuracies.values())
     assert int(result["state"].step) == 40
     assert result["state"].queue.shape == (256, 128)
+
+
+def test_the_random_init_knn_is_measured_once_per_run_and_read_back_after(tmp_path):
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return {"backbone": 0.25, "projection": 0.5}
+
+    config = tiny_config()
+    first = trainer.random_init_knn(str(tmp_path), config, evaluate)
+    assert trainer.random_init_knn(str(tmp_path), config, evaluate) == first == evaluate()
+    assert len(calls) == 2  # the first launch, and the direct call just above
+    assert (tmp_path / metrics.KNN_RANDOM_NAME).exists()
+    # What the random-init kNN depends on changed: measured again (and stored for the new settings).
+    for changed in (tiny_config(knn_k=5), tiny_config(seed=1), tiny_config(embed_dim=16), tiny_config(crop_size=6)):
+        trainer.random_init_knn(str(tmp_path), changed, evaluate)
+    assert len(calls) == 6
+    trainer.random_init_knn(str(tmp_path), tiny_config(crop_size=6), evaluate)
+    assert len(calls) == 6
+    trainer.random_init_knn(None, config, evaluate)  # no workdir: nothing to read back
+    assert len(calls) == 7
+
+
+@pytest.mark.slow
+def test_a_relaunch_does_not_evaluate_the_random_init_again(tmp_path, monkeypatch):
+    evaluations = []
+    monitor = trainer.knn_monitor
+
+    def counting_monitor(config, dataset):
+        knn_fn = monitor(config, dataset)
+        return lambda variables: evaluations.append(1) or knn_fn(variables)
+
+    monkeypatch.setattr(trainer, "knn_monitor", counting_monitor)
+    first = trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path), show_progress=False)
+    assert len(evaluations) == 2  # random init, trained
+    second = trainer.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path), show_progress=False)
+    assert len(evaluations) == 3  # trained only
+    assert second["knn_random"] == first["knn_random"]
+    assert int(second["state"].step) == 4

@@ -6,7 +6,8 @@ import re
 import ml_collections
 import pytest
 
-from moco_jax.core.config import validate_config, validate_linear_config
+from moco_jax.eval.linear import validate_linear_config
+from moco_jax.training.checks import validate_config
 from moco_jax.core.errors import ConfigError
 from tiny import tiny_config
 

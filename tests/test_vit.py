@@ -15,9 +15,10 @@ from safetensors.numpy import load_file
 
 from configs import moco_v3_tiny
 from moco_jax import pretrained
-from moco_jax.core import models, vit
+from moco_jax.core import vit
 from moco_jax.eval import embed
 from moco_jax.io import formats, torch_format
+from moco_jax import methods
 
 SIZE = 16
 
@@ -32,7 +33,7 @@ def _config(**model):
 def _variables(config, seed=0):
     """Initialised variables, with every parameter perturbed (so that zero
     biases and unit LayerNorm scales are tested as arbitrary values)."""
-    v = models.build_encoder(config).init(jax.random.key(seed), jnp.zeros((2, SIZE, SIZE, 3)), train=False,
+    v = methods.build_encoder(config).init(jax.random.key(seed), jnp.zeros((2, SIZE, SIZE, 3)), train=False,
                                           method="query")
     leaves, tree = jax.tree.flatten(v)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -57,7 +58,7 @@ def test_position_embedding_is_moco_v3s():
 
 def test_initialisation_is_moco_v3s():
     config = _config(vit="test")
-    params = jax.jit(lambda r: models.build_encoder(config).init(
+    params = jax.jit(lambda r: methods.build_encoder(config).init(
         r, jnp.zeros((2, SIZE, SIZE, 3)), train=False, method="query"))(jax.random.key(0))["params"]["backbone"]
     width, p = 32, 4
     qkv = np.asarray(params["blocks_0"]["attn"]["qkv"]["kernel"])
@@ -81,7 +82,7 @@ def test_v3_heads_follow_the_official_builder():
     ResNet: a 2-layer projector and a predictor without the last BN."""
     for arch, projector_layers, predictor_bn in (("vit", 3, True), ("resnet", 2, False)):
         config = _config(arch=arch)
-        v = jax.eval_shape(lambda c=config: models.build_encoder(c).init(  # structure only
+        v = jax.eval_shape(lambda c=config: methods.build_encoder(c).init(  # structure only
             jax.random.key(0), jnp.zeros((2, SIZE, SIZE, 3)), train=False, method="query"))
         head = v["params"]["head"]
         assert "predictor" in v["params"]
@@ -94,7 +95,7 @@ def test_v3_heads_follow_the_official_builder():
 
 def test_bfloat16_vit_runs_with_float32_params():
     config = _config(dtype="bfloat16")
-    encoder = models.build_encoder(config)
+    encoder = methods.build_encoder(config)
     v = encoder.init(jax.random.key(0), jnp.zeros((2, SIZE, SIZE, 3)), train=False, method="query")
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
     features, z = encoder.apply(v, jnp.ones((2, SIZE, SIZE, 3)), train=False)
@@ -135,7 +136,7 @@ def test_timm_names_for_the_paper_models():
         config = _config(vit=size, patch_size=16)
         config.crop_size = 224
         assert formats.architecture_name(config) == name
-        shapes = jax.eval_shape(lambda c=config: models.build_encoder(c).init(
+        shapes = jax.eval_shape(lambda c=config: methods.build_encoder(c).init(
             jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))["params"]["backbone"]
         state = torch_format.vit_to_timm(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes), 14)
         width = {"small": 384, "base": 768}[size]

@@ -194,7 +194,7 @@ def test_a_workdir_whose_checkpoints_folder_links_to_another_workdirs_shares_its
 
 
 def test_a_workdir_reached_through_a_link_is_the_same_workdir(tmp_path):
-    """Spelled through a link, and through a link and `..`: `checkpoint.checkpoint_dir` folds `..` before
+    """Spelled through a link, and through a link and `..`: `workdirs.checkpoint_dir` folds `..` before
     following links (abspath), so `sym/../run1` keeps its checkpoints in run1/checkpoints."""
     run1, deep = tmp_path / "run1", tmp_path / "deep" / "inner"
     (run1 / "checkpoints").mkdir(parents=True)

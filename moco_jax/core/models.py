@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from moco_jax.core import vit
+from moco_jax.core.config import BOOL, MOMENTUM, integer, one_of
 from moco_jax.core.errors import ConfigError
 
 Dtype = Any
@@ -351,37 +352,26 @@ class MoCoV3Encoder(nn.Module):
 
 
 ARCHS = ("resnet", "vit")
-METHODS = ("moco_v2", "moco_v3")
-
-
-def method_of(config) -> str:
-    """`config.method`; configs written before MoCo v3 existed mean moco_v2."""
-    return config.get("method", "moco_v2")
 
 
 def is_vit(config) -> bool:
-    """Whether `config.model` is a ViT (configs without `model.arch` are ResNets)."""
-    model = config.get("model")  # (a linear-probe config has none)
-    return model is not None and model.get("arch", "resnet") == "vit"
+    """Whether `config.model` is a ViT."""
+    return config.model.arch == "vit"
 
 
-def describe(config) -> str:
-    """The encoder in words, e.g. 'ResNet-10 (width 16, cifar stem) with an
-    mlp head' or 'ViT-small/16 (4096-d MLP heads)'."""
+def describe_backbone(config) -> str:
+    """The backbone in words, e.g. 'ResNet-10 (width 16, cifar stem)' or 'ViT-small/16'."""
     model = config.model
     if is_vit(config):
-        encoder = f"ViT-{model.vit}/{model.patch_size}"
-    else:
-        encoder = f"ResNet-{model.depth} (width {model.width}, {model.stem} stem)"
-    if method_of(config) == "moco_v3":
-        return f"{encoder} with a {model.mlp_dim}-wide projector and predictor"
-    return f"{encoder} with {dict(mlp='an MLP', linear='a linear').get(model.head, model.head)} head"
+        return f"ViT-{model.vit}/{model.patch_size}"
+    return f"ResNet-{model.depth} (width {model.width}, {model.stem} stem)"
 
 
 def build_backbone(config, axis_name: str = "batch") -> nn.Module:
     """`config.model.arch`: a ResNet (`model.depth`, `width`, `stem`,
-    `sync_bn`, `zero_init_residual`, `conv_init`) or a ViT (`model.vit`, `patch_size`,
-    `stop_grad_patch`); activations in `model.dtype`."""
+    `sync_bn`, `zero_init_residual`, `conv_init`; `config.bn_splits`) or a
+    ViT (`model.vit`, `patch_size`, `stop_grad_patch`); activations in
+    `model.dtype`."""
     model_config = config.model
     if model_config.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={model_config.dtype!r} must be one of {', '.join(map(repr, DTYPES))}")
@@ -389,44 +379,66 @@ def build_backbone(config, axis_name: str = "batch") -> nn.Module:
     if is_vit(config):
         return vit.VisionTransformer(size=model_config.vit, patch_size=model_config.patch_size,
                                      stop_grad_patch=model_config.stop_grad_patch, dtype=dtype, name="backbone")
-    if model_config.get("arch", "resnet") != "resnet":
+    if model_config.arch != "resnet":
         raise ConfigError(f"model.arch={model_config.arch!r} must be one of {', '.join(map(repr, ARCHS))}")
     return ResNet(
         depth=model_config.depth,
         width=model_config.width,
         stem=model_config.stem,
-        bn_splits=config.get("bn_splits", 1),
+        bn_splits=config.bn_splits,
         bn_axis_name=axis_name if model_config.sync_bn else None,
         bn_momentum=model_config.bn_momentum,
         dtype=dtype,
-        zero_init_residual=model_config.get("zero_init_residual", False),
-        conv_init=model_config.get("conv_init", "torchvision"),
+        zero_init_residual=model_config.zero_init_residual,
+        conv_init=model_config.conv_init,
         name="backbone",
     )
 
 
-def build_encoder(config, axis_name: str = "batch") -> MoCoEncoder | MoCoV3Encoder:
-    """The encoder of an experiment config (`config.method`, `config.model`,
-    `config.embed_dim`, `config.bn_splits`); SyncBN reduces over the pmap
-    axis `axis_name`."""
-    backbone = build_backbone(config, axis_name)
-    method = method_of(config)
-    if method == "moco_v3":
-        # The official code: a 3-layer projector for ViT, 2 for ResNet; the
-        # predictor ends with the affine-free BN for ViT but not for ResNet.
-        vit_backbone = is_vit(config)
-        mlp = functools.partial(MLPHead, hidden_dim=config.model.mlp_dim, out_dim=config.embed_dim,
-                                axis_name=axis_name, bn_momentum=config.model.bn_momentum,
-                                dtype=DTYPES[config.model.dtype])
-        return MoCoV3Encoder(backbone=backbone, head=mlp(num_layers=3 if vit_backbone else 2, name="head"),
-                             predictor=mlp(num_layers=2, last_bn=vit_backbone, name="predictor"))
-    if method != "moco_v2":
-        raise ConfigError(f"method={method!r} must be one of {', '.join(map(repr, METHODS))}")
-    # The head stays in float32 even for bfloat16 backbones: it is tiny, and
-    # the embeddings are divided by T (as small as 0.07) in the logits, where
-    # bfloat16's 3 significant digits would show.
-    head = ProjectionHead(kind=config.model.head, embed_dim=config.embed_dim, dtype=jnp.float32, name="head")
-    return MoCoEncoder(backbone=backbone, head=head)
+def frozen_prefixes(config) -> tuple[tuple[str, ...], ...]:
+    """The parameter paths no optimizer step may change: the ViT patch
+    projection with `model.stop_grad_patch` (moco-v3's `--stop-grad-conv1`)."""
+    return (("backbone", "patch_embed"),) if is_vit(config) and config.model.stop_grad_patch else ()
+
+
+# ---------------------------------------------------------------------------
+# The `model.*` fields: what each may hold, which encoder reads it, and the
+# relations a config's encoder must satisfy.
+# ---------------------------------------------------------------------------
+FIELDS = {
+    "model.arch": one_of(ARCHS), "model.dtype": one_of(DTYPES), "model.sync_bn": BOOL,
+    "model.bn_momentum": MOMENTUM,
+    # ResNet
+    "model.depth": one_of(ARCHITECTURES), "model.width": integer(1), "model.stem": one_of(STEMS),
+    "model.zero_init_residual": BOOL, "model.conv_init": one_of(CONV_INITS),
+    # ViT
+    "model.vit": one_of(vit.VIT_SIZES), "model.patch_size": integer(1), "model.stop_grad_patch": BOOL,
+}
+SHAPE_FIELDS = ("model.arch", "model.depth", "model.width", "model.stem", "model.vit", "model.patch_size")
+# Fields that only one kind of encoder reads: (does this config's encoder read them?, which encoder, what instead).
+ONLY_FOR = {
+    **dict.fromkeys(("model.depth", "model.width", "model.stem", "model.zero_init_residual", "model.conv_init"),
+                    (lambda c: not is_vit(c), "a ResNet encoder",
+                     f"model.arch='vit' is sized by model.vit ({' | '.join(vit.VIT_SIZES)}) and model.patch_size")),
+    **dict.fromkeys(("model.vit", "model.patch_size", "model.stop_grad_patch"),
+                    (is_vit, "a ViT encoder (model.arch='vit')", "a ResNet is sized by model.depth and model.width")),
+}
+
+
+def check(config) -> None:
+    """A ViT tiles its crops into whole patches and keeps MoCo v3's patch init."""
+    if is_vit(config) and config.model.conv_init != "torchvision":
+        raise ConfigError(f"model.conv_init={config.model.conv_init!r} applies to ResNet convolutions only: the "
+                          "ViT's patch projection keeps MoCo v3's xavier init (leave model.conv_init='torchvision')")
+    if is_vit(config) and config.crop_size % config.model.patch_size:
+        raise ConfigError(f"crop_size={config.crop_size} must be a multiple of model.patch_size="
+                          f"{config.model.patch_size}: the ViT cuts the crop into whole patches")
+
+
+def every_conv_followed_by_bn(config) -> bool:
+    """Whether every convolution kernel of the encoder feeds a BN (a ResNet,
+    not a ViT): what `conv_grad_scale` relies on."""
+    return not is_vit(config)
 
 
 def momentum_subset(tree: dict[str, Any]) -> dict[str, Any]:

@@ -7,10 +7,34 @@ import jax
 import optax
 from flax import traverse_util
 
-from moco_jax.core.config import (CONV_GRAD_SCALES, LR_SCHEDULES, OPTIMIZERS, WEIGHT_DECAY_MASKS, epochs_to_steps,
-                                  total_steps)
 from moco_jax.core import models
+from moco_jax.core.config import EPOCHS, MOMENTUM, POSITIVE, epochs_to_steps, number, one_of, total_steps
 from moco_jax.core.errors import ConfigError
+
+LR_SCHEDULES = ("cosine", "step")  # config.lr_schedule
+WEIGHT_DECAY_MASKS = ("all", "no_bn_bias")  # config.weight_decay_mask
+OPTIMIZERS = ("sgd", "lars", "adamw")  # config.optimizer (pretraining; the linear probe's is SGD)
+CONV_GRAD_SCALES = ("none", "pytorch_init")  # config.conv_grad_scale
+
+# The fields the optimizers of pretraining and of the linear probe read.
+FIELDS = {
+    "learning_rate": POSITIVE, "lr_schedule": one_of(LR_SCHEDULES), "lr_drop_epochs": EPOCHS,
+    "warmup_epochs": number(0), "weight_decay": number(0), "weight_decay_mask": one_of(WEIGHT_DECAY_MASKS),
+    "sgd_momentum": MOMENTUM,
+}
+# The fields only pretraining's optimizer reads.
+PRETRAINING_FIELDS = {"optimizer": one_of(OPTIMIZERS), "lars_trust_coefficient": POSITIVE,
+                      "conv_grad_scale": one_of(CONV_GRAD_SCALES)}
+
+
+def check(config) -> None:
+    """`conv_grad_scale` stands in for a smaller init only where every kernel
+    is followed by BN (a ResNet) and the step is linear in the gradient (SGD)."""
+    if config.conv_grad_scale != "none" and (not models.every_conv_followed_by_bn(config)
+                                             or config.optimizer != "sgd"):
+        raise ConfigError(f"conv_grad_scale={config.conv_grad_scale!r} needs a ResNet trained with optimizer='sgd' "
+                          "(it stands in for a smaller init only where every kernel is followed by BN and the "
+                          "step is linear in the gradient)")
 
 
 def scaled_learning_rate(config) -> float:
@@ -95,18 +119,13 @@ def scale_conv_grads(mode: str) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def freezes_patch(config) -> bool:
-    """Whether the config freezes the ViT patch projection (`model.stop_grad_patch`)."""
-    return models.is_vit(config) and config.model.get("stop_grad_patch", False)
-
-
-def frozen_mask(params, config):
-    """The parameters no optimizer step may change: the ViT patch projection
-    with `model.stop_grad_patch` (moco-v3's `--stop-grad-conv1` sets
-    requires_grad=False on it, so PyTorch's AdamW skips it, decay included)."""
-    frozen = freezes_patch(config)
+def frozen_mask(params, prefixes: tuple[tuple[str, ...], ...]):
+    """True for the parameters under one of `prefixes` (`models.frozen_prefixes`):
+    those no optimizer step may change (moco-v3's `--stop-grad-conv1` sets
+    requires_grad=False on the ViT patch projection, so PyTorch's AdamW skips
+    it, decay included)."""
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: frozen and k[:2] == ("backbone", "patch_embed") for k in flat})
+    return traverse_util.unflatten_dict({k: any(k[:len(p)] == p for p in prefixes) for k in flat})
 
 
 def lars(schedule: optax.Schedule, weight_decay: float, momentum: float, trust_coefficient: float,
@@ -126,8 +145,9 @@ def lars(schedule: optax.Schedule, weight_decay: float, momentum: float, trust_c
 
 
 def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`config.optimizer`, with the learning-rate schedule, the weight-decay
-    mask (`config.weight_decay_mask`) and frozen parameters left unchanged:
+    """Pretraining's `config.optimizer`, with the learning-rate schedule, the
+    weight-decay mask (`config.weight_decay_mask`) and the encoder's frozen
+    parameters (`models.frozen_prefixes`) left unchanged:
 
     * sgd: PyTorch's SGD(momentum, weight_decay): the decay is *coupled*
       (added to the gradient before the momentum buffer); with
@@ -140,24 +160,35 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
     """
     schedule = learning_rate_schedule(config, steps_per_epoch)
     mask = lambda p: weight_decay_mask(p, config.weight_decay_mask)  # noqa: E731
-    name = config.get("optimizer", "sgd")
-    grad_scale = config.get("conv_grad_scale", "none")
+    name, grad_scale = config.optimizer, config.conv_grad_scale
     if grad_scale != "none" and name != "sgd":
         raise ConfigError(f"conv_grad_scale={grad_scale!r} needs optimizer='sgd' (the optimizer is {name!r})")
     if name == "sgd":
-        tx = optax.chain(
-            *([scale_conv_grads(grad_scale)] if grad_scale != "none" else []),
-            optax.masked(optax.add_decayed_weights(config.weight_decay), mask),
-            optax.trace(decay=config.sgd_momentum, nesterov=False),
-            optax.scale_by_learning_rate(schedule),
-        )
+        tx = _sgd(config, schedule, mask, grad_scale)
     elif name == "lars":
         tx = lars(schedule, config.weight_decay, config.sgd_momentum, config.lars_trust_coefficient, mask)
     elif name == "adamw":
         tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay, mask=mask)
     else:
         raise ConfigError(f"optimizer={name!r} must be one of {', '.join(map(repr, OPTIMIZERS))}")
-    if freezes_patch(config):  # (only then: the optimizer state of every other run keeps its layout)
-        labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(p, config))  # noqa: E731
+    prefixes = models.frozen_prefixes(config)
+    if prefixes:  # (only then: the optimizer state of every other run keeps its layout)
+        labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(p, prefixes))  # noqa: E731
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
+
+
+def sgd_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The linear probe's optimizer: PyTorch's SGD(momentum, weight_decay) with
+    the learning-rate schedule, as `make_optimizer`'s sgd."""
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    return _sgd(config, schedule, lambda p: weight_decay_mask(p, config.weight_decay_mask), "none"), schedule
+
+
+def _sgd(config, schedule, mask, grad_scale: str) -> optax.GradientTransformation:
+    return optax.chain(
+        *([scale_conv_grads(grad_scale)] if grad_scale != "none" else []),
+        optax.masked(optax.add_decayed_weights(config.weight_decay), mask),
+        optax.trace(decay=config.sgd_momentum, nesterov=False),
+        optax.scale_by_learning_rate(schedule),
+    )

@@ -120,3 +120,12 @@ def any_process_each(flags: Sequence[bool]) -> list[bool]:
 
     gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.bool_)))
     return [bool(f) for f in gathered.reshape(-1, len(flags)).any(axis=0)]
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (all processes call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

@@ -111,3 +111,41 @@ def from_devices(state: MoCoState) -> MoCoState:
         return sharding.unreplicate(state)
     queue = sharding.gather_sharded(state.queue)
     return sharding.unreplicate(state.replace(queue=None)).replace(queue=queue)
+
+
+def queue_in_fifo_order(queue: np.ndarray, ptr: int, num_shards: int, rows_per_write: int) -> np.ndarray:
+    """The (K, C) queue laid out for `num_shards` devices, re-ordered oldest first.
+
+    Device d holds rows [d*S, (d+1)*S) (S = K / num_shards) and writes its
+    `rows_per_write` keys at `ptr`. One enqueue of the global batch fills
+    the same slot of every shard, so the oldest batch sits at `ptr` of every
+    shard, the next at `ptr + rows_per_write`, and so on around the shard.
+    """
+    shards = queue.reshape(num_shards, -1, queue.shape[-1])
+    size = shards.shape[1]
+    slots = [(ptr + j * rows_per_write) % size for j in range(size // rows_per_write)]
+    return np.concatenate([shards[:, s : s + rows_per_write].reshape(-1, queue.shape[-1]) for s in slots])
+
+
+def reshard_queue(
+    queue: np.ndarray, ptr: int, old_shards: int, new_shards: int, global_batch: int,
+    old_global_batch: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """The queue written on `old_shards` devices (with `old_global_batch`,
+    default the same), laid out for `new_shards` devices and `global_batch`.
+
+    Same layout: unchanged (bit-exact resume). Otherwise the keys keep their
+    age order, so the oldest keys are still the next to be replaced.
+    """
+    old_global_batch = old_global_batch or global_batch
+    if (old_shards, old_global_batch) == (new_shards, global_batch):
+        return queue, ptr
+    k = queue.shape[0]
+    if k % global_batch or global_batch % new_shards:
+        raise ValueError(
+            f"cannot resume: queue_size={k} must be a multiple of batch_size={global_batch}, "
+            f"which must be a multiple of the {new_shards} devices"
+        )
+    fifo = queue_in_fifo_order(queue, ptr, old_shards, old_global_batch // old_shards)
+    batches = fifo.reshape(k // global_batch, new_shards, global_batch // new_shards, -1)
+    return batches.transpose(1, 0, 2, 3).reshape(queue.shape), 0

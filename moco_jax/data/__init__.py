@@ -5,28 +5,31 @@
     source.train_batches(global_batch=..., seed=..., start_step=...)   # this process's share
     source.labelled_arrays(size=...)           # un-augmented train / eval images
 
-A new kind of dataset is one new module here with an `open_source(spec)`
-function returning a `Source` (see `source.py`), plus one line in `SOURCES`.
-The modules are imported only when their dataset is opened, and the
-pipelines (grain, tf.data) only when images are decoded, so a run on the
-in-memory arrays imports neither.
+Sources (`sources/`, named by what they read) say what is read; the host
+pipelines (`pipelines/`, named by what runs them: grain, tf.data) decode
+and crop it. A new kind of dataset is one new module in `sources/` with an
+`open_source(spec)` function returning a `Source` (see `source.py`), plus
+one line in `SOURCES`; a new pipeline is a module in `pipelines/` with a
+`two_crop_batches` and a `center_crops`. The sources are imported only when
+their dataset is opened, and the pipelines only when images are decoded, so
+a run on the in-memory arrays imports neither.
 """
 from __future__ import annotations
 
 import importlib
 
-from moco_jax.data.source import ArrayDataset, Source, SourceConfig, steps_per_epoch
+from moco_jax.data.source import FIELDS, ArrayDataset, Source, SourceConfig, steps_per_epoch
 
-__all__ = ["ArrayDataset", "Source", "SourceConfig", "SOURCES", "open_source", "steps_per_epoch"]
+__all__ = ["ArrayDataset", "FIELDS", "Source", "SourceConfig", "SOURCES", "check", "open_source", "steps_per_epoch"]
 
 # config.dataset -> the module of moco_jax.data that opens it.
 SOURCES = {
-    "digits": "arrays",  # scikit-learn's digits, in memory
-    "cifar10_arrays": "arrays",  # CIFAR-10 from the shared mosaics, in memory
-    "image_folder": "image_folder",  # data_dir/<split>/<class>/*.jpg|png, grain or tf.data
+    "digits": "sources.arrays",  # scikit-learn's digits, in memory
+    "cifar10_arrays": "sources.arrays",  # CIFAR-10 from the shared mosaics, in memory
+    "image_folder": "sources.image_folder",  # data_dir/<split>/<class>/*.jpg|png, grain or tf.data
 }
 # Any other name is a tensorflow-datasets name (optionally written 'tfds:NAME').
-DEFAULT_SOURCE = "tfds_source"
+DEFAULT_SOURCE = "sources.tfds"
 
 
 def source_module(dataset: str) -> str:
@@ -45,3 +48,12 @@ def open_source(config) -> Source:
     spec = config if isinstance(config, SourceConfig) else SourceConfig.from_config(config)
     module = importlib.import_module(f"moco_jax.data.{source_module(spec.dataset)}")
     return module.open_source(spec)
+
+
+def check(config) -> None:
+    """The checks `config.dataset`'s source makes of a config before it is
+    opened (its `check(config)`, if it has one: the in-memory arrays check
+    that the crop fits their images)."""
+    module = importlib.import_module(f"moco_jax.data.{source_module(config.dataset)}")
+    if hasattr(module, "check"):
+        module.check(config)

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
+from moco_jax.core.config import BOOL, NAME, STRING, integer, one_of
 from moco_jax.core.errors import ConfigError, InputError
 
 
@@ -116,6 +117,14 @@ class UndecodableImageError(InputError):
 
 LOADERS = ("auto", "grain", "tf")  # config.data_loader
 TF_INSTALL = "pip install tensorflow-cpu==2.21.0"
+
+# The data fields of every config (configs/default.py `add_data_fields`), read by `SourceConfig`.
+FIELDS = {
+    "dataset": NAME, "data_dir": STRING, "image_size": integer(0), "train_split": STRING, "eval_split": STRING,
+    "skip_corrupt_images": BOOL, "input_threads": integer(0), "shuffle_buffer": integer(1), "tfds_download": BOOL,
+    "image_key": NAME, "label_key": NAME, "data_loader": one_of(LOADERS),
+    "input_workers": integer(-1, note=" (-1: automatic, 0: no worker processes)"),
+}
 
 
 def has_module(name: str) -> bool:

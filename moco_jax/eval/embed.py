@@ -2,7 +2,7 @@
 the trainer's kNN monitor, `moco_jax.pretrained`, export and the evaluation
 programs.
 
-The evaluation view of an image (`augment.eval_view`): uint8 -> [0, 1],
+The evaluation view of an image (`image_ops.eval_view`): uint8 -> [0, 1],
 bilinear resize to the pretraining `crop_size` where it differs, normalised
 with the pretraining recipe's mean/std; then the encoder with BN in
 inference mode (running statistics).
@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moco_jax.core import augment, models, vit
+from moco_jax import methods
+from moco_jax.core import augment, image_ops, models, vit
 from moco_jax.core.errors import ConfigError
-from moco_jax.core.moco import l2_normalize
+from moco_jax.methods.contrastive import l2_normalize
 from moco_jax.data import ArrayDataset
 from moco_jax.eval import knn
 from moco_jax.io import formats
@@ -32,11 +33,11 @@ FEATURES = ("backbone", "projection")
 def make_embed_fn(config) -> Callable:
     """(encoder variables, uint8 images (B, H, W, 3)) -> (backbone features
     (B, D), unit projections (B, embed_dim)), jitted."""
-    encoder, (mean, std) = models.build_encoder(config), augment.normalization(config)
+    encoder, (mean, std) = methods.build_encoder(config), augment.normalization(config)
 
     @jax.jit
     def embed(variables, images):
-        features, z = encoder.apply(variables, augment.eval_view(images, config.crop_size, mean, std), train=False)
+        features, z = encoder.apply(variables, image_ops.eval_view(images, config.crop_size, mean, std), train=False)
         return features, l2_normalize(z)
 
     return embed
@@ -44,8 +45,8 @@ def make_embed_fn(config) -> Callable:
 
 def make_backbone_fn(config) -> Callable:
     """(backbone variables, uint8 images (B, H, W, 3)) -> features (B, D), jitted."""
-    backbone, (mean, std) = models.build_encoder(config).backbone, augment.normalization(config)
-    return jax.jit(lambda v, x: backbone.apply(v, augment.eval_view(x, config.crop_size, mean, std), train=False))
+    backbone, (mean, std) = methods.build_encoder(config).backbone, augment.normalization(config)
+    return jax.jit(lambda v, x: backbone.apply(v, image_ops.eval_view(x, config.crop_size, mean, std), train=False))
 
 
 def knn_accuracies(embed_fn: Callable, variables: Any, dataset: ArrayDataset, *, k: int, temperature: float,
@@ -98,7 +99,7 @@ class Encoder:
 
     @property
     def backbone(self) -> models.ResNet | vit.VisionTransformer:
-        return models.build_encoder(self.config).backbone
+        return methods.build_encoder(self.config).backbone
 
     @property
     def feature_dim(self) -> int:

@@ -13,8 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moco_jax.core.moco import l2_normalize
+from moco_jax.core.config import FRACTION, POSITIVE, STRING, integer
 from moco_jax.data import ArrayDataset, Source
+from moco_jax.methods.contrastive import l2_normalize
+
+# The kNN monitor's fields (pretraining configs).
+FIELDS = {"knn_train_split": STRING, "knn_max_train_images": integer(0), "knn_center_crop_fraction": FRACTION,
+          "knn_k": integer(1), "knn_temperature": POSITIVE}
 
 
 def _chunk_scores(queries, bank, bank_labels, num_classes, k, temperature):

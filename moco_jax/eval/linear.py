@@ -44,8 +44,9 @@ from absl import logging
 from flax.training import train_state
 
 from moco_jax import data
-from moco_jax.core import augment, optim, sharding
-from moco_jax.core.config import LINEAR_MODES, is_due, steps, total_steps, validate_linear_config
+from moco_jax.core import augment, image_ops, optim, sharding
+from moco_jax.core.config import (FRACTION, RUN_FIELDS, SCALE, STRING, check_fields, check_length,
+                                  integer, interval_rules, is_due, one_of, steps, total_steps)
 from moco_jax.core.errors import ConfigError
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.data.source import local_batch_indices
@@ -54,6 +55,27 @@ from moco_jax.eval.embed import Encoder, load
 from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
 from moco_jax.io.saver import CheckpointWriter
+
+LINEAR_MODES = ("full", "features")  # config.mode
+# Every field of a linear-probe config (configs/linear_cifar10.py) and what it may hold.
+LINEAR_RULES = {
+    **RUN_FIELDS, **data.FIELDS, **optim.FIELDS,
+    "pretrained": STRING, "mode": one_of(LINEAR_MODES), "max_train_images": integer(0),
+    "crop_size": integer(0, " (0 = the encoder's input size)"), "train_crop_scale": SCALE,
+    "eval_crop_fraction": FRACTION, **interval_rules("log_every", "checkpoint_every"),
+}
+
+
+def validate_linear_config(config, num_devices: int | None = None) -> None:
+    """Raise ConfigError naming the offending field(s) of a linear-probe
+    config (configs/linear_cifar10.py); `num_devices`, if given, the devices
+    full mode splits each batch over."""
+    check_fields(config, LINEAR_RULES)
+    check_length(config, ("log_every", "checkpoint_every"))
+    if num_devices and config.mode == "full" and config.batch_size % num_devices:
+        raise ConfigError(f"batch_size={config.batch_size} must be a multiple of the device count ({num_devices}) "
+                          "in mode='full' (or use mode='features', on one device)")
+
 
 # Fields whose change makes a classifier checkpoint unusable: another encoder
 # (feature width) or another dataset (number of classes).
@@ -82,8 +104,8 @@ def eval_view(images_uint8: jax.Array, crop_size: int, crop_fraction: float, mea
     side = min(height, width) * crop_size / int(crop_size / crop_fraction)
     box = jnp.asarray([(height - side) / 2, (width - side) / 2, side, side], jnp.float32)
     boxes = jnp.broadcast_to(box, (images_uint8.shape[0], 4))
-    x = augment.crop_and_resize(images_uint8.astype(jnp.float32) / 255.0, boxes, crop_size)
-    return augment.normalize(x, mean, std)
+    x = image_ops.crop_and_resize(images_uint8.astype(jnp.float32) / 255.0, boxes, crop_size)
+    return image_ops.normalize(x, mean, std)
 
 
 def train_recipe(crop_size: int, crop_scale, mean, std) -> augment.Recipe:
@@ -107,7 +129,7 @@ def make_classifier(num_classes: int) -> nn.Dense:
 def create_state(config, feature_dim: int, num_classes: int, steps_per_epoch: int) -> train_state.TrainState:
     classifier = make_classifier(num_classes)
     params = classifier.init(jax.random.key(config.seed), jnp.zeros((1, feature_dim)))["params"]
-    tx, _ = optim.make_optimizer(config, steps_per_epoch)
+    tx, _ = optim.sgd_optimizer(config, steps_per_epoch)
     return train_state.TrainState.create(apply_fn=classifier.apply, params=params, tx=tx)
 
 

@@ -25,27 +25,22 @@ with, whatever orbax and tensorstore do in between. A checkpoint that fails
 (or holds non-finite values) is set aside as `<step>.corrupt` with one
 warning line, and the previous one is tried.
 
-Never silently starting over. Once a checkpoint of a workdir has been
-written, `checkpoint_history.json` records it. A relaunch that then finds no
-usable checkpoint refuses, every time, until it is given `fresh_start`
-(`train.py --fresh_start`); that moves what the earlier run left (the
-set-aside checkpoints, the history, the metrics) to `replaced-<time>/` in the
-workdir and starts at step 0. Nothing is deleted.
+Never silently starting over: a relaunch that finds no usable checkpoint in
+a workdir that has held some refuses until it is given `fresh_start`.
+
+Elsewhere in `io`: the checksums are `digests.py`; where a workdir's
+checkpoints are, the set-aside ones, the history of written checkpoints and
+the fresh start are `workdirs.py`; inspecting a workdir's checkpoints and
+bringing back those set aside by a false alarm is `integrity.py`; keeping
+orbax's log records off the console is `orbax_logs.py`. The queue's layout
+for another device count is `core/state.py` (`reshard_queue`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import glob
 import json
-import logging as logging_lib
 import os
-import shutil
 import socket
-import sys
-import tempfile
-import time
 from typing import Any
 
 import jax
@@ -55,34 +50,27 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
+from moco_jax import methods
+from moco_jax.core import models
 from moco_jax.core.config import flatten_dotted
 from moco_jax.core.errors import ConfigError, NotFoundError, PathError, WorkdirError
-from moco_jax.core.state import MoCoState
-from moco_jax.io import digests, storage
+from moco_jax.core.sharding import any_process
+from moco_jax.core.state import MoCoState, reshard_queue
+from moco_jax.io import digests, old_configs, storage
 from moco_jax.io.digests import DamagedCheckpointError
+from moco_jax.io.orbax_logs import quiet_orbax
+from moco_jax.io.workdirs import (RUN_FILES, checkpoint_dir, has_held_checkpoints, move_aside, note_written,
+                                  set_aside_checkpoints, start_fresh)
 
 # Config fields that fix the shapes of the saved arrays: a checkpoint written
 # with other values cannot be restored into this model. (model.dtype, sync_bn
 # or bn_momentum may change on resume: they change no saved shape.)
-MODEL_FIELDS = ("model.depth", "model.width", "model.stem", "model.head", "embed_dim", "queue_size", "method",
-                "model.arch", "model.vit", "model.patch_size", "model.mlp_dim", "optimizer")
-# What a checkpoint written before a field existed was trained with.
-FIELD_DEFAULTS = {"method": "moco_v2", "model.arch": "resnet", "model.vit": "small", "model.patch_size": 16,
-                  "model.mlp_dim": 4096, "optimizer": "sgd"}
-
-
-HISTORY_NAME = "checkpoint_history.json"  # in the workdir: checkpoints have been written here
-SET_ASIDE = ".corrupt"  # suffix of a damaged checkpoint's directory
-REPLACED_PREFIX = "replaced-"  # a fresh start moves the earlier run's files to <workdir>/replaced-<time>/
+MODEL_FIELDS = models.SHAPE_FIELDS + methods.SHAPE_FIELDS + ("optimizer",)  # (the optimizer: its state's shapes)
 
 
 class CheckpointMismatchError(ConfigError):
     """The checkpoint in the workdir was written with a config whose saved
     shapes differ from this one's."""
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.realpath(workdir), "checkpoints")
 
 
 def check_writable(workdir: str) -> None:
@@ -110,46 +98,6 @@ def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     """An orbax manager that saves in the background and keeps the last few."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "meta"))
-
-
-# ---------------------------------------------------------------------------
-# The queue across device counts.
-# ---------------------------------------------------------------------------
-def queue_in_fifo_order(queue: np.ndarray, ptr: int, num_shards: int, rows_per_write: int) -> np.ndarray:
-    """The (K, C) queue laid out for `num_shards` devices, re-ordered oldest first.
-
-    Device d holds rows [d*S, (d+1)*S) (S = K / num_shards) and writes its
-    `rows_per_write` keys at `ptr`. One enqueue of the global batch fills
-    the same slot of every shard, so the oldest batch sits at `ptr` of every
-    shard, the next at `ptr + rows_per_write`, and so on around the shard.
-    """
-    shards = queue.reshape(num_shards, -1, queue.shape[-1])
-    size = shards.shape[1]
-    slots = [(ptr + j * rows_per_write) % size for j in range(size // rows_per_write)]
-    return np.concatenate([shards[:, s : s + rows_per_write].reshape(-1, queue.shape[-1]) for s in slots])
-
-
-def reshard_queue(
-    queue: np.ndarray, ptr: int, old_shards: int, new_shards: int, global_batch: int, old_global_batch: int | None = None
-) -> tuple[np.ndarray, int]:
-    """The queue written on `old_shards` devices (with `old_global_batch`,
-    default the same), laid out for `new_shards` devices and `global_batch`.
-
-    Same layout: unchanged (bit-exact resume). Otherwise the keys keep their
-    age order, so the oldest keys are still the next to be replaced.
-    """
-    old_global_batch = old_global_batch or global_batch
-    if (old_shards, old_global_batch) == (new_shards, global_batch):
-        return queue, ptr
-    k = queue.shape[0]
-    if k % global_batch or global_batch % new_shards:
-        raise ValueError(
-            f"cannot resume: queue_size={k} must be a multiple of batch_size={global_batch}, "
-            f"which must be a multiple of the {new_shards} devices"
-        )
-    fifo = queue_in_fifo_order(queue, ptr, old_shards, old_global_batch // old_shards)
-    batches = fifo.reshape(k // global_batch, new_shards, global_batch // new_shards, -1)
-    return batches.transpose(1, 0, 2, 3).reshape(queue.shape), 0
 
 
 # ---------------------------------------------------------------------------
@@ -193,128 +141,17 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
-class _OrbaxSilenced(logging_lib.Filter):
-    """Drops every record orbax logs: while a checkpoint is being verified,
-    its errors about the damaged files (with their contents) would bury the
-    one warning that says what happened."""
-
-    def filter(self, record: logging_lib.LogRecord) -> bool:
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def _drop_closed_loop_noise(previous):
-    """A sys.unraisablehook that drops the "Event loop is closed" errors
-    orbax's background reads leave behind after a failed restore (they are
-    reported when their futures are collected, after the failure itself has
-    been handled) and passes everything else on."""
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook.drops_closed_loop_noise = True
-    return hook
-
-
-@contextlib.contextmanager
-def quiet_orbax():
-    # On the logger, not a handler: every handler (a console, a log file,
-    # pytest's capture) then misses them alike.
-    handler, quiet = logging_lib.getLogger("absl"), _OrbaxSilenced()
-    handler.addFilter(quiet)
-    asyncio_logger = logging_lib.getLogger("asyncio")
-    level = asyncio_logger.level
-    asyncio_logger.setLevel(logging_lib.CRITICAL)  # "Event loop is closed" after a failed async read
-    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
-        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
-    try:
-        yield
-    finally:
-        gc.collect()  # let a failed read's leftovers be reported now, while the hook above is in place
-        handler.removeFilter(quiet)
-        asyncio_logger.setLevel(level)
-
-
-# ---------------------------------------------------------------------------
-# What a workdir has held.
-# ---------------------------------------------------------------------------
-def note_written(manager: ocp.CheckpointManager) -> None:
-    """Record in the workdir that it holds finished checkpoints (process 0)."""
-    steps = manager.all_steps()
-    if not steps or jax.process_index() != 0:
-        return
-    path = os.path.join(os.path.dirname(str(manager.directory)), HISTORY_NAME)
-    record = {"checkpoints": sorted(int(s) for s in steps), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                   time.gmtime())}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
-
-
-def set_aside_checkpoints(workdir: str) -> list[str]:
-    """The damaged checkpoints moved aside in `workdir` (directory names)."""
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return []
-    return sorted(d for d in os.listdir(directory) if SET_ASIDE in d)
-
-
-def has_held_checkpoints(workdir: str) -> bool:
-    """Whether checkpoints were ever written to `workdir` by this library."""
-    return os.path.exists(os.path.join(workdir, HISTORY_NAME)) or bool(set_aside_checkpoints(workdir))
-
-
-def start_fresh(workdir: str, also_move: tuple[str, ...] = ()) -> str:
-    """Move what an earlier run left in `workdir` (set-aside checkpoints, the
-    checkpoint history and the files matching `also_move`, e.g. metrics) to
-    `<workdir>/replaced-<UTC time>/`; returns that directory (process 0 moves)."""
-    target = os.path.join(workdir, REPLACED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-    if jax.process_index() == 0:
-        os.makedirs(os.path.join(target, "checkpoints"), exist_ok=True)
-        for name in set_aside_checkpoints(workdir):
-            shutil.move(os.path.join(checkpoint_dir(workdir), name), os.path.join(target, "checkpoints", name))
-        for pattern in (HISTORY_NAME, *also_move):
-            for path in glob.glob(os.path.join(glob.escape(workdir), pattern)):
-                shutil.move(path, os.path.join(target, os.path.basename(path)))
-    return target
-
-
 def check_compatible(saved: dict, config, fields: tuple[str, ...] = MODEL_FIELDS) -> None:
     """Raise CheckpointMismatchError naming every one of `fields` that differs."""
-    saved, current = flatten_dotted(saved), flatten_dotted(config.to_dict())
-    diffs = [
-        f"{name}: checkpoint {saved.get(name, FIELD_DEFAULTS.get(name))!r} != config "
-        f"{current.get(name, FIELD_DEFAULTS.get(name))!r}"
-        for name in fields
-        if saved.get(name, FIELD_DEFAULTS.get(name)) != current.get(name, FIELD_DEFAULTS.get(name))
-    ]
+    saved, current = (flatten_dotted(old_configs.upgraded(ml_collections.ConfigDict(c)).to_dict())
+                      for c in (saved, config.to_dict()))
+    diffs = [f"{name}: checkpoint {saved.get(name)!r} != config {current.get(name)!r}"
+             for name in fields if saved.get(name) != current.get(name)]
     if diffs:
         raise CheckpointMismatchError(
             "the checkpoint was written with a different config; mismatching fields: " + "; ".join(diffs)
             + ". Use a new --workdir, or the config the checkpoint was trained with."
         )
-
-
-def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-    path = os.path.join(str(manager.directory), str(step))
-    target, n = f"{path}{SET_ASIDE}", 1
-    while os.path.exists(target):  # the same step may go bad twice
-        target, n = f"{path}{SET_ASIDE}{n}", n + 1
-    if jax.process_index() == 0 and os.path.isdir(path):
-        os.replace(path, target)
-    return os.path.basename(target)
-
-
-def any_process(flag: bool) -> bool:
-    """Whether `flag` holds on any process (all processes call this together)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 class NoUsableCheckpointError(WorkdirError):
@@ -399,7 +236,7 @@ def _newest_usable(workdir: str, template: Any, config, fields: tuple[str, ...])
             except DamagedCheckpointError as e:
                 damage = str(e)
             if any_process(damage is not None):
-                name = _move_aside(manager, step)
+                name = move_aside(manager, step)
                 logging.warning("checkpoint %d in %s is damaged (%s); set aside as %s, trying the previous one",
                                 step, workdir, damage or "on another process", name)
                 continue
@@ -447,7 +284,7 @@ def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...],
         return None
     set_aside = set_aside_checkpoints(workdir)
     if fresh_start:
-        target = start_fresh(workdir, also_move=_RUN_FILES)
+        target = start_fresh(workdir, also_move=RUN_FILES)
         logging.warning("fresh start: no usable checkpoint in %s; what the earlier run left is now in %s",
                         workdir, target)
         return None
@@ -458,11 +295,6 @@ def restore_newest(workdir: str, template: Any, config, fields: tuple[str, ...],
         "with --fresh_start to start again from step 0 (the earlier files are kept in a replaced-<time>/ folder), "
         "or use another --workdir"
     )
-
-
-# What else a fresh start moves out of the way: the earlier run's metrics and
-# TensorBoard events (else its curves and the new run's would interleave).
-_RUN_FILES = ("metrics.jsonl", "final_metrics.json", "events.out.tfevents.*")
 
 
 def resume(workdir: str, template: MoCoState, config, num_shards: int, fresh_start: bool = False,
@@ -503,7 +335,7 @@ def restore_latest(workdir: str, template: MoCoState, config, num_shards: int,
 def load_encoder_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """The query encoder of the newest usable checkpoint in a pretraining workdir.
 
-    Returns (config, {"params", "batch_stats"}) for `models.build_encoder(config)`:
+    Returns (config, {"params", "batch_stats"}) for `methods.build_encoder(config)`:
     backbone and head, as downstream evaluation and export need them. Reads
     only: a damaged checkpoint is skipped with a warning, not moved.
     """
@@ -520,69 +352,8 @@ def load_encoder_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dic
             except DamagedCheckpointError as e:
                 logging.warning("checkpoint %d in %s is damaged (%s); trying the previous one", step, workdir, e)
                 continue
-            config = ml_collections.ConfigDict(meta["config"])
+            config = old_configs.upgraded(ml_collections.ConfigDict(meta["config"]))
             return config, {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     finally:
         manager.close()
     raise NotFoundError(f"no usable checkpoint in {directory}")
-
-
-# ---------------------------------------------------------------------------
-# Inspecting a workdir, and bringing back checkpoints set aside by mistake.
-# ---------------------------------------------------------------------------
-def _step_of(name: str) -> int | None:
-    step = name.split(SET_ASIDE)[0]
-    return int(step) if step.isdigit() else None
-
-
-def _verdict(directory: str, step: int) -> str:
-    """"ok" or why checkpoint `step` in `directory` does not verify (reads only)."""
-    with quiet_orbax():
-        manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                                        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-    try:
-        with quiet_orbax():
-            read_verified(manager, step)
-        return "ok"
-    except DamagedCheckpointError as e:
-        return f"damaged: {e}"
-    finally:
-        manager.close()
-
-
-def inspect(workdir: str) -> list[tuple[str, str]]:
-    """(folder name, verdict) of every checkpoint in `workdir`, set-aside
-    ones included, newest first; reads only."""
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise NotFoundError(f"{workdir} has no checkpoints/ folder: not a pretraining or linear-probe workdir")
-    names = sorted((n for n in os.listdir(directory) if _step_of(n) is not None), key=lambda n: (-_step_of(n), n))
-    rows = []
-    for name in names:
-        if name.isdigit():
-            rows.append((name, _verdict(directory, int(name))))
-            continue
-        with tempfile.TemporaryDirectory(prefix="moco_jax_inspect-") as view:  # a step folder orbax can list (a link)
-            os.symlink(os.path.join(directory, name), os.path.join(view, str(_step_of(name))))
-            rows.append((name, "set aside; " + _verdict(view, _step_of(name))))
-    return rows
-
-
-def bring_back(workdir: str) -> list[tuple[str, str]]:
-    """Return every set-aside checkpoint of `workdir` that verifies now to its
-    step folder (a false alarm: a disk that was briefly unreadable, or an older
-    moco_jax's verdict); leave the others. The caller holds the workdir's lock.
-    Returns (folder name, what happened) for each set-aside folder."""
-    directory, done = checkpoint_dir(workdir), []
-    for name, verdict in inspect(workdir):
-        if name.isdigit():
-            continue
-        step = str(_step_of(name))
-        if not verdict.endswith("; ok"):
-            done.append((name, f"left as it is ({verdict.split('; ', 1)[1]})"))
-        elif os.path.exists(os.path.join(directory, step)):
-            done.append((name, f"verifies, but checkpoint {step} exists: left as it is"))
-        else:
-            os.replace(os.path.join(directory, name), os.path.join(directory, step))
-            done.append((name, f"verifies: brought back as checkpoint {step}"))
-    return done

@@ -29,21 +29,23 @@ Nothing here imports orbax unless a workdir is read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import re
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
 from flax import serialization
 
 from moco_jax.core import augment, models, vit
-from moco_jax.core.config import PRETRAINING_RULES, check_fields
+from moco_jax import methods
+from moco_jax.core.config import check_fields
 from moco_jax.core.errors import ConfigError, InputError, NotFoundError, UserError
-from moco_jax.io import storage, torch_format
+from moco_jax.io import old_configs, storage, torch_format
 
 FLAX_FORMAT = "moco_jax.encoder/v1"
 TORCH_SUFFIXES = (".pth", ".pt", ".tar")
@@ -79,9 +81,15 @@ def architecture_name(config) -> str:
     """'resnet50' for the torchvision model, 'vit_small_patch16_224' for the
     timm one; otherwise the differences spelled out, e.g.
     'resnet10-width16-cifar_stem' or 'vit_mini-patch4-32'."""
-    if models.is_vit(config):
-        key = (config.model.vit, config.model.patch_size, config.crop_size)
-        return TIMM_VITS.get(key, f"vit_{key[0]}-patch{key[1]}-{key[2]}")
+    return TORCH_LAYOUTS[config.model.arch].name(config)
+
+
+def _vit_name(config) -> str:
+    key = (config.model.vit, config.model.patch_size, config.crop_size)
+    return TIMM_VITS.get(key, f"vit_{key[0]}-patch{key[1]}-{key[2]}")
+
+
+def _resnet_name(config) -> str:
     name = f"resnet{config.model.depth}"
     if config.model.width != 64:
         name += f"-width{config.model.width}"
@@ -120,10 +128,9 @@ def read_flax(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
         found = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__
         raise unreadable(path, "flax", f"its format is {found!r}, not {FLAX_FORMAT!r}")
     try:
-        config = ml_collections.ConfigDict(json.loads(payload["config"]))
-        _check_encoder_config(config)
+        config = _stored_config(payload["config"])
         variables = payload["variables"]
-        _check_encoder_variables(variables, models.is_vit(config))
+        _check_encoder_variables(variables, TORCH_LAYOUTS[config.model.arch].collections)
     except (KeyError, TypeError, ValueError) as e:
         raise unreadable(path, "flax", e) from None
     return config, variables
@@ -135,17 +142,21 @@ ENCODER_FIELDS = ("model.depth", "model.width", "model.stem", "model.dtype", "mo
                   "model.mlp_dim")
 
 
-def _check_encoder_config(config) -> None:
-    """ValueError (a ConfigError) unless `config` describes an encoder this
-    version can build (a file's stored config may have been edited)."""
-    check_fields(config, {name: PRETRAINING_RULES[name] for name in ENCODER_FIELDS})
+def _stored_config(text: str) -> ml_collections.ConfigDict:
+    """A file's stored config (JSON), as today's (`old_configs.upgraded`);
+    ValueError (a ConfigError) unless it describes an encoder this version
+    can build (a file's stored config may have been edited)."""
+    config = old_configs.upgraded(ml_collections.ConfigDict(json.loads(text)))
+    rules = {**models.FIELDS, **methods.FIELDS, **augment.FIELDS}
+    check_fields(config, {name: rules[name] for name in ENCODER_FIELDS})
+    return config
 
 
-def _check_encoder_variables(variables, vit_backbone: bool = False) -> None:
-    """KeyError unless `variables` has the backbone's params and (a ResNet's) BN statistics."""
+def _check_encoder_variables(variables, collections: tuple[str, ...]) -> None:
+    """KeyError unless `variables` has the backbone's entry in each of `collections`."""
     if not isinstance(variables, Mapping):
         raise TypeError(f"its variables are a {type(variables).__name__}, not a dict")
-    for collection in ("params",) if vit_backbone else ("params", "batch_stats"):
+    for collection in collections:
         if not isinstance(variables.get(collection), Mapping) or "backbone" not in variables[collection]:
             raise KeyError(f"no {collection}/backbone in its variables")
 
@@ -192,8 +203,10 @@ def timm_metadata(config) -> dict[str, str]:
 
 def torchvision_metadata(config) -> dict[str, str]:
     """safetensors metadata: string -> string."""
-    if models.is_vit(config):
-        return timm_metadata(config)
+    return TORCH_LAYOUTS[config.model.arch].metadata(config)
+
+
+def _resnet_metadata(config) -> dict[str, str]:
     return {
         **_input_metadata(config),
         "depth": str(config.model.depth),
@@ -210,12 +223,38 @@ def write_torchvision(path: str, config, variables: Mapping[str, Any]) -> None:
     # 0600 whatever the umask. Its bytes go through write_file instead.
     from safetensors.numpy import save  # noqa: PLC0415 - only this format needs it
 
-    if models.is_vit(config):  # timm's layout
-        grid = config.crop_size // config.model.patch_size
-        state_dict = torch_format.vit_to_timm(variables["params"]["backbone"], grid)
-    else:
-        state_dict = torch_format.backbone_to_torchvision(models.backbone_variables(variables))
+    state_dict = TORCH_LAYOUTS[config.model.arch].state_dict(config, variables)
     storage.write_file(path, save(state_dict, metadata=torchvision_metadata(config)))
+
+
+def _timm_state_dict(config, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return torch_format.vit_to_timm(variables["params"]["backbone"], config.crop_size // config.model.patch_size)
+
+
+def _torchvision_state_dict(config, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    del config
+    return torch_format.backbone_to_torchvision(models.backbone_variables(variables))
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLayout:
+    """How one backbone (`config.model.arch`) goes to PyTorch: its model's
+    name, the safetensors metadata, the state dict, the variable collections
+    its weights have, and why detectron2 cannot take it ('' if it can)."""
+
+    name: Callable[[Any], str]
+    metadata: Callable[[Any], dict[str, str]]
+    state_dict: Callable[[Any, Mapping[str, Any]], dict[str, np.ndarray]]
+    collections: tuple[str, ...]
+    no_detectron2: str = ""
+
+
+TORCH_LAYOUTS = {
+    "resnet": TorchLayout(_resnet_name, _resnet_metadata, _torchvision_state_dict, ("params", "batch_stats")),
+    "vit": TorchLayout(_vit_name, timm_metadata, _timm_state_dict, ("params",),
+                       "detectron2 export is for ResNets; this encoder is a ViT: export it as --format=torchvision "
+                       "(timm layout) or flax"),
+}
 
 
 def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -242,8 +281,7 @@ def read_torchvision(path: str) -> tuple[ml_collections.ConfigDict, dict[str, An
     try:
         variables, architecture = torch_format.moco_state_dict_to_encoder(state_dict, prefix="")
         if "moco_jax_config" in metadata:
-            config = ml_collections.ConfigDict(json.loads(metadata["moco_jax_config"]))
-            _check_encoder_config(config)
+            config = _stored_config(metadata["moco_jax_config"])
         else:
             config = imported_config(architecture)
     except (KeyError, TypeError, ValueError) as e:
@@ -259,8 +297,7 @@ def _read_timm(path: str, metadata: Mapping[str, str], tensors: Mapping[str, np.
         raise unreadable(path, "torchvision", "it is a ViT without moco_jax metadata; its number of attention heads "
                          "is not in the weights, so only ViTs exported by moco_jax are read")
     try:
-        config = ml_collections.ConfigDict(json.loads(metadata["moco_jax_config"]))
-        _check_encoder_config(config)
+        config = _stored_config(metadata["moco_jax_config"])
         backbone = torch_format.timm_to_vit({k: v for k, v in tensors.items() if not k.startswith("head.")})
     except (KeyError, TypeError, ValueError) as e:
         raise unreadable(path, "torchvision", e) from None
@@ -271,9 +308,9 @@ def _read_timm(path: str, metadata: Mapping[str, str], tensors: Mapping[str, np.
 # detectron2
 # ---------------------------------------------------------------------------
 def detectron2_checkpoint(config, variables: Mapping[str, Any]) -> dict[str, Any]:
-    if models.is_vit(config):
-        raise ConfigError("detectron2 export is for ResNets; this encoder is a ViT: export it as --format=torchvision "
-                          "(timm layout) or flax")
+    refusal = TORCH_LAYOUTS[config.model.arch].no_detectron2
+    if refusal:
+        raise ConfigError(refusal)
     if config.model.stem != "imagenet":
         raise ConfigError("detectron2's ResNet has the 7x7 ImageNet stem; this encoder has the "
                           f"{config.model.stem!r} stem: export it as --format=flax or torchvision")
@@ -306,7 +343,7 @@ def imported_config(architecture: Mapping[str, Any]) -> ml_collections.ConfigDic
     config.augmentation = "moco_v2" if imagenet else "cifar"
     config.crop_size = config.image_size = 224 if imagenet else 32
     config.crop_scale = (0.2, 1.0) if imagenet else (0.08, 1.0)
-    return config
+    return old_configs.upgraded(config)  # a MoCo v1/v2 ResNet, as the official code trains
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str | None = None):

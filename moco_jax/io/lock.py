@@ -116,7 +116,7 @@ def read_holder(path: str) -> Holder | None:
 # -- where the locks are -----------------------------------------------------
 def _checkpoint_folders(workdir: str) -> list[str]:
     """The real locations of `workdir`'s checkpoints folder: as the kernel
-    resolves `workdir/checkpoints`, and as `checkpoint.checkpoint_dir` spells
+    resolves `workdir/checkpoints`, and as `workdirs.checkpoint_dir` spells
     it (abspath, which folds `..` before following links); usually one."""
     return list(dict.fromkeys(os.path.realpath(os.path.join(w, "checkpoints"))
                               for w in (workdir, os.path.abspath(workdir))))

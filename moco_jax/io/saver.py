@@ -27,8 +27,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from moco_jax.io import checkpoint, storage
+from moco_jax.io import checkpoint, storage, workdirs
 from moco_jax.io.digests import DamagedCheckpointError
+from moco_jax.io.orbax_logs import quiet_orbax
 from moco_jax.io.storage import StorageError
 
 ENV_VERBOSE = "MOCO_JAX_VERBOSE"
@@ -66,7 +67,7 @@ class CheckpointWriter:
     """The checkpoints of one run (see the module docstring)."""
 
     def __init__(self, workdir: str, max_to_keep: int = 3):
-        self.directory = checkpoint.checkpoint_dir(workdir)
+        self.directory = workdirs.checkpoint_dir(workdir)
         self.manager = checkpoint.make_manager(workdir, max_to_keep)
         self.failure: StorageError | None = None
         self.last_verified: int | None = None
@@ -98,9 +99,9 @@ class CheckpointWriter:
             return self._fail(step, e)
         if not os.path.isdir(os.path.join(self.directory, str(step))):
             return self._fail(step, self._errors.first or RuntimeError("orbax did not commit it"))
-        checkpoint.note_written(self.manager)
+        workdirs.note_written(self.manager)
         if jax.process_index() == 0:
-            with checkpoint.quiet_orbax():  # its notices about a read-only manager
+            with quiet_orbax():  # its notices about a read-only manager
                 reader = _reader(self.directory)
             try:
                 checkpoint.read_verified(reader, step)
@@ -128,7 +129,8 @@ class CheckpointWriter:
         if written:
             what = f"checkpoint {step} was written to {path} but does not read back as saved ({error})"
         else:
-            what = f"checkpoint {step} could not be written to {path}: {storage.storage_cause(self._errors.first or error)}"
+            cause = storage.storage_cause(self._errors.first or error)
+            what = f"checkpoint {step} could not be written to {path}: {cause}"
         self.failure = StorageError(f"{what}; training stopped ({last}). Fix the storage, then relaunch the same "
                                     "command to resume")
         return self.failure

@@ -23,7 +23,7 @@ from moco_jax.training import metrics
 
 def knn_lines(config, result: dict) -> list[str]:
     """The kNN table: random init against the trained encoder, per feature."""
-    bank = config.get("knn_train_split", "") or config.get("train_split", "train")
+    bank = config.knn_train_split or config.train_split
     head = (f"kNN accuracy (k={config.knn_k}, T={config.knn_temperature}; bank: the {bank} split, "
             f"queries: the {config.eval_split} split):")
     random, trained = result["knn_random"], result["knn_trained"]

@@ -45,13 +45,9 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 
-from moco_jax.core.config import (
-    PRETRAINING_RULES,
-    check_fields,
-    flatten_dotted,
-    no_such_field,
-)
+from moco_jax.core.config import check_fields, flatten_dotted, no_such_field
 from moco_jax.core.errors import ConfigError, NotFoundError
+from moco_jax.training.checks import PRETRAINING_RULES
 from moco_jax.training.metrics import (
     FINAL_NAME as FINAL_METRICS,  # the trainer's end-of-run record
 )

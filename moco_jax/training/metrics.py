@@ -12,6 +12,7 @@ run continues that run; `wandb` is imported only then.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,8 @@ import numpy as np
 from absl import logging
 
 from moco_jax.core import config as config_lib
+from moco_jax.core.config import STRING
+from moco_jax.core.errors import ConfigError
 from moco_jax.io import storage
 
 JSONL_NAME = "metrics.jsonl"
@@ -71,19 +74,38 @@ def _wandb_run_id(workdir: str, new_id) -> str:
     return run_id
 
 
+# The W&B fields of a pretraining config.
+FIELDS = {"wandb_project": STRING, "wandb_entity": STRING, "wandb_name": STRING}
+
+
+def wandb_missing(project: str) -> ConfigError:
+    """The error for a W&B project set where the wandb package is missing."""
+    return ConfigError(f"wandb_project={project!r} needs the wandb package: `pip install wandb` "
+                       "(or --config.wandb_project='')")
+
+
+def check_wandb(config) -> None:
+    """wandb must be importable where config.wandb_project is set: checked on
+    every process before the data and model are built, not when the first
+    metrics are written (find_spec does not import it)."""
+    if config.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise wandb_missing(config.wandb_project)
+
+
 def wandb_run(workdir: str | None, config):
-    """The W&B run of `config.wandb_project` (None where it is '' or absent);
-    raises ConfigError when wandb is not installed."""
-    project = config.get("wandb_project", "") if config is not None else ""
+    """The W&B run of `config.wandb_project` (None where it is '', or the
+    config has no W&B fields: the linear probe's); raises ConfigError when
+    wandb is not installed."""
+    project = config.wandb_project if config is not None and "wandb_project" in config else ""
     if not project:
         return None
     try:
         import wandb  # noqa: PLC0415 - optional dependency, imported only when used
     except ImportError:
-        raise config_lib.wandb_missing(project) from None
+        raise wandb_missing(project) from None
     resume = dict(id=_wandb_run_id(workdir, wandb.util.generate_id), resume="allow") if workdir else {}
-    return wandb.init(project=project, entity=config.get("wandb_entity", "") or None,
-                      name=config.get("wandb_name", "") or None, dir=workdir or None,
+    return wandb.init(project=project, entity=config.wandb_entity or None, name=config.wandb_name or None,
+                      dir=workdir or None,
                       config=config_lib.flatten_dotted(config.to_dict()), **resume)
 
 
@@ -256,3 +278,28 @@ def write_final(workdir: str | None, final: Mapping[str, Any]) -> None:
     written atomically, so that it exists only whole."""
     if workdir and jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, FINAL_NAME), dict(final))
+
+
+KNN_RANDOM_NAME = "knn_random.json"  # in the workdir: the random-init kNN, measured once per run
+
+
+def read_knn_random(workdir: str, settings: Mapping[str, Any]) -> dict[str, float] | None:
+    """The random-init kNN accuracies an earlier launch of the run in
+    `workdir` stored, if it measured them with the same `settings` (the
+    dataset, the crop and the kNN fields); else None."""
+    try:
+        with open(os.path.join(workdir, KNN_RANDOM_NAME)) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("settings") != json.loads(json.dumps(dict(settings))):
+        return None
+    return stored.get("knn_random")
+
+
+def write_knn_random(workdir: str | None, settings: Mapping[str, Any], accuracies: Mapping[str, float]) -> None:
+    """Store the random-init kNN accuracies (process 0, atomically), so that
+    a relaunch of the run reads them instead of evaluating again."""
+    if workdir and jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, KNN_RANDOM_NAME),
+                          {"settings": dict(settings), "knn_random": dict(accuracies)})

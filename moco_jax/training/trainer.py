@@ -14,11 +14,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from moco_jax import data
-from moco_jax.core import augment, models, moco, moco_v3, optim, sharding
+from moco_jax import data, methods
+from moco_jax.core import augment, optim, sharding
 from moco_jax.core import state as state_lib
-from moco_jax.core.config import (is_due, resolve_for_devices, shuffle_bn_warning, steps, total_steps,
-                                  validate_config)
+from moco_jax.core.config import is_due, steps, total_steps
 from moco_jax.core.errors import ConfigError, DivergedError, WorkdirError
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.eval import embed, knn
@@ -26,21 +25,13 @@ from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
 from moco_jax.io.saver import CheckpointWriter
 from moco_jax.io.storage import StorageError
-from moco_jax.training import console, metrics, preemption
+from moco_jax.methods.momentum import momentum_at
+from moco_jax.training import checks, console, metrics, preemption
 
 
-def step_hparams(config, total_steps: int = 0) -> moco.MoCoHParams:
-    """The static hyper-parameters of the step, from the config."""
-    return moco.MoCoHParams(
-        temperature=config.temperature,
-        ema_momentum=config.momentum,
-        momentum_schedule=config.get("momentum_schedule", "constant"),
-        total_steps=total_steps,
-        shuffle_bn=config.shuffle_bn,
-        shuffle_mode=config.shuffle_mode,
-        symmetric=config.symmetric_loss,
-        axis_name=sharding.AXIS,
-    )
+def step_hparams(config, total_steps: int = 0):
+    """The static hyper-parameters of `config.method`'s step."""
+    return methods.get(config).hparams(config, total_steps, sharding.AXIS)
 
 
 def make_train_step(config, host_cropped: bool = False, total_steps: int = 0) -> Callable:
@@ -51,8 +42,7 @@ def make_train_step(config, host_cropped: bool = False, total_steps: int = 0) ->
     or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
     `data.Source.train_batches`). The state's buffers are donated: updated in place."""
     views = augment.make_views_fn(augment.recipe_from_config(config), host_cropped)
-    method = moco_v3 if models.method_of(config) == "moco_v3" else moco
-    step = functools.partial(method.train_step, hp=step_hparams(config, total_steps), views=views)
+    step = functools.partial(methods.get(config).train_step, hp=step_hparams(config, total_steps), views=views)
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
 
@@ -98,6 +88,26 @@ def assert_finite(values, step: int, resumed_from: int = 0) -> None:
         )
 
 
+# What the random-init kNN depends on besides the seed: a stored result is reused only while these are unchanged.
+KNN_SETTINGS = ("seed", "method", "model", "embed_dim", "dataset", "data_dir", "train_split", "eval_split",
+                "image_size", "crop_size", "augmentation", *knn.FIELDS)
+
+
+def random_init_knn(workdir: str | None, config, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The kNN accuracies of the random init: measured once per run, at its
+    first launch, and stored in the workdir (`metrics.KNN_RANDOM_NAME`); a
+    relaunch reads them back rather than evaluating again (on ImageNet, a
+    full pass over the kNN bank). Every process evaluates, or none does."""
+    settings = {name: config[name].to_dict() if name == "model" else config[name] for name in KNN_SETTINGS}
+    stored = metrics.read_knn_random(workdir, settings) if workdir else None
+    (missing,) = sharding.any_process_each([stored is None]) if jax.process_count() > 1 else (stored is None,)
+    if not missing:
+        return stored
+    accuracies = evaluate()
+    metrics.write_knn_random(workdir, settings, accuracies)
+    return accuracies
+
+
 def _encoder_variables(state: state_lib.MoCoState) -> dict[str, Any]:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -121,11 +131,11 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
     evaluation" when it came after the last step).
     """
     num_devices = jax.device_count()
-    validate_config(config, num_devices)
-    weak_shuffle = shuffle_bn_warning(config, num_devices)
-    if weak_shuffle:
-        logging.warning("%s", weak_shuffle)
-    config = resolve_for_devices(config, num_devices)
+    checks.validate_config(config, num_devices)
+    weaker = checks.startup_warning(config, num_devices)
+    if weaker:
+        logging.warning("%s", weaker)
+    config = checks.resolve_for_devices(config, num_devices)
     with preemption.RunSignals(multi_process=jax.process_count() > 1) as signals, contextlib.ExitStack() as held:
         if workdir:
             checkpoint.check_writable(workdir)
@@ -145,12 +155,12 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
         if total <= 0:
             raise ConfigError(f"num_epochs={config.num_epochs} is less than half an epoch of {steps_per_epoch} "
                               "steps: no step to train; raise num_epochs or set num_train_steps")
-        encoder = models.build_encoder(config, axis_name=sharding.AXIS)
+        encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
         tx, lr_schedule = optim.make_optimizer(config, steps_per_epoch)
         image_shape = (config.crop_size, config.crop_size, 3)
         state = state_lib.create_train_state(
-            jax.random.key(config.seed), encoder, tx, image_shape, config.queue_size, config.embed_dim
-        )
+            jax.random.key(config.seed), encoder, tx, image_shape, methods.get(config).queue_size(config),
+            config.embed_dim)
         logging.info("%s", startup_line(config, state, source.num_train_examples, steps_per_epoch, total,
                                         num_devices))
         resumed = (checkpoint.resume(workdir, state, config, num_devices, fresh_start, source.loader)
@@ -160,7 +170,7 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
             finished = finished_run(workdir, int(resumed[0].step), total)
             if finished:
                 return finished
-        knn_random = knn_fn(_encoder_variables(state))  # after the restore: a refused workdir fails at once
+        knn_random = random_init_knn(workdir, config, lambda: knn_fn(_encoder_variables(state)))  # after the restore
         state = resumed[0] if resumed else state
         start_step = int(state.step)
         p_state = state_lib.to_devices(state)
@@ -200,18 +210,14 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
             "preempted": 0, "signal": None, "phase": "", "step": int(state.step), "complete": False}
 
 
-METHOD_NAMES = {"moco_v2": "MoCo v1/v2", "moco_v3": "MoCo v3"}
-
-
 def startup_line(config, state: state_lib.MoCoState, num_train_examples: int, steps_per_epoch: int, total: int,
                  num_devices: int) -> str:
     """What is trained, on what, how long: the run's first log line."""
     params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
-    method = models.method_of(config)
-    negatives = f"queue of {config.queue_size}" if method != "moco_v3" else "in-batch negatives"
+    method = methods.get(config)
     bn = (f"BN groups: {num_devices} devices x {config.bn_splits} splits of "
           f"{config.batch_size // num_devices // config.bn_splits} images")
-    return (f"{METHOD_NAMES.get(method, method)} ({negatives}): {models.describe(config)}, {params:,} trainable "
+    return (f"{method.TITLE} ({method.negatives(config)}): {methods.describe(config)}, {params:,} trainable "
             f"parameters in the query encoder; {config.dataset}: {num_train_examples} train images, "
             f"{steps_per_epoch} steps/epoch, {total} steps, global batch {config.batch_size} on {num_devices} "
             f"devices, {bn}")
@@ -401,7 +407,7 @@ class TrainLoop:
     def _schedule(self, step: int) -> dict[str, float]:
         return {
             "learning_rate": float(self.lr_schedule(step - 1)),
-            "momentum": float(moco.momentum_at(step - 1, self.config.momentum,
-                                               self.config.get("momentum_schedule", "constant"), self.total_steps)),
+            "momentum": float(momentum_at(step - 1, self.config.momentum, self.config.momentum_schedule,
+                                          self.total_steps)),
             "epoch": step / self.steps_per_epoch,
         }

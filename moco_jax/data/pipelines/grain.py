@@ -1,11 +1,12 @@
-"""The grain input pipelines (no TensorFlow): pretraining steps and labelled
-arrays from any random-access collection of encoded images, an image
-folder's files or a tensorflow-datasets ArrayRecord split.
+"""The grain input pipeline (no TensorFlow): pretraining steps and labelled
+arrays from any random-access collection of encoded images (`EncodedImages`):
+an image folder's files or a tensorflow-datasets ArrayRecord split. Each
+image is decoded and cropped by `pillow_ops`.
 
 One grain element is one whole step of this process (or one chunk of
 labelled images), computed by a pure function of its number: the indices of
 `source.step_indices` (the example order of every source), and crops seeded
-by each example's *global* stream position (`host_images.stream_uniforms`).
+by each example's *global* stream position (`pillow_ops.stream_uniforms`).
 So the elements can be computed in any thread or worker process, in any
 order, and a run resumed at step s reads exactly the batches, crops included,
 that an uninterrupted run reads from step s, on any number of processes.
@@ -20,7 +21,8 @@ for shipping its batches (BENCHMARKS.md, benchmarks/input_pipeline.py).
 Undecodable images never stop a worker: each element reports which of its
 images failed and why, and the training process raises an error naming the
 file, or with `skip_corrupt` logs it with a running count (the slot is
-filled with another image of the same step, so batches stay full).
+filled with another image of the same step, so batches stay full: see
+`undecodable`).
 """
 from __future__ import annotations
 
@@ -30,10 +32,10 @@ from typing import Iterator, Protocol
 
 import grain
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from PIL import Image
 
-from moco_jax.data import host_images
+from moco_jax.data.pipelines import crop_rule, pillow_ops, undecodable
 from moco_jax.data.source import SourceConfig, UndecodableImageError, check_stream, step_indices, steps_per_epoch
 
 _ENDLESS = sys.maxsize // 4  # the length of an infinite stream, as a grain source
@@ -117,25 +119,22 @@ class _Steps:
         images, shapes = [None] * n, np.ones((n, 2), np.int64)
         for j, index in enumerate(indices):
             try:
-                images[j] = host_images.open_image(self.images.read(int(index)))
+                images[j] = pillow_ops.open_image(self.images.read(int(index)))
                 shapes[j] = images[j].size[::-1]  # (height, width)
             except DECODE_ERRORS as e:
                 ok[j] = False
                 reasons.append((j, _error(e)))
         first = step * self.global_batch + self.process_index * n  # global stream position
-        u = host_images.stream_uniforms(self.seed, first + np.arange(n))
-        boxes = host_images.crop_boxes(u, shapes[:, :1], shapes[:, 1:], self.crop_scale)  # (n, 2, 4)
+        u = pillow_ops.stream_uniforms(self.seed, first + np.arange(n))
+        boxes = crop_rule.crop_boxes(u, shapes[:, :1], shapes[:, 1:], self.crop_scale)  # (n, 2, 4)
         for j in np.flatnonzero(ok):
             try:
-                host_images.crops_into(out[j], images[j], boxes[j])
+                pillow_ops.crops_into(out[j], images[j], boxes[j])
             except DECODE_ERRORS as e:
                 ok[j] = False
                 reasons.append((j, _error(e)))
         if ok.any() and not ok.all():  # (none decoded: the training process raises)
-            # Fill each gap with the nearest decoded image before it (else after).
-            valid = np.flatnonzero(ok)
-            nearest = valid[np.clip(np.searchsorted(valid, np.arange(n)) - 1, 0, None)]
-            out[~ok] = out[nearest[~ok]]
+            undecodable.fill_gaps(out, ok)
         return {"crops": out, "indices": indices, "ok": ok, "reasons": tuple(r for _, r in sorted(reasons))}
 
 
@@ -181,11 +180,9 @@ def _report_undecodable(element: dict, images: EncodedImages, skip_corrupt: bool
     failed = element["indices"][~ok]
     for index, reason in zip(failed, element["reasons"]):
         if not skip_corrupt:
-            raise UndecodableImageError(
-                f"cannot decode image {images.describe(int(index))} ({reason}); remove it, or set "
-                "--config.skip_corrupt_images=True to skip undecodable images")
+            raise undecodable.error(images.describe(int(index)), reason)
         skipped += 1
-        logging.warning("skipping undecodable image %s (%d skipped so far)", images.describe(int(index)), skipped)
+        undecodable.log_skipped(images.describe(int(index)), skipped)
     if not ok.any():
         raise UndecodableImageError(f"no image of a step could be decoded, e.g. {images.describe(int(failed[0]))}")
     return skipped
@@ -211,7 +208,7 @@ class _CenterCrops:
         ok, reasons = np.ones(len(indices), bool), []
         for j, index in enumerate(indices):
             try:
-                out[j] = host_images.center_crop(self.images.read(int(index)), self.size, self.crop_fraction)
+                out[j] = pillow_ops.center_crop(self.images.read(int(index)), self.size, self.crop_fraction)
             except DECODE_ERRORS as e:
                 ok[j] = False
                 reasons.append(_error(e))
@@ -220,7 +217,7 @@ class _CenterCrops:
 
 def center_crops(images: EncodedImages, indices, size: int, *, crop_fraction: float = 1.0,
                  options: Options = Options(), chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """The evaluation view of images[indices] (`host_images.center_crop`).
+    """The evaluation view of images[indices] (`pillow_ops.center_crop`).
 
     Returns:
       (uint8 (M, size, size, 3), int64 (M,) positions in `indices` of the M
@@ -236,10 +233,8 @@ def center_crops(images: EncodedImages, indices, size: int, *, crop_fraction: fl
         ok = element["ok"]
         for index, reason in zip(element["indices"][~ok], element["reasons"]):
             if not options.skip_corrupt:
-                raise UndecodableImageError(
-                    f"cannot decode image {images.describe(int(index))} ({reason}); remove it, or set "
-                    "--config.skip_corrupt_images=True to skip undecodable images")
-            logging.warning("skipping undecodable image %s", images.describe(int(index)))
+                raise undecodable.error(images.describe(int(index)), reason)
+            undecodable.log_skipped(images.describe(int(index)))
         kept.append(i * chunk + np.flatnonzero(ok))
         out.append(element["images"][ok])
     if not out:

@@ -1,16 +1,17 @@
-"""Host-side image decoding and random-resized cropping in tf.data.
+"""The tf.data pipeline's per-image operations, in TensorFlow ops: decoding,
+random-resized crops and the evaluation view, and the crops' seeds.
 
-This module imports TensorFlow at module level, so only the data-source
-modules (`image_folder`, `tfds_source`) import it, and only when such a
-source is used: the core library, the trainer and the in-memory datasets
-never need TensorFlow.
+This module imports TensorFlow at module level (and hides the GPUs from it),
+so only the tf.data pipeline (`tfdata`) imports it, and only when a source
+reads through it: the core library, the trainer, the grain pipeline and the
+in-memory datasets never need TensorFlow.
 
 What runs here, per image (everything else happens on the accelerator, see
 `moco_jax.core.augment`):
-  encoded bytes -> two RandomResizedCrop boxes (torchvision's sampling, the
-  same as `augment.crop_boxes`) -> decode only each box (JPEG:
-  `tf.image.decode_and_crop_jpeg`; other formats are decoded whole, then
-  sliced) -> bilinear resize to S x S -> uint8 (2, S, S, 3).
+  encoded bytes -> two RandomResizedCrop boxes (torchvision's rule,
+  `crop_rule`, the same sampling as `image_ops.crop_boxes`) -> decode only
+  each box (JPEG: `tf.image.decode_and_crop_jpeg`; other formats are decoded
+  whole, then sliced) -> bilinear resize to S x S -> uint8 (2, S, S, 3).
 
 Shapes: boxes are int32 `[top, left, height, width]`; crops uint8 (S, S, 3).
 """
@@ -22,9 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect ratios
-CROP_ATTEMPTS = 10  # torchvision's number of tries before the central fallback
-_configured = False
+from moco_jax.data.pipelines.crop_rule import CROP_ATTEMPTS, RATIO
 
 
 def _hide_gpus() -> None:
@@ -38,33 +37,6 @@ def _hide_gpus() -> None:
 
 
 _hide_gpus()
-
-
-def configure(num_threads: int) -> None:
-    """Bound TensorFlow's own (eager) thread pool to `num_threads`, so the kNN
-    decode does not take every core from JAX; the pipelines have private
-    pools (`pipeline_options`). Only the first call counts, and only before
-    TensorFlow's first op (it refuses changes after initialisation)."""
-    global _configured
-    if _configured:
-        return
-    _configured = True
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(num_threads)
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-    except RuntimeError:
-        pass
-
-
-def pipeline_options(num_threads: int) -> tf.data.Options:
-    """tf.data options: a private pool of `num_threads` decode threads plus
-    one for reading/batching (sharing one pool starves the decoders), one
-    thread per op, deterministic order (a resumed run sees the same examples)."""
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = num_threads + 1
-    options.threading.max_intra_op_parallelism = 1
-    options.deterministic = True
-    return options
 
 
 # --------------------------------------------------------------------------
@@ -82,7 +54,7 @@ def _fallback_box(height, width, ratio):
 
 
 def crop_boxes_from_uniforms(u, height, width, scale, ratio=RATIO):
-    """`augment.crop_boxes` for one image of dynamic size, in TF ops.
+    """`image_ops.crop_boxes` for one image of dynamic size, in TF ops.
 
     u: float32 (V, attempts, 4) uniforms `[area, log-ratio, top, left]` per
     try, for V boxes of the same image; height, width: int32 scalars. For
@@ -97,7 +69,7 @@ def crop_boxes_from_uniforms(u, height, width, scale, ratio=RATIO):
     cw = tf.round(tf.sqrt(area * r))
     ch = tf.round(tf.sqrt(area / r))
     ok = (cw > 0) & (cw <= wf) & (ch > 0) & (ch <= hf)
-    # torch.randint(0, n) == floor(U[0, 1) * n), clipped as in augment.py.
+    # torch.randint(0, n) == floor(U[0, 1) * n), clipped as in image_ops.py.
     top = tf.clip_by_value(tf.floor(u[..., 2] * (hf - ch + 1)), 0.0, tf.maximum(hf - ch, 0.0))
     left = tf.clip_by_value(tf.floor(u[..., 3] * (wf - cw + 1)), 0.0, tf.maximum(wf - cw, 0.0))
     candidates = tf.cast(tf.stack([top, left, ch, cw], axis=-1), tf.int32)  # (V, A, 4)

@@ -11,35 +11,109 @@ opened, that says where it looked and how to prepare it (or set
 
 Two readers, chosen by `choose_loader`:
 * grain (the default), for datasets prepared in the ArrayRecord format:
-  `tfds.data_source` reads examples by index without TensorFlow, and the
-  order, crops and resumption are those of every random-access source
-  (`moco_jax.data.grain_stream`). Prepare a dataset this way once, on any
-  machine with TensorFlow:
+  `tfds.data_source` reads examples by index without TensorFlow
+  (`RecordImages`), and the order, crops and resumption are those of every
+  random-access source (`moco_jax.data.pipelines.grain`). Prepare a dataset
+  this way once, on any machine with TensorFlow:
     python -c "import tensorflow_datasets as tfds; tfds.builder('imagenet2012',
       data_dir='DIR', file_format='array_record').download_and_prepare()"
   or convert one prepared as TFRecord files, without TensorFlow:
     python -m moco_jax.convert_tfds --dataset_dir=DIR/imagenet2012/5.1.0 --out_data_dir=NEW_DIR
-* tf.data (`moco_jax.data.tfds_tf`, `data_loader='tf'`), which also reads
-  TFRecord files; it needs TensorFlow.
+* tf.data (`TfdsSplit` through `moco_jax.data.pipelines.tfdata`,
+  `data_loader='tf'`), which also reads TFRecord files; it needs TensorFlow.
+
+Finding the prepared dataset (its builder, how it was prepared, the one
+error that says how to prepare it) needs no TensorFlow either.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from moco_jax.core.errors import ConfigError, InputError
-from moco_jax.data.source import ArrayDataset, Source, SourceConfig, check_decode_size, choose_loader, knn_subset
-from moco_jax.data.tfds_builder import (ARRAY_RECORD, DatasetNotPreparedError, dataset_name, default_data_dir_hint,
-                                        file_format, prepared_builder)
+from moco_jax.core.errors import ConfigError, InputError, NotFoundError
+from moco_jax.data.source import (ArrayDataset, Source, SourceConfig, check_decode_size, choose_loader, has_module,
+                                  knn_subset)
 
-__all__ = ["DatasetNotPreparedError", "RecordImages", "TfdsSource", "dataset_name", "open_source", "prepared_builder"]
+__all__ = ["DatasetNotPreparedError", "RecordImages", "TfdsSource", "TfdsSplit", "dataset_name", "open_source",
+           "prepared_builder"]
 
 
+# --------------------------------------------------------------------------
+# Finding a prepared dataset (no TensorFlow).
+# --------------------------------------------------------------------------
+ARRAY_RECORD = "array_record"
+
+
+class DatasetNotPreparedError(NotFoundError):
+    """A tensorflow-datasets dataset with no prepared data in data_dir."""
+
+
+def dataset_name(dataset: str) -> str:
+    """A dataset name without an optional 'tfds:' prefix."""
+    return dataset.removeprefix("tfds:")
+
+
+def default_data_dir_hint() -> str:
+    return "TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+
+
+def not_prepared(builder, name: str, data_dir) -> DatasetNotPreparedError:
+    where = data_dir or default_data_dir_hint()
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    how = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir or 'DIR'}', "
+           f"file_format='{ARRAY_RECORD}').download_and_prepare()\"")
+    if manual:
+        how += (" (this dataset needs a manual download, placed in ~/tensorflow_datasets/downloads/manual: "
+                f"{' '.join(manual.split())[:300]})")
+    return DatasetNotPreparedError(
+        f"tensorflow-datasets dataset {name!r} is not prepared: no data in {builder.data_dir} "
+        f"(data_dir searched: {where}). Prepare it once, on a machine that can download it: "
+        f"`{how}`, then pass that directory as --config.data_dir; or set "
+        "--config.tfds_download=True to let the trainer download and prepare it.")
+
+
+def prepared_builder(name: str, data_dir=None, download: bool = False):
+    """The TFDS builder of `name`, checked to be usable.
+
+    Raises:
+      ValueError: `name` is neither one of ours nor a TFDS dataset.
+      DatasetNotPreparedError: no prepared data in data_dir (and download is
+        False, or downloading failed).
+    """
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        from moco_jax.data import SOURCES  # noqa: PLC0415 - the registry imports this module
+
+        raise ConfigError(
+            f"dataset={name!r} is not one of {sorted(SOURCES)} and not a "
+            "tensorflow-datasets name (see tfds.list_builders())") from None
+    if download:
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # noqa: BLE001 - any download failure means "not prepared"
+            raise not_prepared(builder, name, data_dir) from e
+    elif not builder.is_prepared() and not has_module("tensorflow"):
+        # With TensorFlow, tf.data says so when it reads (and tfds.testing.
+        # mock_data serves unprepared datasets there).
+        raise not_prepared(builder, name, data_dir)
+    return builder
+
+
+def file_format(builder) -> str:
+    """'array_record', 'tfrecord', ...: how the dataset was prepared."""
+    fmt = builder.info.file_format
+    return getattr(fmt, "value", fmt) or "tfrecord"
+
+
+# --------------------------------------------------------------------------
+# What the pipelines read.
+# --------------------------------------------------------------------------
 def num_examples(builder, name, data_dir, split: str, loader: str) -> int:
     """Examples in `split` (from the metadata, else counted by the reader)."""
     try:
@@ -50,8 +124,8 @@ def num_examples(builder, name, data_dir, split: str, loader: str) -> int:
         pass
     if loader == "grain":
         return len(_data_source(name, data_dir, split, ""))
-    from moco_jax.data import tfds_tf
-    return tfds_tf.cardinality(builder, name, data_dir, split)
+    from moco_jax.data.pipelines import tfdata
+    return tfdata.count(TfdsSplit(builder, name, data_dir, split))
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,8 +141,9 @@ def _data_source(name: str, data_dir, split: str, image_key: str):
 
 @dataclasses.dataclass(frozen=True)
 class RecordImages:
-    """The encoded images of `split` as `grain_stream.EncodedImages`; pickles
-    as its fields (grain workers open the files themselves)."""
+    """The encoded images of `split` as the grain pipeline reads them
+    (`grain.EncodedImages`: by index); pickles as its fields (grain workers
+    open the files themselves)."""
 
     name: str
     data_dir: str | None
@@ -89,6 +164,33 @@ class RecordImages:
         """int32 labels of `indices`."""
         source = _data_source(self.name, self.data_dir, self.split, self.image_key)
         return np.asarray([source[int(i)][label_key] for i in indices], np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSplit:
+    """`split` as the tf.data pipeline reads it (`tfdata.Split`): the
+    builder's records in file order."""
+
+    builder: Any
+    name: str
+    data_dir: str | None
+    split: str
+    size: int = 0  # examples (0: not known, or not needed)
+    image_key: str = "image"
+    label_key: str = "label"
+
+    def __len__(self) -> int:
+        return self.size
+
+    def as_dataset(self, **kwargs):
+        """builder.as_dataset, with TFDS's missing-data assertion made readable."""
+        try:
+            return self.builder.as_dataset(**kwargs)
+        except AssertionError:  # TFDS: "could not find data in ..."
+            raise not_prepared(self.builder, self.name, self.data_dir) from None
+        except ValueError as e:  # TFDS: "Unknown split ..."
+            raise ConfigError(f"{self.name}: split {kwargs.get('split')!r} cannot be read "
+                              f"({' '.join(str(e).split())}); its splits: {sorted(self.builder.info.splits)}") from None
 
 
 class TfdsSource(Source):
@@ -112,8 +214,8 @@ class TfdsSource(Source):
                 f"`python -m moco_jax.convert_tfds --dataset_dir={self.builder.data_dir} --out_data_dir=NEW_DIR`, "
                 "then --config.data_dir=NEW_DIR"))
         if self.loader == "tf":
-            from moco_jax.data import tf_images
-            tf_images.configure(spec.num_threads)
+            from moco_jax.data.pipelines import tfdata
+            tfdata.configure(spec.num_threads)
         if spec.image_key not in self.builder.info.features:
             raise ConfigError(f"image_key={spec.image_key!r}: {self.name} has no such feature "
                               f"(its features: {list(self.builder.info.features)})")
@@ -129,6 +231,10 @@ class TfdsSource(Source):
         size = size or num_examples(self.builder, self.name, self._data_dir, split, "grain")
         return RecordImages(self.name, self._data_dir, split, self.spec.image_key, size)
 
+    def _split(self, split: str, size: int = 0) -> TfdsSplit:
+        return TfdsSplit(self.builder, self.name, self._data_dir, split, size, self.spec.image_key,
+                         self.spec.label_key)
+
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
                       num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
         spec = self.spec
@@ -136,13 +242,12 @@ class TfdsSource(Source):
                       start_step=start_step, process_index=process_index, process_count=process_count,
                       num_local_devices=num_local_devices)
         if self.loader == "grain":
-            from moco_jax.data import grain_stream
-            return grain_stream.two_crop_batches(self._records(spec.train_split, self._num_train),
-                                                 options=grain_stream.Options.from_spec(spec), **kwargs)
-        from moco_jax.data import tfds_tf
-        return tfds_tf.two_crop_batches(self.builder, self.name, self._data_dir, spec.train_split, self._num_train,
-                                        shuffle_buffer=spec.shuffle_buffer, image_key=spec.image_key,
-                                        num_threads=spec.num_threads, **kwargs)
+            from moco_jax.data.pipelines import grain
+            return grain.two_crop_batches(self._records(spec.train_split, self._num_train),
+                                          options=grain.Options.from_spec(spec), **kwargs)
+        from moco_jax.data.pipelines import tfdata
+        return tfdata.two_crop_batches(self._split(spec.train_split, self._num_train),
+                                       shuffle_buffer=spec.shuffle_buffer, num_threads=spec.num_threads, **kwargs)
 
     def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
                         train_split="") -> ArrayDataset:
@@ -161,28 +266,23 @@ class TfdsSource(Source):
             x_train, y_train = self._grain_arrays(train_split, size, crop_fraction, max_train_images, seed)
             x_test, y_test = self._grain_arrays(spec.eval_split, size, crop_fraction, 0, seed)
         else:
-            from moco_jax.data import tfds_tf
-            kwargs = dict(size=size, crop_fraction=crop_fraction, image_key=spec.image_key, label_key=label_key,
-                          num_threads=spec.num_threads)
-            x_train, y_train = tfds_tf.center_crop_arrays(self.builder, self.name, self._data_dir, train_split,
-                                                          cap=max_train_images, **kwargs)
-            x_test, y_test = tfds_tf.center_crop_arrays(self.builder, self.name, self._data_dir, spec.eval_split,
-                                                        cap=0, **kwargs)
+            from moco_jax.data.pipelines import tfdata
+            kwargs = dict(crop_fraction=crop_fraction, num_threads=spec.num_threads)
+            x_train, y_train = tfdata.center_crops(self._split(train_split), size, cap=max_train_images, **kwargs)
+            x_test, y_test = tfdata.center_crops(self._split(spec.eval_split), size, cap=0, **kwargs)
         return ArrayDataset(x_train, y_train, x_test, y_test,
                             num_classes=self.builder.info.features[label_key].num_classes, name=self.name)
 
     def _grain_arrays(self, split, size, crop_fraction, cap, seed) -> tuple[np.ndarray, np.ndarray]:
-        from moco_jax.data import grain_stream
+        from moco_jax.data.pipelines import grain
         records = self._records(split)
         if not len(records):
             raise InputError(f"{self.name}[{split}] is empty")
         indices = knn_subset(len(records), cap, seed)
-        images, kept = grain_stream.center_crops(records, indices, size, crop_fraction=crop_fraction,
-                                                 options=grain_stream.Options.from_spec(self.spec))
+        images, kept = grain.center_crops(records, indices, size, crop_fraction=crop_fraction,
+                                          options=grain.Options.from_spec(self.spec))
         return images, records.labels(indices[kept], self.spec.label_key)
 
 
 def open_source(spec: SourceConfig) -> TfdsSource:
     return TfdsSource(spec)
-
-

@@ -14,7 +14,6 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from moco_jax.core.config import ARRAY_IMAGE_SIZES
 from moco_jax.core.errors import ConfigError, InputError, NotFoundError
 from moco_jax.data.source import (
     ArrayDataset,
@@ -143,7 +142,7 @@ def default_cifar10_dir() -> Optional[Path]:
     env = os.environ.get(CIFAR10_DIR_ENV)
     if env:
         return Path(env)
-    repo_root = Path(__file__).resolve().parents[2]
+    repo_root = Path(__file__).resolve().parents[3]
     candidate = repo_root.parent / "shared" / "data" / "cifar10"
     return candidate if candidate.is_dir() else None
 
@@ -163,6 +162,29 @@ def _load_cifar10_by_name(data_dir=None, image_size=None) -> ArrayDataset:
 def _load_digits_by_name(data_dir=None, image_size=None) -> ArrayDataset:
     del data_dir  # bundled with scikit-learn
     return load_digits(image_size=DIGITS_SIZE if image_size is None else image_size)
+
+
+# The side of each in-memory dataset's images with image_size=0, and the one
+# side it may come at (None: any, upsampled).
+ARRAY_IMAGE_SIZES = {"digits": (16, None), "cifar10_arrays": (32, 32)}
+
+
+def check(config) -> None:
+    """The crop must fit in the images an in-memory dataset is loaded at
+    (digits are upsampled to image_size, 16 by default; cifar10_arrays is
+    32x32). Files (image folders, tensorflow-datasets) are cropped at their
+    own size, so any crop_size fits them."""
+    if config.dataset not in ARRAY_IMAGE_SIZES:
+        return
+    default, fixed = ARRAY_IMAGE_SIZES[config.dataset]
+    if fixed and config.image_size not in (0, fixed):
+        raise ConfigError(f"image_size={config.image_size} must be 0 or {fixed}: {config.dataset} is {fixed}x{fixed}")
+    size = config.image_size or default
+    if config.crop_size > size:
+        how = f"or image_size >= {config.crop_size} (the images are upsampled to it)" if not fixed else ""
+        raise ConfigError(
+            f"crop_size={config.crop_size} is larger than the {size}x{size} {config.dataset} images "
+            f"(image_size={config.image_size}): set crop_size <= {size} {how}".strip())
 
 
 DIGITS_SIZE = ARRAY_IMAGE_SIZES["digits"][0]  # image_size=0: digits upsampled from 8x8 to 16x16

@@ -9,27 +9,60 @@ pseudo-code (the paper's Alg. 1, facebookresearch/moco-v3 `moco/builder.py`):
     ctr(q, k) = CE(normalize(q) . normalize(k).T / T, labels = arange(B)) * 2T
     f_q.params = AdamW / LARS(f_q.params, grad(loss))
 
-What differs from MoCo v1/v2 (moco_jax/core/moco.py): no queue and no
+What differs from MoCo v1/v2 (moco_v2.py): no queue and no
 shuffle BN; the negatives of a query are the keys of the *other* images of
 the global batch, gathered from all devices; a prediction MLP on the query
 side; BN in the MLP heads is SyncBN (its statistics span all devices).
 
-Every function here runs inside `jax.pmap(..., axis_name=hp.axis_name)`;
+The step's functions run inside `jax.pmap(..., axis_name=hp.axis_name)`;
 each device holds B_local images of the global batch B = n * B_local.
+
+After the step: what the rest of moco_jax asks of a method (`base.Method`):
+its config fields and checks, its encoder heads, its hyper-parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
+from moco_jax.core import models
+from moco_jax.core.config import integer
+from moco_jax.core.errors import ConfigError
 from moco_jax.core.models import momentum_subset
-from moco_jax.core.moco import MoCoHParams, Views, l2_normalize, momentum_at, momentum_update
 from moco_jax.core.state import MoCoState
+from moco_jax.methods.base import Views, check_bn_groups, plain_bn_splits
+from moco_jax.methods.contrastive import l2_normalize
+from moco_jax.methods.momentum import check_schedule, momentum_at, momentum_update
+
+
+@dataclasses.dataclass(frozen=True)
+class MoCoV3HParams:
+    """The static hyper-parameters of one step.
+
+    temperature: T of the softmax over the global batch's keys (0.2 for ViT, 1.0 for ResNet).
+    ema_momentum: m0 of the key-encoder update (0.99 ViT, 0.996 ResNet).
+    momentum_schedule: "cosine" (the paper: m rises from `ema_momentum` to 1
+      over `total_steps`) or "constant".
+    total_steps: the run's length in steps (the cosine schedule's end).
+    axis_name: the pmap axis.
+    """
+
+    temperature: float = 0.2
+    ema_momentum: float = 0.99
+    momentum_schedule: str = "cosine"
+    total_steps: int = 0
+    axis_name: str = "batch"
+
+    def __post_init__(self):
+        check_schedule(self.momentum_schedule, self.total_steps)
 
 
 def contrastive_loss(q: jax.Array, k: jax.Array, temperature: float, axis_name: str) -> tuple[jax.Array, jax.Array]:
@@ -76,7 +109,7 @@ def compute_keys(state: MoCoState, momentum_params: Any, views: tuple[jax.Array,
     return tuple(keys), stats
 
 
-def symmetric_loss(params: Any, state: MoCoState, views, keys, hp: MoCoHParams):
+def symmetric_loss(params: Any, state: MoCoState, views, keys, hp: MoCoV3HParams):
     """ctr(q1, k2) + ctr(q2, k1) as the mean over this device's queries (a
     scalar whose pmean over devices is the official loss), with
     (the query encoder's new BN statistics, per-query top-1 (2 * B_local,))."""
@@ -89,7 +122,7 @@ def symmetric_loss(params: Any, state: MoCoState, views, keys, hp: MoCoHParams):
     return losses[0] + losses[1], (stats, jnp.concatenate(correct))
 
 
-def loss_and_grads(state: MoCoState, views, hp: MoCoHParams):
+def loss_and_grads(state: MoCoState, views, hp: MoCoV3HParams):
     """Everything of one step but the optimizer: returns (loss, top-1 hits,
     the gradient of the global mean loss, the new momentum params, the new
     BN statistics of both encoders). Split out so that tests can compare
@@ -110,14 +143,13 @@ def loss_and_grads(state: MoCoState, views, hp: MoCoHParams):
     return loss, correct, grads, momentum_params, batch_stats, momentum_batch_stats
 
 
-def train_step(state: MoCoState, batch: Any, hp: MoCoHParams, views: Views) -> tuple[MoCoState, dict[str, jax.Array]]:
+def train_step(state: MoCoState, batch: Any, hp: MoCoV3HParams, views: Views) -> tuple[MoCoState, dict[str, jax.Array]]:
     """One MoCo v3 step on one device's share of the batch (run under pmap).
 
     Args:
       state: this device's replica (`queue` is None: v3 has none).
       batch: whatever `views` turns into two views, e.g. uint8 images.
-      hp: static hyper-parameters (`shuffle_bn`, `shuffle_mode` and
-        `symmetric` do not apply: v3 never shuffles and is always symmetric).
+      hp: static hyper-parameters (v3 never shuffles and is always symmetric).
       views: (rng, batch) -> (x1, x2), each (B_local, H, W, 3).
     Returns:
       The new state and metrics averaged over the global batch.
@@ -129,3 +161,69 @@ def train_step(state: MoCoState, batch: Any, hp: MoCoHParams, views: Views) -> t
                                   momentum_batch_stats=momentum_batch_stats, rng=rng)
     metrics = {"loss": loss, "top1": correct.mean(), "grad_norm": optax.global_norm(grads)}
     return state, lax.pmean(metrics, hp.axis_name)
+
+
+# ---------------------------------------------------------------------------
+# The method interface (methods/base.py `Method`): MoCo v3 for the rest of
+# the library.
+# ---------------------------------------------------------------------------
+NAME = "moco_v3"
+TITLE = "MoCo v3"
+FIELDS = {"model.mlp_dim": integer(1)}
+ONLY_NOTE = "MoCo v1/v2 heads are sized by model.head and embed_dim"
+SHAPE_FIELDS = ("model.mlp_dim",)
+
+
+def bn_splits(config, num_devices: int) -> int:
+    """`config.bn_splits`, auto (0) meaning 1: no shuffle BN to emulate, plain (or Sync) BN."""
+    del num_devices
+    return plain_bn_splits(config)
+
+
+def check(config, num_devices: int) -> None:
+    """The v1/v2 fields v3 has no use for must say so (a v2 habit carried
+    over would silently mean nothing)."""
+    if config.queue_size:
+        raise ConfigError(f"queue_size={config.queue_size} must be 0 with method='moco_v3': MoCo v3 has no "
+                          "queue (the negatives are the other keys of the global batch)")
+    if config.shuffle_bn:
+        raise ConfigError("shuffle_bn=True has no meaning with method='moco_v3' (it uses SyncBN): set "
+                          "shuffle_bn=False")
+    check_bn_groups(config, num_devices, bn_splits(config, num_devices))
+
+
+def warning(config, num_devices: int) -> str:
+    del config, num_devices
+    return ""
+
+
+def build_encoder(config, backbone: nn.Module, axis_name: str) -> models.MoCoV3Encoder:
+    """Backbone + projector, and the predictor for the queries; their BN is
+    SyncBN over `axis_name`. The official code: a 3-layer projector for
+    ViT, 2 for ResNet; the predictor ends with the affine-free BN for ViT
+    but not for ResNet."""
+    vit_backbone = models.is_vit(config)
+    mlp = functools.partial(models.MLPHead, hidden_dim=config.model.mlp_dim, out_dim=config.embed_dim,
+                            axis_name=axis_name, bn_momentum=config.model.bn_momentum,
+                            dtype=models.DTYPES[config.model.dtype])
+    return models.MoCoV3Encoder(backbone=backbone, head=mlp(num_layers=3 if vit_backbone else 2, name="head"),
+                                predictor=mlp(num_layers=2, last_bn=vit_backbone, name="predictor"))
+
+
+def queue_size(config) -> int:
+    del config
+    return 0
+
+
+def hparams(config, total_steps: int, axis_name: str) -> MoCoV3HParams:
+    return MoCoV3HParams(temperature=config.temperature, ema_momentum=config.momentum,
+                         momentum_schedule=config.momentum_schedule, total_steps=total_steps, axis_name=axis_name)
+
+
+def negatives(config) -> str:
+    del config
+    return "in-batch negatives"
+
+
+def describe_heads(config) -> str:
+    return f"a {config.model.mlp_dim}-wide projector and predictor"
