@@ -40,11 +40,11 @@ def validate_config(config, num_devices: int) -> None:
     check_fields(config, PRETRAINING_RULES)  # types and ranges first: the relations below rely on them
     check_length(config, INTERVALS)
     metrics.check_wandb(config)
-    data.check(config)
     check_batch_divides(config, num_devices)
     methods.get(config).check(config, num_devices)
     models.check(config)
     optim.check(config)
+    data.check(config)  # last: it imports the dataset's source module (tensorflow-datasets for a TFDS name)
 
 
 def resolve_for_devices(config, num_devices: int):
