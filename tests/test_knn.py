@@ -113,3 +113,34 @@ def test_knn_predict_under_user_jit():
     fn = jax.jit(lambda a, b, c, t: knn.knn_predict(a, b, c, 3, k=4, temperature=t))
     np.testing.assert_allclose(np.asarray(fn(q, bank, labels, 0.3)),
                                numpy_knn_scores(q, bank, labels, 3, 4, 0.3), rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_bank,k", [(203, 9), (203, 203), (13, 5), (64, 30)])
+def test_the_bank_split_over_8_devices_finds_the_brute_force_neighbours(num_bank, k):
+    """Shards of 26 rows (the last padded), k above and below the rows per
+    shard, k = the whole bank: the votes equal a float64 brute-force kNN."""
+    rng = np.random.default_rng(num_bank + k)
+    bank, queries = rng.normal(size=(num_bank, 12)), rng.normal(size=(37, 12))
+    labels = rng.integers(0, 6, num_bank).astype(np.int32)
+    got = knn.sharded_knn_predict(queries, bank, labels, num_classes=6, k=k, temperature=0.3, chunk_size=8)
+    assert len(jax.local_devices()) == 8
+    want = numpy_knn_scores(queries, bank, labels, 6, k, 0.3)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    single = np.asarray(knn.knn_predict(queries, bank, labels, num_classes=6, k=k, temperature=0.3))
+    np.testing.assert_allclose(got, single, rtol=1e-6, atol=1e-6)
+
+
+def test_features_extracted_on_8_devices_are_those_of_one_in_order():
+    """21 images in steps of 16 over 8 devices (2 each, the last step padded):
+    the same rows, in the same order, as one device's batches of 16."""
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, size=(21, 4, 4, 3), dtype=np.uint8)
+    weights = {"w": rng.normal(size=(48, 5)).astype(np.float32)}
+    apply_fn = lambda v, x: jnp.asarray(x, jnp.float32).reshape(len(x), -1) @ v["w"]  # noqa: E731
+    on_devices = knn.extract_features_on_devices(apply_fn, weights, images, batch_size=16)
+    assert on_devices.shape == (21, 5)
+    np.testing.assert_allclose(on_devices, knn.extract_features(lambda x: apply_fn(weights, x), images, 16),
+                               rtol=1e-6)
+    exact = images.reshape(21, -1).astype(np.float64) @ weights["w"]
+    np.testing.assert_allclose(on_devices, exact, rtol=1e-5, atol=1e-2)

@@ -60,9 +60,8 @@ def knn_accuracies(embed_fn: Callable, variables: Any, dataset: ArrayDataset, *,
       embed_fn: (variables, uint8 (B, H, W, 3)) -> a tuple of (B, D_i) arrays.
     """
     widths = [s.shape[-1] for s in jax.eval_shape(embed_fn, variables, dataset.test_images[:1])]
-    both = lambda x: jnp.concatenate(embed_fn(variables, x), axis=1)  # noqa: E731 - one pass, split below
-    banks = knn.extract_features(both, dataset.train_images, batch_size)
-    queries = knn.extract_features(both, dataset.test_images, batch_size)
+    banks, queries = (_features(embed_fn, variables, images, batch_size)
+                      for images in (dataset.train_images, dataset.test_images))
     ends = np.cumsum(widths)
     result = {}
     for name, end, width in zip(features, ends, widths):
@@ -70,6 +69,20 @@ def knn_accuracies(embed_fn: Callable, variables: Any, dataset: ArrayDataset, *,
         result[name] = knn.knn_accuracy(queries[:, cols], dataset.test_labels, banks[:, cols],
                                         dataset.train_labels, dataset.num_classes, k=k, temperature=temperature)
     return result
+
+
+@functools.lru_cache(maxsize=8)
+def _concatenated(embed_fn: Callable) -> Callable:
+    """(variables, images) -> every kind of feature of `embed_fn`, side by side (one pass)."""
+    return lambda variables, images: jnp.concatenate(embed_fn(variables, images), axis=1)
+
+
+def _features(embed_fn: Callable, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, sum of D_i) features of `images`: on all of this process's devices
+    in a single-process job, on one device in each process of several."""
+    if jax.process_count() > 1:
+        return knn.extract_features(functools.partial(_concatenated(embed_fn), variables), images, batch_size)
+    return knn.extract_features_on_devices(_concatenated(embed_fn), variables, images, batch_size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moco_jax.core import sharding
 from moco_jax.core.config import FRACTION, POSITIVE, STRING, integer
 from moco_jax.data import ArrayDataset, Source
 from moco_jax.methods.contrastive import l2_normalize
@@ -71,13 +72,74 @@ def knn_predict(query_features, bank_features, bank_labels, num_classes: int,
     return scores.reshape(num_chunks * chunk, num_classes)[:num_q]
 
 
+_SHARDS = "knn_shards"  # the pmap axis the bank is split over
+
+
+def _sharded_chunk_scores(queries, bank, bank_labels, valid, num_classes, k, temperature):
+    """One device's part of `sharded_knn_predict` for (C, D) unit queries:
+    the top-k of its bank shard, merged with every other shard's into the
+    global top-k (the global top k are among the shards' top k), then the
+    weighted votes (C, num_classes), the same on every device."""
+    sim = jnp.matmul(queries, bank.T, precision=jax.lax.Precision.HIGHEST)   # (C, N / n)
+    sim = jnp.where(valid[None, :], sim, -jnp.inf)                           # padding rows: never neighbours
+    top_sim, top_idx = jax.lax.top_k(sim, min(k, bank.shape[0]))            # (C, k_local)
+    candidates = jax.lax.all_gather(top_sim, _SHARDS, axis=1, tiled=True)    # (C, n * k_local)
+    candidate_labels = jax.lax.all_gather(bank_labels[top_idx], _SHARDS, axis=1, tiled=True)
+    best, position = jax.lax.top_k(candidates, k)                           # (C, k)
+    labels = jnp.take_along_axis(candidate_labels, position, axis=1)
+    rows = jnp.arange(queries.shape[0])[:, None]
+    return jnp.zeros((queries.shape[0], num_classes), jnp.float32).at[rows, labels].add(jnp.exp(best / temperature))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_scores_fn(devices: tuple, num_classes: int, k: int) -> Callable:
+    def scores(query_chunks, bank, bank_labels, valid, temperature):
+        bank = l2_normalize(bank)
+        return jax.lax.map(lambda q: _sharded_chunk_scores(l2_normalize(q), bank, bank_labels, valid, num_classes,
+                                                           k, temperature), query_chunks)
+    return jax.pmap(scores, axis_name=_SHARDS, in_axes=(None, 0, 0, 0, None), devices=devices)
+
+
+def sharded_knn_predict(query_features, bank_features, bank_labels, num_classes: int, k: int = 200,
+                        temperature: float = 0.1, chunk_size: int = 256, devices=None) -> np.ndarray:
+    """`knn_predict` with the bank split over `devices` (this process's local
+    devices by default): each holds N / n bank rows, so a bank n times larger
+    fits, and all devices work. Every query is scored against every shard;
+    each shard's top k are merged across the devices into the global top k,
+    so the neighbours, and the scores to float rounding, are the
+    single-device ones.
+
+    Args and result: as `knn_predict` (float32 (Q, num_classes), on the host).
+    """
+    devices = tuple(devices or jax.local_devices())
+    bank = np.asarray(bank_features, np.float32)
+    n, num_bank = len(devices), len(bank)
+    rows = -(-num_bank // n)  # bank rows per device, the last shard padded
+    pad = rows * n - num_bank
+    shard = lambda x: np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(n, rows, *x.shape[1:])  # noqa: E731
+    queries = np.asarray(query_features, np.float32)
+    num_q = len(queries)
+    chunk = max(1, min(chunk_size, num_q))
+    num_chunks = -(-num_q // chunk)
+    query_chunks = np.pad(queries, ((0, num_chunks * chunk - num_q), (0, 0))).reshape(num_chunks, chunk, -1)
+    scores = _sharded_scores_fn(devices, num_classes, min(k, num_bank))(
+        query_chunks, shard(bank), shard(np.asarray(bank_labels, np.int32)), shard(np.ones(num_bank, bool)),
+        np.float32(temperature))
+    return np.asarray(scores[0]).reshape(num_chunks * chunk, num_classes)[:num_q]
+
+
 def knn_accuracy(query_features, query_labels, bank_features, bank_labels,
                  num_classes: int, k: int = 200, temperature: float = 0.1,
                  chunk_size: int = 256) -> float:
-    """Top-1 accuracy in [0, 1] of knn_predict on (Q, D) queries with (Q,) labels."""
-    scores = knn_predict(query_features, bank_features, bank_labels,
-                         num_classes=num_classes, k=k, temperature=temperature,
-                         chunk_size=chunk_size)
+    """Top-1 accuracy in [0, 1] of the weighted kNN on (Q, D) queries with
+    (Q,) labels; the bank split over the devices (`sharded_knn_predict`) in a
+    single-process job."""
+    if jax.process_count() > 1:  # each process scores on its own: one device, as knn_predict
+        scores = knn_predict(query_features, bank_features, np.asarray(bank_labels), num_classes=num_classes, k=k,
+                             temperature=temperature, chunk_size=chunk_size)
+    else:
+        scores = sharded_knn_predict(query_features, bank_features, bank_labels, num_classes=num_classes, k=k,
+                                     temperature=temperature, chunk_size=chunk_size)
     predictions = np.asarray(jnp.argmax(scores, axis=-1))
     return float(np.mean(predictions == np.asarray(query_labels)))
 
@@ -109,6 +171,40 @@ def extract_features(apply_fn: Callable, images_uint8: np.ndarray,
         # blocked by a device->host copy; convert all at the end.
         outputs.append(apply_fn(batch))
     return np.concatenate([np.asarray(o) for o in outputs])[:num]
+
+
+@functools.lru_cache(maxsize=8)
+def _on_devices(apply_fn: Callable, devices: tuple) -> Callable:
+    return jax.pmap(apply_fn, devices=devices)
+
+
+def extract_features_on_devices(apply_fn: Callable, variables, images_uint8: np.ndarray, batch_size: int,
+                                devices=None) -> np.ndarray:
+    """`extract_features` with each batch split over `devices` (this
+    process's local devices by default), all of them working.
+
+    Args:
+      apply_fn: (variables, (B, H, W, C) uint8) -> (B, D) features; a stable
+        function (its pmap-ed form is kept for the next call).
+      variables: what `apply_fn` runs with, replicated here.
+      images_uint8: uint8 (N, H, W, C), N >= 1.
+      batch_size: images per step, over all the devices.
+    Returns:
+      np.ndarray (N, D).
+    """
+    devices = tuple(devices or jax.local_devices())
+    n, num = len(devices), len(images_uint8)
+    per_device = max(1, -(-batch_size // n))
+    step = per_device * n
+    replicated = sharding.replicate(variables, devices)
+    p_apply = _on_devices(apply_fn, devices)
+    outputs = []
+    for start in range(0, num, step):
+        batch = images_uint8[start:start + step]
+        if len(batch) < step:
+            batch = np.concatenate([batch, np.zeros((step - len(batch),) + batch.shape[1:], batch.dtype)])
+        outputs.append(p_apply(replicated, batch.reshape(n, per_device, *batch.shape[1:])))
+    return np.concatenate([np.asarray(o).reshape(step, -1) for o in outputs])[:num]
 
 
 def monitor_dataset(source: Source, config) -> ArrayDataset:
