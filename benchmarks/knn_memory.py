@@ -6,7 +6,7 @@ n devices (`knn.sharded_knn_predict`, per device).
   python -m benchmarks.knn_memory                          # 1.28M x 2048 bank, 50k queries, 8 devices
   python -m benchmarks.knn_memory --bank 1281167 --dim 128 # the projection features
 
-One JSON line per layout: argument, output and temporary bytes per device, in GiB.
+One JSON line per layout: argument, output and temporary memory per device, in GiB (and bytes).
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def main() -> None:
         jax.ShapeDtypeStruct((n, rows), jnp.bool_), jnp.float32(0.1))
     for layout, lowered in (("one device", single), (f"bank over {n} devices, per device", sharded)):
         m = lowered.compile().memory_analysis()
-        gib = {k: round(getattr(m, f"{k}_size_in_bytes") / 2**30, 2) for k in ("argument", "output", "temp")}
-        print(json.dumps({"layout": layout, "bank": args.bank, "queries": args.queries, "dim": args.dim, **gib,
-                          "total_gib": round(sum(gib.values()), 2)}))
+        sizes = {k: getattr(m, f"{k}_size_in_bytes") for k in ("argument", "output", "temp")}
+        print(json.dumps({"layout": layout, "bank": args.bank, "queries": args.queries, "dim": args.dim,
+                          **{f"{k}_gib": round(v / 2**30, 2) for k, v in sizes.items()},
+                          "total_gib": round(sum(sizes.values()) / 2**30, 2), "total_bytes": sum(sizes.values()),
+                          "argument_bytes": sizes["argument"]}))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,14 @@ def test_checkpoint_io_benchmark_reports_every_column(tmp_path):
     assert set(result) == {"state_mb", "blocking_s", "committed_s", "read_back_check_s", "disk_mb"}
     assert result["committed_s"] >= result["blocking_s"] > 0 and result["read_back_check_s"] > 0
     assert 0 < result["disk_mb"] and result["state_mb"] > 0
+
+
+def test_knn_memory_benchmark_shows_the_split_bank_smaller_per_device(monkeypatch, capsys):
+    from benchmarks import knn_memory  # noqa: PLC0415
+
+    monkeypatch.setattr("sys.argv", ["knn_memory", "--bank", "4000", "--queries", "300", "--dim", "64",
+                                     "--classes", "10", "--k", "20"])
+    knn_memory.main()
+    one, split = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert one["layout"] == "one device" and split["layout"] == "bank over 8 devices, per device"
+    assert split["argument_bytes"] < one["argument_bytes"] and split["total_bytes"] < one["total_bytes"]
