@@ -70,6 +70,8 @@ def test_a_run_stopped_by_sigterm_resumes_in_a_new_process_and_its_encoder_serve
     first.send_signal(signal.SIGTERM)
     status, out, err = _finish(first)
     assert status == 0 and out.strip().splitlines()[-1].startswith("stopped by SIGTERM after step 3"), err[-3000:]
+    stored = workdir / metrics.KNN_RANDOM_NAME  # the random-init kNN, measured by the first process
+    written = (stored.stat().st_ino, stored.stat().st_mtime_ns, stored.read_text())
 
     second = subprocess.run([sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", *_tiny_flags(case),
                              *_flags(case)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
@@ -84,6 +86,10 @@ def test_a_run_stopped_by_sigterm_resumes_in_a_new_process_and_its_encoder_serve
     _assert_states_equal(resumed, reference["state"])
     final = json.loads((workdir / metrics.FINAL_NAME).read_text())
     assert final["loss"] == reference["history"][-1]["loss"]
+    # The second process read the random-init kNN back rather than measuring it again.
+    assert (stored.stat().st_ino, stored.stat().st_mtime_ns, stored.read_text()) == written
+    knn_random = json.loads(written[2])["knn_random"]
+    assert {k: final[f"knn_random_{k}"] for k in knn_random} == knn_random == reference["knn_random"]
 
     exported = tmp_path / "encoder.msgpack"
     third = subprocess.run([sys.executable, "-c", EXPORT_AND_EVALUATE, str(workdir), str(exported)], cwd=REPO,

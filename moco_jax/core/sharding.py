@@ -81,6 +81,23 @@ def shard_global(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     return jax.tree.map(put, tree)
 
 
+def shard_rows(x: np.ndarray, devices: Sequence[jax.Device] | None = None) -> jax.Array:
+    """A host array (N, ...) split over the axis's devices (one process's):
+    (n, ceil(N / n), ...), device i holding the i-th run of rows, the last
+    one padded with zeros. Only each device's rows are copied, never the
+    whole array."""
+    sharding = _pmap_sharding(_axis_devices(devices))
+    n = sharding.mesh.size
+    rows = -(-len(x) // n)
+
+    def device_rows(index):
+        i = index[0].start or 0
+        part = x[i * rows:(i + 1) * rows]
+        return np.pad(part, [(0, rows - len(part))] + [(0, 0)] * (x.ndim - 1))[None]
+
+    return jax.make_array_from_callback((n, rows) + x.shape[1:], sharding, device_rows)
+
+
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     """A copy of every leaf on every device of the axis: (n_devices, ...)."""
     n = len(_axis_devices(devices))

@@ -113,10 +113,8 @@ def sharded_knn_predict(query_features, bank_features, bank_labels, num_classes:
     """
     devices = tuple(devices or jax.local_devices())
     bank = np.asarray(bank_features, np.float32)
-    n, num_bank = len(devices), len(bank)
-    rows = -(-num_bank // n)  # bank rows per device, the last shard padded
-    pad = rows * n - num_bank
-    shard = lambda x: np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(n, rows, *x.shape[1:])  # noqa: E731
+    num_bank = len(bank)
+    shard = lambda x: sharding.shard_rows(x, devices)  # noqa: E731 - the last device's rows padded
     queries = np.asarray(query_features, np.float32)
     num_q = len(queries)
     chunk = max(1, min(chunk_size, num_q))

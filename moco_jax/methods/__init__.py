@@ -41,6 +41,7 @@ def describe(config) -> str:
 
 
 # Every method's own fields (each field is in every config: the rules apply whatever the method).
+# (the method's rule reads the registry when it checks, not a copy made at import)
 FIELDS = {"method": base.Rule("one of " + ", ".join(map(repr, NAMES)), lambda v: v in REGISTRY),
           **base.FIELDS, **{k: v for m in REGISTRY.values() for k, v in m.FIELDS.items()}}
 SHAPE_FIELDS = ("method", "embed_dim") + tuple(f for m in REGISTRY.values() for f in m.SHAPE_FIELDS)

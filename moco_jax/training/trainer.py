@@ -100,8 +100,7 @@ def random_init_knn(workdir: str | None, config, evaluate: Callable[[], dict[str
     full pass over the kNN bank). Every process evaluates, or none does."""
     settings = {name: config[name].to_dict() if name == "model" else config[name] for name in KNN_SETTINGS}
     stored = metrics.read_knn_random(workdir, settings) if workdir else None
-    (missing,) = sharding.any_process_each([stored is None]) if jax.process_count() > 1 else (stored is None,)
-    if not missing:
+    if not sharding.any_process(stored is None):
         return stored
     accuracies = evaluate()
     metrics.write_knn_random(workdir, settings, accuracies)
