@@ -5,6 +5,11 @@
   python -m moco_jax.linear_eval --pretrained=enc.msgpack --config configs/linear_imagenet.py \
       --config.dataset=image_folder --config.data_dir=/data/imagenette --workdir /tmp/linear
 
+On several processes (a cluster, or processes started by hand with
+--coordinator_address / --num_processes / --process_id, as for train.py)
+the probe joins one JAX job exactly as train.py does: every process reads
+its share of the images and the steps run on all devices of all processes.
+
 `--pretrained` takes anything `moco_jax.pretrained.load` reads, as in every
 other program: a pretraining workdir, a .msgpack or .safetensors export, an
 official MoCo .pth.tar. `--config.pretrained` is its old spelling, still
@@ -17,25 +22,31 @@ The training scalars of every log step go where pretraining's go
 loss=..., top1=..., epoch=...`, and with `--workdir` its metrics.jsonl and
 TensorBoard files. With `--workdir` the end result (test top-1 / top-5, the
 step, the encoder, mode, dataset and config) is written to
-final_metrics.json; a relaunch of a finished full-mode probe (the same
-config, its checkpoint at that step) retrains and re-evaluates nothing: it
-says so and prints the stored result.
+final_metrics.json; a relaunch of a finished probe (the same config, its
+checkpoint at that step) retrains and re-evaluates nothing: it says so and
+prints the stored result. SIGTERM or SIGINT saves the step and exits (0
+after SIGTERM); relaunching the same command resumes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
-import jax
-import ml_collections
-from absl import app, flags
+from moco_jax.training import preemption
 
-from moco_jax import pretrained
-from moco_jax.eval import linear
-from moco_jax.io import workdirs
-from moco_jax.launch import cli
-from moco_jax.training import metrics
+preemption.exit_on_signal()  # from the first line on: SIGTERM / SIGINT end the start-up in one line
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from moco_jax import pretrained  # noqa: E402
+from moco_jax.eval import linear  # noqa: E402
+from moco_jax.io import workdirs  # noqa: E402
+from moco_jax.launch import cli, distributed  # noqa: E402
+from moco_jax.training import metrics, probe  # noqa: E402
 
 # The repository's linear-probe config: the default --config (absent from an
 # installed package, where --config must be given).
@@ -83,7 +94,7 @@ def stored_result(config, workdir: str | None) -> dict | None:
     """The final_metrics.json of a finished full-mode probe in `workdir` with
     this very config and its checkpoint at the recorded step; else None (the
     probe then runs: resumes, or only evaluates if it is at its last step)."""
-    if not workdir or config.mode != "full":
+    if not workdir:
         return None
     final = metrics.read_final(workdir)  # None if absent (it is written again at the end)
     if final is None or final.get("config") != json.loads(config.to_json()):
@@ -105,43 +116,55 @@ def result_line(final) -> str:
             f"top-1 {final['top1']:.2%}  top-5 {final['top5']:.2%}")
 
 
-class LazyWriter:
-    """A `metrics.MetricWriter` opened at the first scalars: a run that fails
-    at start-up, or has nothing left to train, adds no files to the workdir."""
+def _say(line: str, error: bool = False) -> None:
+    """One line, from process 0 only."""
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr if error else sys.stdout, flush=True)
 
-    def __init__(self, workdir: str | None):
-        self.workdir = workdir
-        self.writer = None
 
-    def write(self, step: int, scalars) -> None:
-        if self.writer is None:
-            self.writer = metrics.MetricWriter(self.workdir)
-        self.writer.write(step, scalars)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+def _stopped(result: dict, workdir: str | None) -> int:
+    """A signal stopped the probe after its step was saved (or, without a
+    workdir, not): one line and the exit status (0 after a SIGTERM with the
+    step saved: relaunch the same command)."""
+    name, step = preemption.signal_name(result["signal"]), result["preempted"]
+    if not workdir:
+        _say(f"stopped by {name} after step {step}; nothing was saved (no --workdir)", error=True)
+    elif result["phase"] == "final evaluation":
+        _say(f"stopped by {name} during the final evaluation: checkpoint {step} is saved in {workdir}; relaunch "
+             "the same command to evaluate it")
+    else:
+        _say(f"stopped by {name} after step {step}: checkpoint {step} is saved in {workdir}; relaunch the same "
+             "command to resume")
+    return preemption.exit_status(result["signal"], saved=bool(workdir))
 
 
 def main(argv):
     del argv  # cli.run refuses extra arguments
     f = flags.FLAGS
+    _join()  # first, before anything touches a device: the multi-process job, if any
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn
     config = with_pretrained(f.config, f.pretrained)
-    workdir = f.workdir
+    distributed.check_same_config(config)
+    workdir = os.path.abspath(f.workdir) if f.workdir else None
     stored = stored_result(config, workdir)
     if stored is not None:
-        print(f"already complete: the linear probe in {workdir} reached its last step {stored['step']}; nothing "
-              f"retrained or re-evaluated, its stored result ({os.path.join(workdir, metrics.FINAL_NAME)}):")
-        print(result_line(stored))
+        _say(f"already complete: the linear probe in {workdir} reached its last step {stored['step']}; nothing "
+             f"retrained or re-evaluated, its stored result ({os.path.join(workdir, metrics.FINAL_NAME)}):")
+        _say(result_line(stored))
         return
-    writer = LazyWriter(workdir)
     try:
-        result = linear.evaluate(config, workdir, fresh_start=f.fresh_start, log=writer.write)
-    finally:
-        writer.close()
+        result = probe.evaluate(config, workdir, fresh_start=f.fresh_start, take_over=f.take_over,
+                                show_progress=jax.process_index() == 0)
+    except preemption.Interrupted as e:
+        _say(f"stopped by {preemption.signal_name(e.signum)} during {e.phase}: nothing was trained"
+             + (f"; relaunch the same command to resume from {workdir}" if workdir else ""), error=not workdir)
+        return preemption.exit_status(e.signum, saved=bool(workdir))
+    if result["preempted"]:
+        return _stopped(result, workdir)
     final = final_record(config, result)
     metrics.write_final(workdir, final)
-    print(result_line(final))
+    _say(result_line(final))
 
 
 if __name__ == "__main__":
@@ -153,4 +176,7 @@ if __name__ == "__main__":
                         "finished probe prints its stored result.")
     flags.DEFINE_bool("fresh_start", False, "Start over in a workdir whose checkpoints are all unusable "
                       "(without it such a relaunch refuses).")
+    flags.DEFINE_bool("take_over", False, "Take the workdir from a probe that still holds its lock (that probe stops "
+                      "without saving); a lock left by a dead one is taken over without this flag.")
+    _join = distributed.define_process_flags()
     cli.run(main)

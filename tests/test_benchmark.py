@@ -75,5 +75,5 @@ def test_knn_memory_benchmark_shows_the_split_bank_smaller_per_device(monkeypatc
                                      "--classes", "10", "--k", "20"])
     knn_memory.main()
     one, split = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert one["layout"] == "one device" and split["layout"] == "bank over 8 devices, per device"
+    assert one["layout"] == "one device" and split["layout"] == "bank over 8 devices, one query step, per device"
     assert split["argument_bytes"] < one["argument_bytes"] and split["total_bytes"] < one["total_bytes"]

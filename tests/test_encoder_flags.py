@@ -100,7 +100,7 @@ def test_linear_eval_takes_pretrained_without_config(encoder, tmp_path, capfd, m
     assert f"top-1 {final['top1']:.2%}" in out
     records = [json.loads(line) for line in lines((tmp_path / "probe" / "metrics.jsonl").read_text())]
     assert [r["step"] for r in records] == [10, 20] and all(r["loss"] > 0 for r in records)
-    assert "step 10: loss=" in err and "{'loss'" not in err + out, err
+    assert "step 10/20: loss=" in err and "{'loss'" not in err + out, err
 
 
 def test_linear_eval_keeps_config_pretrained(encoder, capfd):
@@ -129,19 +129,19 @@ def test_relaunch_of_a_finished_full_probe_trains_nothing(encoder, tmp_path, cap
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert final["step"] == 4 and final["mode"] == "full" and f"top-1 {final['top1']:.2%}" in out
     logged = (tmp_path / "metrics.jsonl").read_text()
-    assert [json.loads(line)["step"] for line in lines(logged)] == [2, 4] and "step 2: loss=" in err
+    assert [json.loads(line)["step"] for line in lines(logged)] == [2, 4] and "step 2/4: loss=" in err
     files = sorted(os.listdir(tmp_path))
 
     assert run_in_process("linear_eval", args) == 0
     out, err = capfd.readouterr()
     assert "already complete" in out and f"top-1 {final['top1']:.2%}" in out, out
-    assert "step 2:" not in err and "step 4:" not in err, err
+    assert "step 2/" not in err and "step 4/" not in err, err
     assert (tmp_path / "metrics.jsonl").read_text() == logged and sorted(os.listdir(tmp_path)) == files
 
     os.remove(tmp_path / "final_metrics.json")
     assert run_in_process("linear_eval", args) == 0
     out, err = capfd.readouterr()
-    assert "nothing to train" in err and "step 2:" not in err and "step 4:" not in err, err
+    assert "nothing to train" in err and "step 2/" not in err and "step 4/" not in err, err
     assert (tmp_path / "metrics.jsonl").read_text() == logged
     again = json.loads((tmp_path / "final_metrics.json").read_text())
     assert (again["step"], again["top1"], again["top5"]) == (4, final["top1"], final["top5"])

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moco_jax.data.source import eval_positions
 from moco_jax.eval import knn
 
 
@@ -131,16 +132,67 @@ def test_the_bank_split_over_8_devices_finds_the_brute_force_neighbours(num_bank
     np.testing.assert_allclose(got, single, rtol=1e-6, atol=1e-6)
 
 
-def test_features_extracted_on_8_devices_are_those_of_one_in_order():
-    """21 images in steps of 16 over 8 devices (2 each, the last step padded):
-    the same rows, in the same order, as one device's batches of 16."""
-    rng = np.random.default_rng(6)
-    images = rng.integers(0, 256, size=(21, 4, 4, 3), dtype=np.uint8)
-    weights = {"w": rng.normal(size=(48, 5)).astype(np.float32)}
-    apply_fn = lambda v, x: jnp.asarray(x, jnp.float32).reshape(len(x), -1) @ v["w"]  # noqa: E731
-    on_devices = knn.extract_features_on_devices(apply_fn, weights, images, batch_size=16)
-    assert on_devices.shape == (21, 5)
-    np.testing.assert_allclose(on_devices, knn.extract_features(lambda x: apply_fn(weights, x), images, 16),
-                               rtol=1e-6)
-    exact = images.reshape(21, -1).astype(np.float64) @ weights["w"]
-    np.testing.assert_allclose(on_devices, exact, rtol=1e-5, atol=1e-2)
+def two_kinds(variables, x):
+    """An embed_fn of features given as they are: the whole rows and their first 5 columns."""
+    del variables
+    return x, x[:, :5]
+
+
+def skipping(stream, skipped):
+    """`stream` with the images at positions `skipped` marked invalid (as a
+    source skips undecodable images: valid False, the step's shape kept)."""
+    def batches(global_batch, process_index=0, process_count=1, num_local_devices=1):
+        for step, (x, labels, valid) in enumerate(stream.batches(global_batch, process_index, process_count,
+                                                                 num_local_devices)):
+            positions = eval_positions(global_batch, step, process_index, process_count).reshape(valid.shape)
+            yield x, labels, valid & ~np.isin(positions, skipped)
+    return knn.Stream(stream.size, batches, stream.description)
+
+
+def test_the_streamed_knn_on_8_devices_finds_the_brute_force_neighbours():
+    """A bank of 203 written in 9 steps of 24 (3 rows per device, the last
+    step padded; each device's rows interleaved with the others'), 7 of its
+    images skipped; 37 queries in 2 steps, 3 skipped: for both kinds of
+    feature, every query's votes equal a float64 brute-force kNN over the
+    bank's valid rows, and the counts follow from them."""
+    rng = np.random.default_rng(7)
+    bank, queries = rng.normal(size=(203, 12)).astype(np.float32), rng.normal(size=(37, 12)).astype(np.float32)
+    bank_labels, query_labels = rng.integers(0, 6, 203).astype(np.int32), rng.integers(0, 6, 37).astype(np.int32)
+    bank_skipped, query_skipped = np.array([0, 5, 26, 100, 150, 201, 202]), np.array([3, 30, 36])
+    data = knn.KnnData(skipping(knn.array_stream(bank, bank_labels), bank_skipped),
+                       skipping(knn.array_stream(queries, query_labels), query_skipped), 6, "random")
+    kept = np.setdiff1d(np.arange(203), bank_skipped)
+    votes = knn._streamed_votes(two_kinds, {}, data, k=9, temperature=0.3, batch_size=24, chunk_size=7)
+    counts = knn.streamed_counts(two_kinds, {}, data, k=9, temperature=0.3, batch_size=24, chunk_size=7)
+    valid_queries = np.setdiff1d(np.arange(37), query_skipped)
+    assert counts.bank == len(kept) and counts.queries == len(valid_queries)
+    for kind, (got, cols) in enumerate(zip(votes, (slice(None), slice(0, 5)))):
+        want = numpy_knn_scores(queries[:, cols].astype(np.float64), bank[kept][:, cols].astype(np.float64),
+                                bank_labels[kept], 6, 9, 0.3)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+        single = np.asarray(knn.knn_predict(queries[:, cols], bank[kept][:, cols], bank_labels[kept], 6, k=9,
+                                            temperature=0.3))
+        np.testing.assert_array_equal(got.argmax(1), single.argmax(1))
+        hits = (want.argmax(1) == query_labels)[valid_queries].sum()
+        assert counts.correct[kind] == hits
+    assert len(set(counts.correct)) == 2 and 0 < min(counts.correct), "the kinds must differ, and score something"
+
+
+def test_ties_go_to_the_lower_bank_position_as_on_one_device():
+    """Four copies of the query's direction at bank positions 1, 2 (label 1)
+    and 8, 9 (label 0); one row per device and step, so positions 8 and 1 lie
+    on device 0 and 1, 9 and 2 on device 1 and 2. k = 2: the single-device
+    top_k keeps positions 1 and 2 (label 1); merging the shards' candidates
+    device by device would keep 8 and 1 (a 1:1 vote, label 0)."""
+    bank = np.tile(np.eye(16, dtype=np.float32)[1:], (2, 1))[:16]  # every row far from e_0 ...
+    bank[[1, 2, 8, 9]] = np.eye(16, dtype=np.float32)[0]            # ... but four copies of it
+    labels = np.full(16, 2, np.int32)
+    labels[[1, 2]], labels[[8, 9]] = 1, 0
+    query = np.eye(16, dtype=np.float32)[:1]
+    single = np.asarray(knn.knn_predict(query, bank, labels, 3, k=2, temperature=0.5))
+    assert single.argmax() == 1
+    data = knn.KnnData(knn.array_stream(bank, labels), knn.array_stream(query, np.ones(1, np.int32)), 3, "ties")
+    votes = knn._streamed_votes(lambda v, x: (x,), {}, data, k=2, temperature=0.5, batch_size=8)[0]
+    np.testing.assert_allclose(votes, single, rtol=1e-6)
+    assert knn.streamed_counts(lambda v, x: (x,), {}, data, k=2, temperature=0.5, batch_size=8).correct == (1,)

@@ -1,6 +1,10 @@
-"""Linear evaluation: the fast features mode, the pmap-ed reference protocol, resume."""
+"""Linear evaluation: the fast features mode, the pmap-ed reference protocol,
+resume, a SIGTERM mid-probe, cached features read back by a new process."""
 
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +15,7 @@ from moco_jax import pretrained
 from moco_jax.core import image_ops
 from moco_jax.eval import linear as linear_eval
 from moco_jax.io import checkpoint
+from moco_jax.training import probe
 from test_pretrained import initial_variables, random_variables, tiny_pretraining
 from tiny import tiny_config
 
@@ -29,8 +34,8 @@ def test_linear_probe_on_moco_features_beats_random_init():
     random convolutional features are already good for digits.)"""
     pretrain_config, workdir, _ = tiny_pretraining()
     config = linear_config(pretrained=workdir, mode="features", batch_size=64)
-    trained = linear_eval.evaluate(config)
-    random = linear_eval.evaluate(config, encoder=pretrained.Encoder(pretrain_config,
+    trained = probe.evaluate(config)
+    random = probe.evaluate(config, encoder=pretrained.Encoder(pretrain_config,
                                                                      initial_variables(pretrain_config)))
     # Seen: 77.4% vs 69.9% top-1 (359 test digits).
     assert trained["top1"] > random["top1"] + 0.03, (trained["top1"], random["top1"])
@@ -45,9 +50,9 @@ def test_full_protocol_resumes_exactly(tmp_path):
     encoder = pretrained.Encoder(tiny_config(), random_variables(tiny_config()))
     config = linear_config(batch_size=16, learning_rate=0.5, log_every_steps=2, checkpoint_every_steps=2,
                            eval_batch_size=128)
-    straight = linear_eval.evaluate(linear_config(**{**config, "num_train_steps": 8}), str(tmp_path / "a"), encoder)
-    linear_eval.evaluate(linear_config(**{**config, "num_train_steps": 4}), str(tmp_path / "b"), encoder)
-    resumed = linear_eval.evaluate(linear_config(**{**config, "num_train_steps": 8}), str(tmp_path / "b"), encoder)
+    straight = probe.evaluate(linear_config(**{**config, "num_train_steps": 8}), str(tmp_path / "a"), encoder)
+    probe.evaluate(linear_config(**{**config, "num_train_steps": 4}), str(tmp_path / "b"), encoder)
+    resumed = probe.evaluate(linear_config(**{**config, "num_train_steps": 8}), str(tmp_path / "b"), encoder)
 
     assert [h["step"] for h in resumed["history"]] == [6, 8]  # only the steps after the checkpoint ran
     assert {"6", "8"} <= set(os.listdir(tmp_path / "b" / "checkpoints"))
@@ -65,16 +70,16 @@ def test_classifier_checkpoints_fall_back_past_a_corrupt_one_and_refuse_another_
     encoder = pretrained.Encoder(tiny_config(), random_variables(tiny_config()))
     config = linear_config(batch_size=16, learning_rate=0.5, log_every_steps=2, checkpoint_every_steps=2,
                            eval_batch_size=128, num_train_steps=4)
-    linear_eval.evaluate(config, str(tmp_path), encoder)
+    probe.evaluate(config, str(tmp_path), encoder)
     for root, _, files in os.walk(tmp_path / "checkpoints" / "4"):
         for name in files:
             with open(os.path.join(root, name), "r+b") as f:
                 f.truncate(os.path.getsize(f.name) // 3)
-    resumed = linear_eval.evaluate(linear_config(**{**config, "num_train_steps": 6}), str(tmp_path), encoder)
+    resumed = probe.evaluate(linear_config(**{**config, "num_train_steps": 6}), str(tmp_path), encoder)
     assert [h["step"] for h in resumed["history"]] == [4, 6]  # resumed from step 2
     assert (tmp_path / "checkpoints" / "4.corrupt").is_dir() and "checkpoint 4" in caplog.text
     with pytest.raises(checkpoint.CheckpointMismatchError, match="pretrained"):
-        linear_eval.evaluate(linear_config(**{**config, "pretrained": "/elsewhere", "num_train_steps": 8}),
+        probe.evaluate(linear_config(**{**config, "pretrained": "/elsewhere", "num_train_steps": 8}),
                              str(tmp_path), encoder)
 
 
@@ -90,24 +95,12 @@ def test_eval_view_is_resize_and_center_crop():
                                (x[:, 2:30, 2:30] - mean) / np.asarray(std), atol=1e-5)
 
 
-def test_labelled_batches_resume_and_keep_labels_with_images():
-    images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
-    labels = np.arange(40) % 7
-    fresh = linear_eval.labelled_batches(images, labels, 8, seed=3, num_local_devices=2)
-    batches = [next(fresh) for _ in range(7)]  # crosses the epoch boundary (5 steps per epoch)
-    resumed = linear_eval.labelled_batches(images, labels, 8, seed=3, start_step=6, num_local_devices=2)
-    for want, got in zip(batches[6:], [next(resumed)]):
-        np.testing.assert_array_equal(want[0], got[0])
-        np.testing.assert_array_equal(want[1], got[1])
-    x, y = batches[0]
-    assert x.shape == (2, 4, 2, 2, 3) and y.shape == (2, 4)
-    np.testing.assert_array_equal(x[..., 0, 0, 0] % 7, y)
-    assert len({int(i) for b in batches[:5] for i in b[0][..., 0, 0, 0].ravel()}) == 40  # one epoch, no repeats
-
-
-def test_topk_accuracies():
-    logits = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
-    assert linear_eval.topk_accuracies(logits, np.array([1, 2]), ks=(1, 2)) == {"top1": 0.5, "top2": 1.0}
+def test_correct_counts_are_top1_and_top5_hits_of_the_valid_rows():
+    logits = np.tile(np.arange(7.0), (4, 1))  # class 6 first, then 5, 4, 3, 2
+    labels = np.array([6, 2, 1, 6])
+    valid = np.array([True, True, True, False])
+    np.testing.assert_array_equal(linear_eval.correct_counts(logits, labels, valid), [1, 2, 3])
+    assert linear_eval.accuracies(np.array([1.0, 2.0, 4.0])) == {"top1": 0.25, "top5": 0.5}
 
 
 def test_configs_default_to_the_reference_protocol():
@@ -119,4 +112,69 @@ def test_configs_default_to_the_reference_protocol():
         assert tuple(config.lr_drop_epochs) == (60, 80) and tuple(config.train_crop_scale) == (0.08, 1.0)
         assert config.eval_crop_fraction == 0.875
     imagenet = linear_imagenet.get_config()
-    assert (imagenet.crop_size, imagenet.image_size) == (224, 256)  # Resize(256) + CenterCrop(224)
+    assert imagenet.crop_size == 224 and int(224 / imagenet.eval_crop_fraction) == 256  # Resize(256) + CenterCrop(224)
+
+
+def test_the_v3_config_is_moco_v3s_protocol():
+    from configs import linear_imagenet_v3
+
+    config = linear_imagenet_v3.get_config()
+    linear_eval.validate_linear_config(config)
+    assert (config.batch_size, config.num_epochs, config.lr_schedule, config.learning_rate) == (1024, 90, "cosine", 3.0)
+    assert (config.weight_decay, config.sgd_momentum, config.warmup_epochs) == (0.0, 0.9, 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "features"])
+def test_a_sigterm_mid_probe_saves_and_the_relaunch_ends_bit_exact(tmp_path, monkeypatch, mode):
+    """SIGTERM during step 3 of 8: the probe saves step 3 and returns
+    preempted; the relaunch resumes there and ends with the parameters and
+    accuracies of an uninterrupted probe."""
+    encoder = pretrained.Encoder(tiny_config(), random_variables(tiny_config()))
+    config = linear_config(batch_size=16, learning_rate=0.5, log_every_steps=2, checkpoint_every_steps=100,
+                           eval_batch_size=128, num_train_steps=8, mode=mode)
+    straight = probe.evaluate(config, str(tmp_path / "a"), encoder)
+    real, calls = probe.Probe.step, []
+
+    def step_with_a_sigterm(self, p_state, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, p_state, batch)
+
+    monkeypatch.setattr(probe.Probe, "step", step_with_a_sigterm)
+    stopped = probe.evaluate(config, str(tmp_path / "b"), encoder)
+    monkeypatch.setattr(probe.Probe, "step", real)
+    assert stopped["preempted"] == 3 and stopped["signal"] == signal.SIGTERM and "top1" not in stopped
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3"]
+    resumed = probe.evaluate(config, str(tmp_path / "b"), encoder)
+    assert [h["step"] for h in resumed["history"]] == [4, 6, 8]
+    for a, b in zip(jax.tree.leaves(straight["state"].params), jax.tree.leaves(resumed["state"].params)):
+        np.testing.assert_array_equal(a, b)
+    assert (straight["top1"], straight["top5"]) == (resumed["top1"], resumed["top5"])
+
+
+@pytest.mark.slow
+def test_cached_features_are_read_back_by_a_new_process(tmp_path):
+    """Features mode writes its features into the workdir; linear_eval in a
+    new process, given a copy of them in another workdir (another host on a
+    shared disk), reuses them, says so, and scores what this process did."""
+    import shutil
+
+    from moco_jax.io import formats
+
+    encoder = pretrained.Encoder(tiny_config(), random_variables(tiny_config()))
+    path = str(tmp_path / "enc.msgpack")
+    formats.write_flax(path, encoder.config, encoder.variables)
+    flags = {"mode": "features", "batch_size": 16, "learning_rate": 0.5, "eval_batch_size": 128,
+             "num_train_steps": 6, "log_every_steps": 3}
+    first = probe.evaluate(linear_config(pretrained=path, **flags), str(tmp_path / "w"), pretrained.load(path))
+    assert sorted(os.listdir(tmp_path / "w" / "features")) == ["test", "train"]
+    shutil.copytree(tmp_path / "w" / "features", tmp_path / "v" / "features")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-m", "moco_jax.linear_eval", f"--pretrained={path}",
+                          *[f"--config.{k}={v}" for k, v in flags.items()], f"--workdir={tmp_path / 'v'}"],
+                         capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("reused") == 2 and "extracted" not in out.stderr, out.stderr[-2000:]
+    assert f"top-1 {first['top1']:.2%}" in out.stdout and f"top-5 {first['top5']:.2%}" in out.stdout

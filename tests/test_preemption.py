@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from moco_jax.training import loop as loop_lib
 from moco_jax.training import metrics, trainer
 from test_workdir_lock import TINY_FLAGS
 from tiny import tiny_config
@@ -84,7 +85,7 @@ def test_with_several_processes_a_sigint_of_any_process_stops_all_at_the_next_lo
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 9)
     monkeypatch.setattr(sharding, "any_process_each", lambda flags: [f or bool(others_interrupted) for f in flags])
-    loop = trainer.TrainLoop(tiny_config(), None, 10, 5, lambda s: 0.1, 8)
+    loop = loop_lib.Loop(None, loop_lib.Plan(10, 5, 5, 5), None, batch_size=16, num_devices=8)
     signals = preemption.RunSignals(multi_process=True)
     assert not loop._should_stop(1, signals, agree=True)
     others_interrupted.append(True)  # another process got Ctrl-C
@@ -108,7 +109,7 @@ def test_with_several_processes_a_failed_save_stops_all_with_process_0s_message(
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(sharding, "any_process_each", lambda flags: list(flags))
     monkeypatch.setattr(lock_lib, "broadcast_message", lambda message: message)
-    loop = trainer.TrainLoop(tiny_config(), str(tmp_path), 10, 5, lambda s: 0.1, 8)
+    loop = loop_lib.Loop(None, loop_lib.Plan(10, 5, 5, 5), str(tmp_path), batch_size=16, num_devices=8)
     loop._check_health(FailedSaver(), agree=False)  # only where the processes agree
     with pytest.raises(OSError, match="checkpoint 4 could not be written .* no space left"):
         loop._check_health(FailedSaver(), agree=True)

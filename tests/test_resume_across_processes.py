@@ -100,13 +100,15 @@ def test_a_run_stopped_by_sigterm_resumes_in_a_new_process_and_its_encoder_serve
     assert abs(accuracy["backbone"] - final["knn_backbone"]) < 0.02, (accuracy, final)
 
 
-# The third process: the exported file, read back and evaluated as knn_eval does.
+# The third process: the exported file, read back and evaluated as knn_eval does (over the monitor's bank:
+# knn_eval's is the whole train split unless --max_train_images caps it).
 EXPORT_AND_EVALUATE = """
 import json, sys
 from moco_jax import knn_eval, pretrained
 from moco_jax.io import formats
 encoder = pretrained.load(formats.export(sys.argv[1], "flax", sys.argv[2]))
-print(json.dumps(encoder.knn_accuracies(knn_eval.load_dataset(encoder))))
+bank = knn_eval.load_dataset(encoder, max_train_images=encoder.config.knn_max_train_images)  # the monitor's bank
+print(json.dumps(encoder.knn_accuracies(bank)))
 """
 
 

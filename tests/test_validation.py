@@ -180,9 +180,13 @@ def test_invalid_linear_configs_name_the_field(overrides, num_devices, expected)
     assert expected in str(error.value)
 
 
-def test_features_mode_takes_any_batch_size():
+def test_features_mode_splits_its_batch_over_the_devices_too():
+    """Both modes run every step on all devices (features mode no longer on one)."""
     config = importlib.import_module("configs.linear_cifar10").get_config()
     config.update(dict(mode="features", batch_size=12))
+    with pytest.raises(ConfigError, match="batch_size=12 must be a multiple of the device count"):
+        validate_linear_config(config, num_devices=8)
+    config.batch_size = 16
     validate_linear_config(config, num_devices=8)
 
 

@@ -114,6 +114,14 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's part of a pmap output (n_devices, b, ...) as one host
+    array (n_local_devices * b, ...), its devices in axis order; nothing is
+    read from another process."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards]).reshape((-1,) + x.shape[2:])
+
+
 def gather_sharded(x: jax.Array) -> np.ndarray:
     """A sharded (n_devices, rows, ...) array as one host array (n_devices *
     rows, ...), on every process. With several processes this is a collective

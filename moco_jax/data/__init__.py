@@ -3,14 +3,20 @@
     source = data.open_source(config)          # config.dataset and its data fields
     source.num_train_examples
     source.train_batches(global_batch=..., seed=..., start_step=...)   # this process's share
-    source.labelled_arrays(size=...)           # un-augmented train / eval images
+    # Labelled images, streamed: each process decodes only its share.
+    source.num_classes(); source.num_labelled(split, max_images, seed)
+    source.labelled_train_batches(global_batch=..., seed=..., crop_size=..., start_step=...)  # (images, labels)
+    source.eval_batches(split=spec.eval_split, size=..., crop_fraction=..., global_batch=...)
+                                               # (images, labels, valid), num_eval_steps(M, global_batch) steps
+    source.labelled_arrays(size=...)           # un-augmented train / eval images, whole, in host memory
 
 Sources (`sources/`, named by what they read) say what is read; the host
 pipelines (`pipelines/`, named by what runs them: grain, tf.data) decode
 and crop it. A new kind of dataset is one new module in `sources/` with an
 `open_source(spec)` function returning a `Source` (see `source.py`), plus
 one line in `SOURCES`; a new pipeline is a module in `pipelines/` with a
-`two_crop_batches` and a `center_crops`. The sources are imported only when
+`two_crop_batches`, a `labelled_batches`, an `eval_batches` and a
+`center_crops`. The sources are imported only when
 their dataset is opened, and the pipelines only when images are decoded, so
 a run on the in-memory arrays imports neither.
 """
@@ -18,9 +24,10 @@ from __future__ import annotations
 
 import importlib
 
-from moco_jax.data.source import FIELDS, ArrayDataset, Source, SourceConfig, steps_per_epoch
+from moco_jax.data.source import FIELDS, ArrayDataset, Source, SourceConfig, num_eval_steps, steps_per_epoch
 
-__all__ = ["ArrayDataset", "FIELDS", "Source", "SourceConfig", "SOURCES", "check", "open_source", "steps_per_epoch"]
+__all__ = ["ArrayDataset", "FIELDS", "Source", "SourceConfig", "SOURCES", "check", "num_eval_steps", "open_source",
+           "steps_per_epoch"]
 
 # config.dataset -> the module of moco_jax.data that opens it.
 SOURCES = {

@@ -4,7 +4,11 @@ it is opened with, in-memory labelled arrays, and the example order.
 A `Source` is one dataset opened once from the config (`moco_jax.data.
 open_source`). It knows how many examples its pretraining split holds, yields
 this process's share of every global batch from any start step, and gives
-the un-augmented labelled arrays the kNN monitor and the linear probe use.
+the labelled images the kNN monitor and the linear probe use, either
+streamed, each process decoding only its share (`labelled_train_batches`:
+one random crop per image, in the pretraining order; `eval_batches`: the
+evaluation view, in order, padded to whole steps), or as whole arrays in
+host memory (`labelled_arrays`).
 
 The order is the same for every source (`local_batch_indices`): epoch e is a
 permutation seeded by (seed, e), global step s takes the next global batch of
@@ -13,10 +17,21 @@ batch of an epoch is dropped (MoCo enqueues whole batches). So any step can
 be recomputed directly, on every process, and a resumed run reads exactly the
 batches an uninterrupted one would.
 
+The labelled streams run over a split's "capped subset": its examples
+`knn_subset(N, max_images, seed)` (all when max_images is 0), position i
+being the i-th of them. `labelled_train_batches` takes them in the order of
+`local_batch_indices` over those M positions; `eval_batches` takes them in
+order, `num_eval_steps(M, global_batch)` steps, step s covering positions
+[s * global_batch, (s + 1) * global_batch) (`eval_positions`), the last
+step padded (valid False) so that every process runs the same steps.
+
 Shapes:
   images  uint8 (N, H, W, 3), labels int32 (N,)
   a host batch for pmap: uint8 (num_local_devices, per_device_batch, H, W, 3),
   or, host-cropped, (num_local_devices, per_device_batch, 2, S, S, 3)
+  labelled: images (num_local_devices, per_device_batch, S, S, 3) (in-memory:
+  H, W), labels int32 and, for evaluation, valid bool (num_local_devices,
+  per_device_batch)
 """
 from __future__ import annotations
 
@@ -213,6 +228,58 @@ class Source(abc.ABC):
           train_split: the labelled train split ('' = the source's train_split).
         """
 
+    @abc.abstractmethod
+    def num_classes(self) -> int:
+        """Label values: every labelled stream's labels lie in [0, num_classes),
+        those of other splits mapped to the train split's classes."""
+
+    @abc.abstractmethod
+    def num_labelled(self, split: str = "", max_images: int = 0, seed: int = 0) -> int:
+        """Examples M of the labelled stream of `split` ('' = the train split)
+        capped at `max_images` (0 = all): the subset `knn_subset(N, max_images,
+        seed)`."""
+
+    @abc.abstractmethod
+    def labelled_train_batches(self, *, global_batch: int, seed: int, crop_size: int, crop_scale=(0.08, 1.0),
+                               start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                               num_local_devices: int = 1, split: str = "",
+                               max_images: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Infinite, resumable stream of this process's share of each global
+        batch of labelled `split` ('' = the train split), from global step
+        `start_step`: the order of `local_batch_indices` over the M =
+        `num_labelled(split, max_images, seed)` examples of the capped subset
+        (the last partial batch of each epoch dropped).
+
+        Yields:
+          (images, labels int32 (num_local_devices, per_device)); images uint8
+          (num_local_devices, per_device, crop_size, crop_size, 3), one
+          RandomResizedCrop of each image (`crop_scale`, ratio 3/4..4/3,
+          seeded by its place in the stream, no flip) with `host_cropped`, else
+          the whole images (num_local_devices, per_device, H, W, 3).
+        Raises (eagerly): ConfigError/ValueError for a batch that does not
+          split evenly or exceeds M.
+        """
+
+    @abc.abstractmethod
+    def eval_batches(self, *, split: str, size: int, crop_fraction: float, global_batch: int,
+                     process_index: int = 0, process_count: int = 1, num_local_devices: int = 1,
+                     max_images: int = 0, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The labelled images of `split`, in order: exactly
+        `num_eval_steps(M, global_batch)` steps on every process, step s
+        covering the capped subset's positions `eval_positions(global_batch, s,
+        process_index, process_count)`, split evenly over the local devices.
+
+        Yields:
+          (images uint8 (num_local_devices, per_device, size, size, 3): the
+          view of `labelled_arrays(size=size, crop_fraction=crop_fraction)`
+          (in-memory arrays: their own H, W); labels int32 and valid bool
+          (num_local_devices, per_device)). valid is False for the padding past
+          M (a zero image, label 0) and for an image skipped as undecodable.
+        Raises: ConfigError/ValueError (eagerly) for a batch that does not split
+          evenly; UndecodableImageError naming an undecodable image unless the
+          source skips them (skip_corrupt_images).
+        """
+
     def with_train_subset(self, size: int, seed: int) -> "Source":
         """This source with its pretraining stream restricted to the fixed random
         subset `knn_subset(N, size, seed)` (size 0: unchanged). Only in-memory
@@ -350,6 +417,23 @@ def array_batches(images: np.ndarray, global_batch: int, seed: int,
                                   process_index, process_count, num_local_devices)
     return (images[idx].reshape(num_local_devices, -1, *images.shape[1:])
             for idx in indices)
+
+
+def num_eval_steps(num_examples: int, global_batch: int) -> int:
+    """Evaluation steps over `num_examples`: ceil(num_examples / global_batch),
+    the last one padded (every process runs every step)."""
+    if global_batch <= 0:
+        raise ValueError(f"global_batch must be positive, got {global_batch}")
+    return -(-num_examples // global_batch)
+
+
+def eval_positions(global_batch: int, step: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """The positions of this process's share of evaluation step `step`:
+    int64 (global_batch // process_count,), contiguous, its p-th slice of
+    [step * global_batch, (step + 1) * global_batch); those past the last
+    example are padding."""
+    local = global_batch // process_count
+    return step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
 
 
 def knn_subset(num_examples: int, cap: int, seed: int) -> np.ndarray:

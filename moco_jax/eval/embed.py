@@ -15,7 +15,6 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -49,40 +48,86 @@ def make_backbone_fn(config) -> Callable:
     return jax.jit(lambda v, x: backbone.apply(v, image_ops.eval_view(x, config.crop_size, mean, std), train=False))
 
 
-def knn_accuracies(embed_fn: Callable, variables: Any, dataset: ArrayDataset, *, k: int, temperature: float,
-                   batch_size: int, features: Sequence[str] = FEATURES) -> dict[str, float]:
-    """Weighted kNN top-1 in [0, 1] on the test split, bank = the train split,
-    for each kind of feature `embed_fn` returns (named by `features`, in its
-    order: published numbers use the backbone or the projection; the CIFAR
-    demo uses the projection). One pass over the images for all kinds.
+class KnnAccuracies(dict):
+    """{kind of feature: weighted kNN top-1 in [0, 1]} ('backbone',
+    'projection'), with what they were measured on: `bank_size`, the images
+    in the bank, and `num_queries`, the queries scored (skipped undecodable
+    images excluded from both). Accuracies are comparable only over the same
+    bank: log `bank_size` with them (the trainer's `knn_bank` scalar)."""
+
+    def __init__(self, accuracies, bank_size: int, num_queries: int):
+        super().__init__(accuracies)
+        self.bank_size, self.num_queries = bank_size, num_queries
+
+
+def knn_accuracies(embed_fn: Callable, variables: Any, data: knn.KnnData | ArrayDataset, *, k: int,
+                   temperature: float, batch_size: int, features: Sequence[str] = FEATURES) -> KnnAccuracies:
+    """Weighted kNN top-1 in [0, 1] of the queries against the bank, for each
+    kind of feature `embed_fn` returns (named by `features`, in its order:
+    published numbers use the backbone or the projection; the CIFAR demo
+    uses the projection). One pass over the images for all kinds, on every
+    device of every process (`knn.streamed_counts`: the bank stays sharded
+    over the devices, the queries stream); all processes call it together
+    and get the same numbers.
 
     Args:
-      embed_fn: (variables, uint8 (B, H, W, 3)) -> a tuple of (B, D_i) arrays.
+      embed_fn: (variables, uint8 (B, H, W, 3)) -> a tuple of (B, D_i) arrays;
+        a stable function (its compiled steps are kept for the next call).
+      variables: the encoder's variables (host arrays).
+      data: the bank and queries (`knn.monitor_data`), or in-memory arrays
+        (train images the bank, test images the queries).
+      batch_size: images per global step (rounded up to a multiple of the devices).
     """
-    widths = [s.shape[-1] for s in jax.eval_shape(embed_fn, variables, dataset.test_images[:1])]
-    banks, queries = (_features(embed_fn, variables, images, batch_size)
-                      for images in (dataset.train_images, dataset.test_images))
-    ends = np.cumsum(widths)
-    result = {}
-    for name, end, width in zip(features, ends, widths):
-        cols = slice(end - width, end)
-        result[name] = knn.knn_accuracy(queries[:, cols], dataset.test_labels, banks[:, cols],
-                                        dataset.train_labels, dataset.num_classes, k=k, temperature=temperature)
-    return result
+    data = knn.array_data(data) if isinstance(data, ArrayDataset) else data
+    counts = knn.streamed_counts(embed_fn, variables, data, k=k, temperature=temperature, batch_size=batch_size)
+    accuracy = lambda c: c / counts.queries if counts.queries else float("nan")  # noqa: E731
+    return KnnAccuracies({name: accuracy(c) for name, c in zip(features, counts.correct)}, counts.bank,
+                         counts.queries)
 
 
-@functools.lru_cache(maxsize=8)
-def _concatenated(embed_fn: Callable) -> Callable:
-    """(variables, images) -> every kind of feature of `embed_fn`, side by side (one pass)."""
-    return lambda variables, images: jnp.concatenate(embed_fn(variables, images), axis=1)
+def streamed_knn_accuracies(embed_fn: Callable, variables: Any, source, *, bank_split: str, query_split: str,
+                            size: int, crop_fraction: float, max_bank_images: int = 0, seed: int = 0, k: int,
+                            temperature: float, batch_size: int,
+                            features: Sequence[str] = FEATURES) -> KnnAccuracies:
+    """`knn_accuracies` of a data source's splits: the bank `bank_split`
+    ('' = the source's train split) capped at `max_bank_images` (0 = all;
+    else `knn_subset(N, cap, seed)`), the queries all of `query_split`, in
+    the evaluation view (resize to size / crop_fraction, central size x size)."""
+    view = dict(size=size, crop_fraction=crop_fraction, seed=seed)
+    data = knn.KnnData(knn.source_stream(source, split=bank_split, max_images=max_bank_images, **view),
+                       knn.source_stream(source, split=query_split, **view), source.num_classes(), source.name)
+    return knn_accuracies(embed_fn, variables, data, k=k, temperature=temperature, batch_size=batch_size,
+                          features=features)
 
 
-def _features(embed_fn: Callable, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, sum of D_i) features of `images`: on all of this process's devices
-    in a single-process job, on one device in each process of several."""
-    if jax.process_count() > 1:
-        return knn.extract_features(functools.partial(_concatenated(embed_fn), variables), images, batch_size)
-    return knn.extract_features_on_devices(_concatenated(embed_fn), variables, images, batch_size)
+class KnnMonitor:
+    """The trainer's kNN monitor of a pretraining config: variables ->
+    `KnnAccuracies` of backbone and projection features (`knn_accuracies`
+    over `knn.monitor_data(source, config)`), every call streaming bank and
+    queries again, compiled once. `bank_size` (the bank's images, known
+    before the first call) and `describe()` say what it measures on."""
+
+    def __init__(self, config, source):
+        self.data = knn.monitor_data(source, config)
+        self._embed_fn = make_embed_fn(config)
+        self._k, self._temperature, self._batch_size = config.knn_k, config.knn_temperature, config.eval_batch_size
+
+    @property
+    def bank_size(self) -> int:
+        return self.data.bank.size
+
+    def describe(self) -> str:
+        return self.data.describe()
+
+    def __call__(self, variables: Any) -> KnnAccuracies:
+        return knn_accuracies(self._embed_fn, variables, self.data, k=self._k, temperature=self._temperature,
+                              batch_size=self._batch_size)
+
+
+def knn_monitor(config, source) -> KnnMonitor:
+    """variables -> weighted kNN accuracies ('backbone', 'projection', with
+    their `bank_size`) of a pretraining config on `source`'s labelled images."""
+    return KnnMonitor(config, source)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -143,21 +188,26 @@ class Encoder:
         fn = lambda x: self._project(self.variables, x)[1]  # noqa: E731
         return knn.extract_features(fn, np.asarray(images), min(batch_size, len(images)))
 
-    def knn_accuracies(self, dataset: ArrayDataset, k: int = 200, temperature: float = 0.1, batch_size: int = 256,
-                       features: Sequence[str] = FEATURES) -> dict[str, float]:
+    @functools.cached_property
+    def _embed_tuple(self) -> Callable:
+        embed = self._embed
+        return lambda v, x: (embed(v, x),)
+
+    def knn_accuracies(self, dataset: knn.KnnData | ArrayDataset, k: int = 200, temperature: float = 0.1,
+                       batch_size: int = 256, features: Sequence[str] = FEATURES) -> KnnAccuracies:
         """Weighted kNN top-1 per kind of feature ('backbone', 'projection'),
-        with exactly the code of the in-training monitor."""
+        with exactly the code of the in-training monitor (`knn_accuracies`;
+        `bank_size` says how many images the bank held)."""
         unknown = set(features) - set(FEATURES)
         if unknown:
             raise ConfigError(f"features must be among {FEATURES}, got {sorted(unknown)}")
         if self.has_head:
             result = knn_accuracies(self._project, self.variables, dataset, k=k, temperature=temperature,
                                     batch_size=batch_size)
-            return {name: result[name] for name in features}
+            return KnnAccuracies({name: result[name] for name in features}, result.bank_size, result.num_queries)
         if "projection" in features:
             raise ConfigError("this encoder has no projection head; use features=('backbone',)")
-        embed = lambda v, x: (self._embed(v, x),)  # noqa: E731
-        return knn_accuracies(embed, self.backbone_variables, dataset, k=k, temperature=temperature,
+        return knn_accuracies(self._embed_tuple, self.backbone_variables, dataset, k=k, temperature=temperature,
                               batch_size=batch_size, features=("backbone",))
 
 

@@ -19,11 +19,12 @@ before anything touches a device.
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -164,6 +165,29 @@ def maybe_initialize(
     logging.info("jax.distributed.initialize(): %s cluster detected", cluster)
     jax.distributed.initialize(local_device_ids=local_device_ids_setting(local_device_ids, environ))
     return True
+
+
+def define_process_flags(flag_values=None) -> Callable[[], bool]:
+    """Define the multi-process flags of train.py, --coordinator_address,
+    --num_processes, --process_id and --local_device_ids, for another program
+    (`moco_jax.knn_eval`); returns `join()`, which calls `maybe_initialize`
+    with their values (first thing in main, before anything touches a
+    device) and returns whether the run spans several processes."""
+    from absl import flags  # noqa: PLC0415 - programs only
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    define = functools.partial(flags.DEFINE_string, flag_values=flag_values)
+    coordinator = define("coordinator_address", None,
+                         f"host:port of process 0, for a multi-process run (or ${ENV_COORDINATOR_ADDRESS}).")
+    count = flags.DEFINE_integer("num_processes", None, f"Processes in a multi-process run (or ${ENV_NUM_PROCESSES}).",
+                                 flag_values=flag_values)
+    index = flags.DEFINE_integer("process_id", None,
+                                 f"This process's index in [0, num_processes) (or ${ENV_PROCESS_ID}).",
+                                 flag_values=flag_values)
+    device_ids = define("local_device_ids", None,
+                        f"Comma-separated ids of the local devices this process drives (or ${ENV_LOCAL_DEVICE_IDS}); "
+                        "default: all (one per process under SLURM / Open MPI on GPUs).")
+    return lambda: maybe_initialize(coordinator.value, count.value, index.value, device_ids.value)
 
 
 # ---------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from moco_jax.training import metrics
 
 def knn_lines(config, result: dict) -> list[str]:
     """The kNN table: random init against the trained encoder, per feature."""
-    bank = config.knn_train_split or config.train_split
-    head = (f"kNN accuracy (k={config.knn_k}, T={config.knn_temperature}; bank: the {bank} split, "
+    split, size = config.knn_train_split or config.train_split, result.get("knn_bank")
+    bank = f"{size} images of the {split} split" if size else f"the {split} split"
+    head = (f"kNN accuracy (k={config.knn_k}, T={config.knn_temperature}; bank: {bank}, "
             f"queries: the {config.eval_split} split):")
     random, trained = result["knn_random"], result["knn_trained"]
     return [head] + [f"  {name:<10}  random init {random[name]:6.1%}  ->  MoCo {trained[name]:6.1%}"

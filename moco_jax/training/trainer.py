@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import signal
-import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -17,16 +15,16 @@ from absl import logging
 from moco_jax import data, methods
 from moco_jax.core import augment, optim, sharding
 from moco_jax.core import state as state_lib
-from moco_jax.core.config import is_due, steps, total_steps
-from moco_jax.core.errors import ConfigError, DivergedError, WorkdirError
+from moco_jax.core.config import steps, total_steps
+from moco_jax.core.errors import ConfigError
 from moco_jax.data.feed import prefetch_to_device
 from moco_jax.eval import embed, knn
 from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
 from moco_jax.io.saver import CheckpointWriter
-from moco_jax.io.storage import StorageError
 from moco_jax.methods.momentum import momentum_at
-from moco_jax.training import checks, console, metrics, preemption
+from moco_jax.training import checks, metrics, preemption
+from moco_jax.training import loop as loop_lib
 
 
 def step_hparams(config, total_steps: int = 0):
@@ -55,37 +53,13 @@ def pretrain_batches(source: data.Source, config, start_step: int) -> Iterator:
         crop_scale=tuple(config.crop_scale))
 
 
-def knn_monitor(config, dataset: data.ArrayDataset) -> Callable[[Any], dict[str, float]]:
+def knn_monitor(config, source: data.Source) -> embed.KnnMonitor:
     """variables -> weighted kNN accuracies of backbone and projection
-    features on `dataset` (the function compiles once)."""
-    embed_fn = embed.make_embed_fn(config)
-    return lambda variables: embed.knn_accuracies(
-        embed_fn, variables, dataset, k=config.knn_k, temperature=config.knn_temperature,
-        batch_size=config.eval_batch_size)
-
-
-def summarize(pending: list[dict[str, jax.Array]], step: int, resumed_from: int = 0) -> dict[str, float]:
-    """Mean of the metrics of the steps since the last log. Within the
-    training steps, this and `assert_finite` are the only places the host
-    waits for the devices (the kNN monitor and checkpoints wait too)."""
-    stacked = jax.device_get(pending)
-    summary = {k: float(np.mean([np.asarray(m[k])[0] for m in stacked])) for k in stacked[0]}
-    assert_finite([summary["loss"], summary["grad_norm"]], step, resumed_from)
-    return summary
-
-
-def assert_finite(values, step: int, resumed_from: int = 0) -> None:
-    """The NaN guard on losses and gradient norms: stop before a non-finite
-    state can be logged as fine or saved over the last good checkpoint."""
-    values = np.asarray(jax.device_get(values), np.float64)
-    if not np.all(np.isfinite(values)):
-        # Restored checkpoints are verified against their checksums, so a
-        # resumed state is the one that was saved: the cause is the recipe.
-        resumed = f" (this run resumed from verified checkpoint {resumed_from})" if resumed_from else ""
-        raise DivergedError(
-            f"non-finite loss or gradient at or before step {step}{resumed}; training stopped and the last good "
-            "checkpoint (if any) is kept: lower the learning rate or check the data before relaunching"
-        )
+    features: bank and queries streamed from `source` on every device of
+    every process (`embed.knn_monitor`; compiles once)."""
+    monitor = embed.knn_monitor(config, source)
+    logging.info("kNN monitor: %s", monitor.describe())
+    return monitor
 
 
 # What the random-init kNN depends on besides the seed: a stored result is reused only while these are unchanged.
@@ -147,7 +121,8 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
     num_devices = jax.device_count()
     with signals.phase("start-up", interruptible=True):
         source = data.open_source(config)
-        knn_fn = knn_monitor(config, knn.monitor_dataset(source, config))  # un-augmented bank and queries
+        knn_fn = knn_monitor(config, source)  # un-augmented bank and queries, streamed
+        knn_bank = source.num_labelled(config.knn_train_split, config.knn_max_train_images, config.seed)
         source = source.with_train_subset(config.train_subset, config.seed)
         steps_per_epoch = data.steps_per_epoch(source.num_train_examples, config.batch_size)
         total = total_steps(config, steps_per_epoch)
@@ -179,19 +154,23 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
     if not workdir:  # said once the start-up has succeeded, so that a start-up error stays the one line
         logging.warning("no --workdir: nothing will be saved (checkpoints, metrics, the trained encoder); to keep "
                         "the encoder, add --workdir DIR, e.g. --workdir runs/default")
-    loop = TrainLoop(config, workdir, total, steps_per_epoch, lr_schedule, num_devices, lock, source.loader,
-                     source.num_train_examples)
+    plan = pretraining_plan(config, total, steps_per_epoch)
+    knn_each = lambda s: knn_fn(_encoder_variables(s))  # noqa: E731
+    task = Pretraining(config, make_train_step(config, source.host_cropped, total), knn_each, lr_schedule, plan,
+                       num_devices, source.loader, source.num_train_examples, knn_bank)
+    loop = loop_lib.Loop(task, plan, workdir, batch_size=config.batch_size, num_devices=num_devices, lock=lock,
+                         config=config)
     try:
         with signals.phase("training", interruptible=False):
-            p_state, history = loop.run(make_train_step(config, source.host_cropped, total), p_state,
-                                        prefetch_to_device(host_batches), start_step, show_progress,
-                                        knn_fn=lambda s: knn_fn(_encoder_variables(s)), signals=signals)
+            p_state, history = loop.run(p_state, prefetch_to_device(host_batches), start_step, show_progress,
+                                        signals=signals)
     finally:
         if hasattr(host_batches, "close"):
             host_batches.close()  # stops grain's worker processes now, not at exit
 
     state = state_lib.from_devices(p_state)
-    stopped = {"knn_random": knn_random, "history": history, "state": state, "signal": signals.received}
+    stopped = {"knn_random": knn_random, "history": history, "state": state, "signal": signals.received,
+               "knn_bank": knn_bank}
     if loop.preempted_at:
         return {**stopped, "preempted": loop.preempted_at, "phase": "training"}
     try:
@@ -201,12 +180,12 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
         if isinstance(e, preemption.Aborted):
             raise
         return {**stopped, "signal": e.signum, "preempted": int(state.step), "phase": "final evaluation"}
-    final = {"step": int(state.step), **{f"knn_{k}": v for k, v in knn_trained.items()},
+    final = {"step": int(state.step), "knn_bank": knn_bank, **{f"knn_{k}": v for k, v in knn_trained.items()},
              **{f"knn_random_{k}": v for k, v in knn_random.items()}}
     final.update(_last_training_metrics(history, workdir))
     metrics.write_final(workdir, final)
-    return {"knn_random": knn_random, "knn_trained": knn_trained, "history": history, "state": state,
-            "preempted": 0, "signal": None, "phase": "", "step": int(state.step), "complete": False}
+    return {"knn_random": knn_random, "knn_trained": knn_trained, "knn_bank": knn_bank, "history": history,
+            "state": state, "preempted": 0, "signal": None, "phase": "", "step": int(state.step), "complete": False}
 
 
 def startup_line(config, state: state_lib.MoCoState, num_train_examples: int, steps_per_epoch: int, total: int,
@@ -233,7 +212,8 @@ def finished_run(workdir: str, step: int, total: int) -> dict[str, Any] | None:
                  step, total, metrics.FINAL_NAME)
     knn = {kind: {name: final[f"{key}_{name}"] for name in ("backbone", "projection") if f"{key}_{name}" in final}
            for kind, key in (("knn_random", "knn_random"), ("knn_trained", "knn"))}
-    return {**knn, "history": [], "state": None, "preempted": 0, "signal": None, "phase": "", "step": step,
+    return {**knn, "knn_bank": final.get("knn_bank"), "history": [], "state": None, "preempted": 0, "signal": None,
+            "phase": "", "step": step,
             "complete": True}
 
 
@@ -271,142 +251,52 @@ def _last_training_metrics(history: list[dict], workdir: str | None) -> dict[str
     return {}
 
 
-class _Eta:
-    """The time left, from the steps run since the first one (which
-    compiles, and so is left out of the rate)."""
+class Pretraining:
+    """MoCo pretraining as a `loop.Task`: the method's pmap-ed step; the
+    learning rate, momentum and epoch logged with each step's metrics; the
+    weight norms and the kNN monitor at `knn_every`; checkpoints with what a
+    resume checks (queue shards, pipeline, images, learning rate)."""
 
-    def __init__(self, last: int):
-        self.last, self.first, self.start = last, None, 0.0
+    GUARDED = ("loss", "grad_norm")
 
-    def stepped(self, step: int) -> None:
-        if self.first is None:
-            self.first, self.start = step, time.perf_counter()
-
-    def left(self, step: int) -> str:
-        """'(eta 0:31)', or '' before a rate is known or after the last step."""
-        if self.first is None or step <= self.first or step >= self.last:
-            return ""
-        rate = (time.perf_counter() - self.start) / (step - self.first)
-        return f"(eta {console.eta(rate * (self.last - step))})"
-
-
-class TrainLoop:
-    """Steps, logging, the kNN monitor and checkpoints of one run."""
-
-    def __init__(self, config, workdir, total_steps, steps_per_epoch, lr_schedule, num_devices, lock=None,
-                 pipeline="", num_train_examples=0):
-        self.config, self.workdir, self.total_steps = config, workdir, total_steps
-        self.steps_per_epoch, self.lr_schedule, self.num_devices = steps_per_epoch, lr_schedule, num_devices
-        self.lock = lock  # process 0's WorkdirLock (None elsewhere, and without a workdir)
+    def __init__(self, config, p_step, knn_fn, lr_schedule, plan: loop_lib.Plan, num_devices: int,
+                 pipeline: str = "", num_train_examples: int = 0, knn_bank: int = 0):
+        self.config, self.p_step, self.knn_fn, self.lr_schedule = config, p_step, knn_fn, lr_schedule
+        self.knn_bank = knn_bank  # the kNN bank's images, logged with its accuracies
+        self.plan, self.num_devices = plan, num_devices
         self.pipeline = pipeline  # what reads the images (`Source.loader`), saved with each checkpoint
         self.num_train_examples = num_train_examples  # saved too: a resume warns when it changed
-        self.preempted_at = 0  # the step a signal stopped the run at (after saving it)
 
-    def run(self, p_train_step, p_state, batches, start_step, show_progress, knn_fn, signals=None):
-        """Steps start_step+1 .. total_steps, or until a signal; returns (p_state, logged history)."""
-        config, last, spe = self.config, self.total_steps, self.steps_per_epoch
-        signals = signals or preemption.RunSignals(jax.process_count() > 1)
-        log_every, knn_every = steps(config, "log_every", spe), steps(config, "knn_every", spe)
-        checkpoint_every = steps(config, "checkpoint_every", spe)
-        writer = metrics.MetricWriter(self.workdir, config)
-        saver = CheckpointWriter(self.workdir, config.checkpoints_to_keep) if self.workdir else None
-        history, pending = [], []
-        if start_step == 0:
-            writer.write(0, metrics.weight_norms(state_lib.from_devices(p_state).params))
-        last_time, last_step = time.perf_counter(), start_step
-        timer = _Eta(last)
-        try:
-            for step in console.progress(range(start_step + 1, last + 1), last,
-                                         show_progress and jax.process_index() == 0):
-                p_state, step_metrics = p_train_step(p_state, next(batches))
-                pending.append(step_metrics)
-                timer.stepped(step)
-                logged = is_due(step, log_every, last)
-                if logged:
-                    summary = summarize(pending, step, start_step)
-                    now = time.perf_counter()
-                    summary.update(self._throughput(step - last_step, now - last_time), **self._schedule(step))
-                    writer.write(step, summary, progress=f"/{last} {timer.left(step)}".rstrip())
-                    history.append({"step": step, **summary})
-                    pending, last_time, last_step = [], now, step
-                if is_due(step, knn_every, last):
-                    host_state = state_lib.from_devices(p_state)
-                    monitored = metrics.weight_norms(host_state.params)
-                    if step != last:  # the last kNN is train_and_evaluate's
-                        monitored.update({f"knn_{k}": v for k, v in knn_fn(host_state).items()})
-                    writer.write(step, monitored)
-                    last_time = time.perf_counter()  # the monitor's time is not training time
-                stop = self._should_stop(step, signals, agree=logged)
-                save = saver is not None and (is_due(step, checkpoint_every, last) or stop)
-                self._check_health(saver, agree=logged or save)
-                if save:
-                    assert_finite([(m["loss"], m["grad_norm"]) for m in pending], step, start_step)
-                    saver.save(state_lib.from_devices(p_state), config, num_queue_shards=self.num_devices,
-                               data_pipeline=self.pipeline, num_train_examples=self.num_train_examples,
-                               learning_rate=float(self.lr_schedule(step)))
-                    last_time = time.perf_counter()
-                if stop:
-                    self.preempted_at = step
-                    logging.warning("%s at step %d: %s", signals.signal_name, step,
-                                    f"saving checkpoint {step}" if saver else "no --workdir, nothing saved")
-                    break
-        finally:
-            try:
-                if saver:
-                    saver.finish()  # a good save in flight is completed and checked, even on an error
-            finally:
-                writer.close()
-        return p_state, history
+    def step(self, p_state, batch):
+        return self.p_step(p_state, batch)
 
-    def _should_stop(self, step: int, signals: preemption.RunSignals, agree: bool) -> bool:
-        """Whether a signal stops the run after `step`, on every process
-        alike: SIGTERM through JAX's preemption sync point (every step), a
-        SIGINT of any process at log and checkpoint steps."""
-        if signals.should_stop(step):
-            return True
-        if jax.process_count() == 1 or not agree:
-            return False
-        (interrupted,) = sharding.any_process_each([signals.received == signal.SIGINT])
-        if interrupted and signals.received is None:
-            signals.received = signal.SIGINT
-        return interrupted
-
-    def _check_health(self, saver: CheckpointWriter | None, agree: bool) -> None:
-        """Stop if another launch took the workdir over (without saving) or
-        the last checkpoint failed to save or read back. One process: after
-        every step (the lock is re-read at log and checkpoint steps); several:
-        at log and checkpoint steps, where they agree."""
-        if not self.workdir:
-            return
-        failure = saver.poll() if saver is not None else None
-        lost = self.lock is not None and (self.lock.lost or (agree and not self.lock.still_held()))
-        if jax.process_count() > 1:
-            if not agree:
-                return
-            lost, failed = sharding.any_process_each([lost, failure is not None])
-            if failed:
-                failure = StorageError(workdir_lock.broadcast_message(str(failure or ""))
-                                       or "a checkpoint failed to save on another process; training stopped")
-        if lost:
-            holder = getattr(self.lock, "lost_to", None)
-            by = f" ({holder.describe()})" if holder is not None else ""
-            raise WorkdirError(f"another launch{by} took over workdir {self.workdir} (--take_over); this run "
-                               "stopped without saving so as not to write over its checkpoints")
-        if failure is not None:
-            raise failure
-
-    def _throughput(self, steps: int, seconds: float) -> dict[str, float]:
-        images_per_sec = steps * self.config.batch_size / seconds
-        return {
-            "images_per_sec": images_per_sec,
-            "images_per_sec_per_device": images_per_sec / self.num_devices,
-            "step_time_ms": 1000 * seconds / steps,
-        }
-
-    def _schedule(self, step: int) -> dict[str, float]:
+    def schedule(self, step: int) -> dict[str, float]:
+        config = self.config
         return {
             "learning_rate": float(self.lr_schedule(step - 1)),
-            "momentum": float(momentum_at(step - 1, self.config.momentum, self.config.momentum_schedule,
-                                          self.total_steps)),
-            "epoch": step / self.steps_per_epoch,
+            "momentum": float(momentum_at(step - 1, config.momentum, config.momentum_schedule,
+                                          self.plan.total_steps)),
+            "epoch": step / self.plan.steps_per_epoch,
         }
+
+    def first(self, p_state) -> dict[str, float]:
+        return metrics.weight_norms(state_lib.from_devices(p_state).params)
+
+    def monitor(self, p_state, step: int, last: bool) -> dict[str, float]:
+        host_state = state_lib.from_devices(p_state)
+        monitored = metrics.weight_norms(host_state.params)
+        if not last:  # the last kNN is train_and_evaluate's
+            monitored.update({f"knn_{k}": v for k, v in self.knn_fn(host_state).items()}, knn_bank=self.knn_bank)
+        return monitored
+
+    def save(self, saver: CheckpointWriter, p_state, step: int) -> None:
+        saver.save(state_lib.from_devices(p_state), self.config, num_queue_shards=self.num_devices,
+                   data_pipeline=self.pipeline, num_train_examples=self.num_train_examples,
+                   learning_rate=float(self.lr_schedule(step)))
+
+
+def pretraining_plan(config, total: int, steps_per_epoch: int) -> loop_lib.Plan:
+    """When pretraining logs, evaluates and saves, in steps."""
+    return loop_lib.Plan(total, steps_per_epoch, steps(config, "log_every", steps_per_epoch),
+                         steps(config, "checkpoint_every", steps_per_epoch),
+                         steps(config, "knn_every", steps_per_epoch), config.checkpoints_to_keep)

@@ -1,12 +1,22 @@
-"""The grain input pipeline (no TensorFlow): pretraining steps and labelled
-arrays from any random-access collection of encoded images (`EncodedImages`):
-an image folder's files or a tensorflow-datasets ArrayRecord split. Each
-image is decoded and cropped by `pillow_ops`.
+"""The grain input pipeline (no TensorFlow): pretraining steps, labelled
+steps and labelled arrays from any random-access collection of encoded
+images (`EncodedImages`): an image folder's files or a tensorflow-datasets
+ArrayRecord split. Each image is decoded and cropped by `pillow_ops`.
+
+  two_crop_batches  pretraining: two RandomResizedCrops of each image
+  labelled_batches  the linear probe's training: one RandomResizedCrop of
+                    each image of a subset, with its label, in the
+                    pretraining order
+  eval_batches      the evaluation view (`pillow_ops.center_crop`) of each
+                    image of a subset, with its label, in order, padded to
+                    whole steps
+  center_crops      the evaluation view of a list of images, as one array
 
 One grain element is one whole step of this process (or one chunk of
 labelled images), computed by a pure function of its number: the indices of
-`source.step_indices` (the example order of every source), and crops seeded
-by each example's *global* stream position (`pillow_ops.stream_uniforms`).
+`source.step_indices` (the example order of every source) or of
+`source.eval_positions`, and crops seeded by each example's *global* stream
+position (`pillow_ops.stream_uniforms`).
 So the elements can be computed in any thread or worker process, in any
 order, and a run resumed at step s reads exactly the batches, crops included,
 that an uninterrupted run reads from step s, on any number of processes.
@@ -20,15 +30,15 @@ for shipping its batches (BENCHMARKS.md, benchmarks/input_pipeline.py).
 
 Undecodable images never stop a worker: each element reports which of its
 images failed and why, and the training process raises an error naming the
-file, or with `skip_corrupt` logs it with a running count (the slot is
-filled with another image of the same step, so batches stay full: see
-`undecodable`).
+file, or with `skip_corrupt` logs it (in training with a running count, the
+slot filled with another image of the same step, so batches stay full: see
+`undecodable`; in evaluation the slot is marked not valid).
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import grain
 import numpy as np
@@ -36,7 +46,8 @@ from absl import flags
 from PIL import Image
 
 from moco_jax.data.pipelines import crop_rule, pillow_ops, undecodable
-from moco_jax.data.source import SourceConfig, UndecodableImageError, check_stream, step_indices, steps_per_epoch
+from moco_jax.data.source import (SourceConfig, UndecodableImageError, check_stream, eval_positions, num_eval_steps,
+                                  step_indices, steps_per_epoch)
 
 _ENDLESS = sys.maxsize // 4  # the length of an infinite stream, as a grain source
 # What Pillow (or reading the file) raises for bytes it cannot decode.
@@ -54,6 +65,10 @@ class EncodedImages(Protocol):
 
     def describe(self, index: int) -> str:
         """Where example `index` is, for messages: a path, a record number."""
+
+    def read_labelled(self, index: int) -> tuple[bytes, int]:
+        """The encoded bytes and the label of example `index` (labelled
+        collections only: the labelled streams read through it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +103,16 @@ def _error(e: Exception) -> str:
 
 
 # --------------------------------------------------------------------------
-# Pretraining: two crops per image, one element per step.
+# Training steps: random crops of each image, one element per step.
 # --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Steps:
     """A grain random-access source: element i is global step start_step + i
-    of this process, {"crops": uint8 (local, 2, S, S, 3), "indices", "ok",
-    "reasons"}."""
+    of this process, {"crops": uint8 (local, views, S, S, 3), "indices",
+    "ok", "reasons"}, and with `labelled` "labels": int32 (local,).
+
+    subset: int64 (M,), the examples the order runs over (position i is
+    example subset[i]); None: all of `images`."""
 
     images: EncodedImages
     global_batch: int
@@ -104,29 +122,38 @@ class _Steps:
     process_count: int
     crop_size: int
     crop_scale: tuple
+    views: int = 2
+    subset: Optional[np.ndarray] = None
+    labelled: bool = False
 
     def __len__(self) -> int:
         return _ENDLESS
 
     def __getitem__(self, i: int) -> dict:
         step = self.start_step + int(i)
-        indices = step_indices(len(self.images), self.global_batch, self.seed, step, self.process_index,
-                               self.process_count)
+        count = len(self.images) if self.subset is None else len(self.subset)
+        indices = step_indices(count, self.global_batch, self.seed, step, self.process_index, self.process_count)
+        if self.subset is not None:
+            indices = self.subset[indices]
         n, size = len(indices), self.crop_size
-        out = np.empty((n, 2, size, size, 3), np.uint8)
-        ok, reasons = np.ones(n, bool), []
+        out = np.empty((n, self.views, size, size, 3), np.uint8)
+        ok, reasons, labels = np.ones(n, bool), [], np.zeros(n, np.int32)
         # Headers first, so that one vectorised call samples every box of the step.
         images, shapes = [None] * n, np.ones((n, 2), np.int64)
         for j, index in enumerate(indices):
             try:
-                images[j] = pillow_ops.open_image(self.images.read(int(index)))
+                if self.labelled:
+                    encoded, labels[j] = self.images.read_labelled(int(index))
+                else:
+                    encoded = self.images.read(int(index))
+                images[j] = pillow_ops.open_image(encoded)
                 shapes[j] = images[j].size[::-1]  # (height, width)
             except DECODE_ERRORS as e:
                 ok[j] = False
                 reasons.append((j, _error(e)))
         first = step * self.global_batch + self.process_index * n  # global stream position
-        u = pillow_ops.stream_uniforms(self.seed, first + np.arange(n))
-        boxes = crop_rule.crop_boxes(u, shapes[:, :1], shapes[:, 1:], self.crop_scale)  # (n, 2, 4)
+        u = pillow_ops.stream_uniforms(self.seed, first + np.arange(n), self.views)
+        boxes = crop_rule.crop_boxes(u, shapes[:, :1], shapes[:, 1:], self.crop_scale)  # (n, views, 4)
         for j in np.flatnonzero(ok):
             try:
                 pillow_ops.crops_into(out[j], images[j], boxes[j])
@@ -135,7 +162,11 @@ class _Steps:
                 reasons.append((j, _error(e)))
         if ok.any() and not ok.all():  # (none decoded: the training process raises)
             undecodable.fill_gaps(out, ok)
-        return {"crops": out, "indices": indices, "ok": ok, "reasons": tuple(r for _, r in sorted(reasons))}
+            undecodable.fill_gaps(labels, ok)
+        element = {"crops": out, "indices": indices, "ok": ok, "reasons": tuple(r for _, r in sorted(reasons))}
+        if self.labelled:
+            element["labels"] = labels
+        return element
 
 
 def two_crop_batches(images: EncodedImages, *, global_batch: int, seed: int, crop_size: int, crop_scale,
@@ -149,43 +180,151 @@ def two_crop_batches(images: EncodedImages, *, global_batch: int, seed: int, cro
     Raises (eagerly): ConfigError/ValueError for bad batch divisibility; while
       iterating, UndecodableImageError naming the file unless options.skip_corrupt.
     """
-    local = check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
+    check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
     steps_per_epoch(len(images), global_batch)  # at least one full batch, or a clear error now
     steps = _Steps(images, global_batch, seed, start_step, process_index, process_count, crop_size,
                    tuple(float(s) for s in crop_scale))
-    dataset = options.parallel(grain.MapDataset.source(steps).to_iter_dataset(options.read_options(2)))
-    return _checked(iter(dataset), images, options.skip_corrupt, num_local_devices, local)
+    return _checked(_elements(steps, options), images, options.skip_corrupt,
+                    lambda e: _per_device(e["crops"], n=num_local_devices)[0])
 
 
-def _checked(elements, images: EncodedImages, skip_corrupt: bool, num_local_devices: int,
-             local: int) -> Iterator[np.ndarray]:
-    """The crops of each element, after its undecodable images are reported.
-    Closing this generator closes grain's iterator (and its workers)."""
-    skipped = 0
+def labelled_batches(images: EncodedImages, subset, *, global_batch: int, seed: int, crop_size: int, crop_scale,
+                     start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                     num_local_devices: int = 1, options: Options = Options()
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Infinite stream of this process's share of each step over the examples
+    `subset` (int (M,) indices into `images`): position i is example
+    subset[i], taken in the order of `source.step_indices` over the M
+    positions; one RandomResizedCrop of each image, seeded by its global
+    stream position (`stream_uniforms(..., num_boxes=1)`), no flip; its
+    label from `images.read_labelled`. An undecodable image is reported as
+    in `two_crop_batches` (skipped, its slot and label are those of another
+    example of the step).
+
+    Yields:
+      (uint8 (num_local_devices, per_device, crop_size, crop_size, 3),
+      int32 (num_local_devices, per_device)).
+    Raises (eagerly): ConfigError/ValueError for bad batch divisibility.
+    """
+    check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
+    subset = np.asarray(subset, np.int64)
+    steps_per_epoch(len(subset), global_batch)
+    steps = _Steps(images, global_batch, seed, start_step, process_index, process_count, crop_size,
+                   tuple(float(s) for s in crop_scale), views=1, subset=subset, labelled=True)
+    return _checked(_elements(steps, options), images, options.skip_corrupt,
+                    lambda e: _per_device(e["crops"][:, 0], e["labels"], n=num_local_devices))
+
+
+def _elements(source, options: Options, prefetch: int = 2):
+    """grain's iterator over the elements of the random-access `source`."""
+    return iter(options.parallel(grain.MapDataset.source(source).to_iter_dataset(options.read_options(prefetch))))
+
+
+def _per_device(*arrays: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """Each (local, ...) array as (n, local // n, ...)."""
+    return tuple(a.reshape(n, -1, *a.shape[1:]) for a in arrays)
+
+
+def _checked(elements, images: EncodedImages, skip_corrupt: bool, unpack: Callable[[dict], object],
+             counted: bool = True) -> Iterator:
+    """unpack(element) of each element, after its undecodable images are
+    reported (`_report_undecodable`): in training (`counted`) with a running
+    count, and a step with no decoded image raises; in evaluation as the
+    labelled arrays report them. Closing this generator closes grain's
+    iterator (and its workers)."""
+    skipped = 0 if counted else None
     try:
         for element in elements:
             skipped = _report_undecodable(element, images, skip_corrupt, skipped)
-            crops = element["crops"]
-            yield crops.reshape(num_local_devices, local // num_local_devices, *crops.shape[1:])
+            if counted and not element["ok"].any():
+                raise UndecodableImageError(
+                    f"no image of a step could be decoded, e.g. {images.describe(int(element['indices'][0]))}")
+            yield unpack(element)
     finally:
         elements.close()
 
 
-def _report_undecodable(element: dict, images: EncodedImages, skip_corrupt: bool, skipped: int) -> int:
-    """Raise naming an undecodable image, or log each with the running count
-    (returned); a step with no decoded image always raises."""
+def _report_undecodable(element: dict, images: EncodedImages, skip_corrupt: bool,
+                        skipped: Optional[int]) -> Optional[int]:
+    """Raise naming the first undecodable image of `element` (those of its
+    "indices" whose "ok" is False, "reasons" saying why), or, skipping, log
+    each with the running count `skipped` (returned; None: without a count)."""
     ok = element["ok"]
     if ok.all():
         return skipped
-    failed = element["indices"][~ok]
-    for index, reason in zip(failed, element["reasons"]):
+    for index, reason in zip(element["indices"][~ok], element["reasons"]):
+        what = images.describe(int(index))
         if not skip_corrupt:
-            raise undecodable.error(images.describe(int(index)), reason)
-        skipped += 1
-        undecodable.log_skipped(images.describe(int(index)), skipped)
-    if not ok.any():
-        raise UndecodableImageError(f"no image of a step could be decoded, e.g. {images.describe(int(failed[0]))}")
+            raise undecodable.error(what, reason)
+        skipped = None if skipped is None else skipped + 1
+        undecodable.log_skipped(what, skipped)
     return skipped
+
+
+# --------------------------------------------------------------------------
+# Evaluation: the centre crops of each image with its label, in order.
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _EvalSteps:
+    """A grain random-access source: element s is this process's share of
+    evaluation step s over the examples `subset` (int64 (M,)), {"images":
+    uint8 (local, size, size, 3), "labels": int32 (local,), "valid": bool
+    (local,), "indices", "ok", "reasons"} ("indices", "ok": of the real
+    examples, a prefix of the step; the rest is padding)."""
+
+    images: EncodedImages
+    subset: np.ndarray
+    global_batch: int
+    process_index: int
+    process_count: int
+    size: int
+    crop_fraction: float
+
+    def __len__(self) -> int:
+        return num_eval_steps(len(self.subset), self.global_batch)
+
+    def __getitem__(self, s: int) -> dict:
+        positions = eval_positions(self.global_batch, int(s), self.process_index, self.process_count)
+        indices = self.subset[positions[positions < len(self.subset)]]  # the step is contiguous: a prefix
+        out = np.zeros((len(positions), self.size, self.size, 3), np.uint8)
+        labels, valid = np.zeros(len(positions), np.int32), np.zeros(len(positions), bool)
+        reasons = []
+        for j, index in enumerate(indices):
+            try:
+                encoded, label = self.images.read_labelled(int(index))
+                out[j] = pillow_ops.center_crop(encoded, self.size, self.crop_fraction)
+                labels[j], valid[j] = label, True
+            except DECODE_ERRORS as e:
+                reasons.append(_error(e))
+        return {"images": out, "labels": labels, "valid": valid, "indices": indices,
+                "ok": valid[:len(indices)], "reasons": tuple(reasons)}
+
+
+def eval_batches(images: EncodedImages, subset, *, size: int, crop_fraction: float, global_batch: int,
+                 process_index: int = 0, process_count: int = 1, num_local_devices: int = 1,
+                 options: Options = Options()) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """This process's share of each evaluation step over the examples `subset`
+    (int (M,) indices into `images`): `num_eval_steps(M, global_batch)`
+    steps, step s the positions `source.eval_positions(global_batch, s,
+    process_index, process_count)`, each image's evaluation view
+    (`pillow_ops.center_crop`) with its label (`images.read_labelled`).
+
+    Yields:
+      (uint8 (num_local_devices, per_device, size, size, 3), int32 and bool
+      (num_local_devices, per_device)): images, labels, valid (False for the
+      padding past M and a skipped undecodable image: zeros, label 0).
+    Raises: ConfigError/ValueError (eagerly) for bad batch divisibility;
+      UndecodableImageError naming an undecodable image unless
+      options.skip_corrupt (then it is logged).
+    """
+    check_stream(global_batch, 0, process_index, process_count, num_local_devices)
+    steps = _EvalSteps(images, np.asarray(subset, np.int64), global_batch, process_index, process_count, size,
+                       float(crop_fraction))
+    if not len(steps):
+        return iter(())
+    return _checked(_elements(steps, options), images, options.skip_corrupt,
+                    lambda e: _per_device(e["images"], e["labels"], e["valid"], n=num_local_devices),
+                    counted=False)
 
 
 # --------------------------------------------------------------------------
@@ -227,14 +366,10 @@ def center_crops(images: EncodedImages, indices, size: int, *, crop_fraction: fl
     """
     indices = np.asarray(indices, np.int64)
     source = _CenterCrops(images, indices, size, float(crop_fraction), chunk)
-    dataset = options.parallel(grain.MapDataset.source(source).to_iter_dataset(options.read_options(4)))
     kept, out = [], []
-    for i, element in enumerate(dataset):
+    for i, element in enumerate(_elements(source, options, prefetch=4)):
+        _report_undecodable(element, images, options.skip_corrupt, None)
         ok = element["ok"]
-        for index, reason in zip(element["indices"][~ok], element["reasons"]):
-            if not options.skip_corrupt:
-                raise undecodable.error(images.describe(int(index)), reason)
-            undecodable.log_skipped(images.describe(int(index)))
         kept.append(i * chunk + np.flatnonzero(ok))
         out.append(element["images"][ok])
     if not out:

@@ -8,7 +8,7 @@ in-memory datasets never need TensorFlow.
 
 What runs here, per image (everything else happens on the accelerator, see
 `moco_jax.core.augment`):
-  encoded bytes -> two RandomResizedCrop boxes (torchvision's rule,
+  encoded bytes -> two (the linear probe: one) RandomResizedCrop boxes (torchvision's rule,
   `crop_rule`, the same sampling as `image_ops.crop_boxes`) -> decode only
   each box (JPEG: `tf.image.decode_and_crop_jpeg`; other formats are decoded
   whole, then sliced) -> bilinear resize to S x S -> uint8 (2, S, S, 3).
@@ -129,18 +129,24 @@ def two_crops(encoded, seed, size: int, scale, ratio=RATIO):
     Returns:
       uint8 (2, S, S, 3).
     """
+    return random_crops(encoded, seed, size, scale, 2, ratio)
+
+
+def random_crops(encoded, seed, size: int, scale, views: int, ratio=RATIO):
+    """`views` independent RandomResizedCrops of one encoded image (see
+    `two_crops`): uint8 (views, S, S, 3)."""
     def jpeg():  # decode only each crop window
         shape = tf.image.extract_jpeg_shape(encoded)
-        boxes = sample_crop_boxes(seed, shape[0], shape[1], scale, 2, ratio)
+        boxes = sample_crop_boxes(seed, shape[0], shape[1], scale, views, ratio)
         return tf.stack([resize_to_uint8(tf.image.decode_and_crop_jpeg(encoded, boxes[v], channels=3), size)
-                         for v in range(2)])
+                         for v in range(views)])
 
-    def other():  # PNG & co. cannot decode a window: decode once, slice twice
+    def other():  # PNG & co. cannot decode a window: decode once, slice each box
         image = _decode_any(encoded)
         shape = tf.shape(image)
-        boxes = sample_crop_boxes(seed, shape[0], shape[1], scale, 2, ratio)
+        boxes = sample_crop_boxes(seed, shape[0], shape[1], scale, views, ratio)
         return tf.stack([resize_to_uint8(image[b[0]:b[0] + b[2], b[1]:b[1] + b[3]], size)
-                         for b in tf.unstack(boxes)])
+                         for b in tf.unstack(boxes, num=views)])
 
     return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
 

@@ -2,7 +2,10 @@
 CIFAR-10 from the shared mosaics. numpy + Pillow only: no TensorFlow.
 
 The source ships whole uint8 images; the device crops them
-(`augment.make_views_fn`)."""
+(`augment.make_views_fn`). Its labelled streams index the arrays: split
+'' or 'train' is the train arrays, any other name (the configs' eval_split,
+'test') the test arrays; both at their own size, whatever size the caller
+asks for."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +23,11 @@ from moco_jax.data.source import (
     Source,
     SourceConfig,
     array_batches,
+    check_stream,
+    eval_positions,
     knn_subset,
+    local_batch_indices,
+    num_eval_steps,
 )
 
 # Environment variable that overrides where the CIFAR-10 mosaics are read from.
@@ -251,12 +258,68 @@ class ArraySource(Source):
             ds = dataclasses.replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep])
         return ds
 
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def _labelled(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images uint8 (N, H, W, 3), labels int32 (N,)) of `split`: '' or
+        'train' the train arrays (all of them, whatever `with_train_subset`
+        chose), any other name the test arrays."""
+        ds = self.dataset
+        if split in TRAIN_SPLITS:
+            return ds.train_images, ds.train_labels
+        return ds.test_images, ds.test_labels
+
+    def num_labelled(self, split="", max_images=0, seed=0) -> int:
+        return len(knn_subset(len(self._labelled(split)[1]), max_images, seed))
+
+    def labelled_train_batches(self, *, global_batch, seed, crop_size, crop_scale=(0.08, 1.0), start_step=0,
+                               process_index=0, process_count=1, num_local_devices=1, split="",
+                               max_images=0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Whole images (the device crops them): (uint8 (n, b, H, W, 3), int32 (n, b))."""
+        del crop_size, crop_scale
+        images, labels = self._labelled(split)
+        subset = knn_subset(len(labels), max_images, seed)
+        order = local_batch_indices(len(subset), global_batch, seed, start_step, process_index, process_count,
+                                    num_local_devices)
+        return (_per_device(images[subset[i]], labels[subset[i]], n=num_local_devices) for i in order)
+
+    def eval_batches(self, *, split, size, crop_fraction, global_batch, process_index=0, process_count=1,
+                     num_local_devices=1, max_images=0, seed=0) -> Iterator[tuple[np.ndarray, ...]]:
+        """The arrays as they are: (uint8 (n, b, H, W, 3), int32 (n, b), bool (n, b))."""
+        del size, crop_fraction
+        check_stream(global_batch, 0, process_index, process_count, num_local_devices)
+        images, labels = self._labelled(split)
+        subset = knn_subset(len(labels), max_images, seed)
+        return (_eval_step(images, labels, subset, eval_positions(global_batch, s, process_index, process_count),
+                           num_local_devices)
+                for s in range(num_eval_steps(len(subset), global_batch)))
+
     def with_train_subset(self, size: int, seed: int) -> "ArraySource":
         """The subset is `knn_subset(N, size, seed)`, so a kNN bank capped at the
         same number (`knn_max_train_images`) is the very same images."""
         if not size:
             return self
         return ArraySource(self.dataset, knn_subset(len(self.dataset.train_images), size, seed))
+
+
+TRAIN_SPLITS = ("", "train")  # the split names of the train arrays; any other is the test arrays
+
+
+def _per_device(*arrays: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """Each (local, ...) array as (n, local // n, ...)."""
+    return tuple(a.reshape(n, -1, *a.shape[1:]) for a in arrays)
+
+
+def _eval_step(images, labels, subset, positions, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One evaluation step of the arrays at `positions` of `subset`, padded:
+    (uint8 (n, b, H, W, 3), int32 (n, b), bool (n, b))."""
+    valid = positions < len(subset)
+    index = subset[positions[valid]]
+    x = np.zeros((len(positions), *images.shape[1:]), images.dtype)
+    y = np.zeros(len(positions), np.int32)
+    x[:len(index)], y[:len(index)] = images[index], labels[index]
+    return _per_device(x, y, valid, n=n)
 
 
 def open_source(spec: SourceConfig) -> ArraySource:

@@ -22,6 +22,16 @@ Two readers, chosen by `choose_loader`:
 * tf.data (`TfdsSplit` through `moco_jax.data.pipelines.tfdata`,
   `data_loader='tf'`), which also reads TFRecord files; it needs TensorFlow.
 
+Labelled images (`label_key`, a ClassLabel: the same classes in every
+split) stream through the same reader, each process decoding only its share:
+`labelled_train_batches` (one host RandomResizedCrop per image) and
+`eval_batches` (the evaluation view, in order), or come as whole arrays
+(`labelled_arrays`). A cap (max_images) takes the fixed random subset
+`knn_subset(N, cap, seed)` through grain, the first examples in file order
+through tf.data (which reads records sequentially; TFDS shuffled them when
+preparing), and tf.data's labelled train stream follows its pretraining
+order (`tfdata`), not `local_batch_indices`.
+
 Finding the prepared dataset (its builder, how it was prepared, the one
 error that says how to prepare it) needs no TensorFlow either.
 """
@@ -36,8 +46,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from moco_jax.core.errors import ConfigError, InputError, NotFoundError
-from moco_jax.data.source import (ArrayDataset, Source, SourceConfig, check_decode_size, choose_loader, has_module,
-                                  knn_subset)
+from moco_jax.data.source import (ArrayDataset, Source, SourceConfig, check_decode_size, check_stream, choose_loader,
+                                  has_module, knn_subset)
 
 __all__ = ["DatasetNotPreparedError", "RecordImages", "TfdsSource", "TfdsSplit", "dataset_name", "open_source",
            "prepared_builder"]
@@ -150,12 +160,18 @@ class RecordImages:
     split: str
     image_key: str
     size: int
+    label_key: str = ""  # what `read_labelled` reads ('': unlabelled)
 
     def __len__(self) -> int:
         return self.size
 
     def read(self, index: int) -> bytes:
         return _data_source(self.name, self.data_dir, self.split, self.image_key)[index][self.image_key]
+
+    def read_labelled(self, index: int) -> tuple[bytes, int]:
+        """The image and label_key of one record, read once."""
+        record = _data_source(self.name, self.data_dir, self.split, self.image_key)[index]
+        return record[self.image_key], int(record[self.label_key])
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{self.split}] example {index} (in {self.data_dir or default_data_dir_hint()})"
@@ -227,9 +243,9 @@ class TfdsSource(Source):
     def num_train_examples(self) -> int:
         return self._num_train
 
-    def _records(self, split: str, size: int = 0) -> RecordImages:
+    def _records(self, split: str, size: int = 0, label_key: str = "") -> RecordImages:
         size = size or num_examples(self.builder, self.name, self._data_dir, split, "grain")
-        return RecordImages(self.name, self._data_dir, split, self.spec.image_key, size)
+        return RecordImages(self.name, self._data_dir, split, self.spec.image_key, size, label_key)
 
     def _split(self, split: str, size: int = 0) -> TfdsSplit:
         return TfdsSplit(self.builder, self.name, self._data_dir, split, size, self.spec.image_key,
@@ -249,6 +265,66 @@ class TfdsSource(Source):
         return tfdata.two_crop_batches(self._split(spec.train_split, self._num_train),
                                        shuffle_buffer=spec.shuffle_buffer, num_threads=spec.num_threads, **kwargs)
 
+    def num_classes(self) -> int:
+        """The classes of label_key (a ClassLabel feature)."""
+        return self.builder.info.features[self._label_key()].num_classes
+
+    def _label_key(self) -> str:
+        label_key = self.spec.label_key
+        if label_key not in self.builder.info.features:
+            raise ConfigError(f"label_key={label_key!r}: {self.name} has no such feature for labelled images "
+                              f"(features: {list(self.builder.info.features)})")
+        return label_key
+
+    def _num_examples(self, split: str) -> int:
+        if split == self.spec.train_split:
+            return self._num_train
+        return num_examples(self.builder, self.name, self._data_dir, split, self.loader)
+
+    def num_labelled(self, split="", max_images=0, seed=0) -> int:
+        """grain: the subset knn_subset(N, max_images, seed); tf.data: the first
+        max_images examples (the same number)."""
+        return len(knn_subset(self._num_examples(split or self.spec.train_split), max_images, seed))
+
+    def labelled_train_batches(self, *, global_batch, seed, crop_size, crop_scale=(0.08, 1.0), start_step=0,
+                               process_index=0, process_count=1, num_local_devices=1, split="",
+                               max_images=0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """grain: the order of `local_batch_indices` over the capped subset;
+        tf.data: the first max_images examples of the split, in the order of
+        its pretraining stream (`tfdata`)."""
+        spec, label_key = self.spec, self._label_key()
+        split = split or spec.train_split
+        n = self._num_examples(split)
+        kwargs = dict(global_batch=global_batch, seed=seed, crop_size=crop_size, crop_scale=tuple(crop_scale),
+                      start_step=start_step, process_index=process_index, process_count=process_count,
+                      num_local_devices=num_local_devices)
+        if self.loader == "grain":
+            from moco_jax.data.pipelines import grain
+            return grain.labelled_batches(self._records(split, n, label_key), knn_subset(n, max_images, seed),
+                                          options=grain.Options.from_spec(spec), **kwargs)
+        from moco_jax.data.pipelines import tfdata
+        return tfdata.labelled_batches(self._split(split, n), None, cap=max_images, num_threads=spec.num_threads,
+                                       shuffle_buffer=spec.shuffle_buffer, **kwargs)
+
+    def eval_batches(self, *, split, size, crop_fraction, global_batch, process_index=0, process_count=1,
+                     num_local_devices=1, max_images=0, seed=0) -> Iterator[tuple[np.ndarray, ...]]:
+        """grain: the capped subset knn_subset(N, max_images, seed); tf.data:
+        the first max_images examples, in file order."""
+        check_decode_size(self.name, size)
+        check_stream(global_batch, 0, process_index, process_count, num_local_devices)
+        spec, label_key = self.spec, self._label_key()
+        split = split or spec.train_split
+        n = self._num_examples(split)
+        kwargs = dict(size=size, crop_fraction=crop_fraction, global_batch=global_batch,
+                      process_index=process_index, process_count=process_count, num_local_devices=num_local_devices)
+        if self.loader == "grain":
+            from moco_jax.data.pipelines import grain
+            return grain.eval_batches(self._records(split, n, label_key), knn_subset(n, max_images, seed),
+                                      options=grain.Options.from_spec(spec), **kwargs)
+        from moco_jax.data.pipelines import tfdata
+        return tfdata.eval_batches(self._split(split, n), None, cap=max_images, num_threads=spec.num_threads,
+                                   skip_corrupt=spec.skip_corrupt_images, **kwargs)
+
     def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
                         train_split="") -> ArrayDataset:
         """Eval: all of eval_split; train: `max_train_images` (0 = all) of the
@@ -256,11 +332,7 @@ class TfdsSource(Source):
         tf.data the first ones in file order (TFDS shuffled the examples when
         preparing). Both centre-cropped to `size`."""
         check_decode_size(self.name, size)
-        spec = self.spec
-        label_key = spec.label_key
-        if label_key not in self.builder.info.features:
-            raise ConfigError(f"label_key={label_key!r}: {self.name} has no such feature for labelled images "
-                             f"(features: {list(self.builder.info.features)})")
+        spec, label_key = self.spec, self._label_key()
         train_split = train_split or spec.train_split
         if self.loader == "grain":
             x_train, y_train = self._grain_arrays(train_split, size, crop_fraction, max_train_images, seed)
