@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short lease of a GPU machine, spent on what only a GPU can show:
 #   1. the step benchmark (benchmarks/train_step.py: R50 at 224 px and the
-#      CIFAR R18, float32 and bfloat16), unless PHASE=cifar;
+#      CIFAR R18, float32 and bfloat16; then R50 bfloat16 with the online
+#      linear probe, for what it adds to a step), unless PHASE=cifar;
 #   2. as much of the 200-epoch CIFAR-10 reproduction (configs/moco_v2_cifar10.py
 #      with the demo's torchvision init) as the remaining time allows, unless
 #      PHASE=bench. On one H200 all 200 epochs took 7.5 minutes (BENCHMARKS.md).
@@ -39,6 +40,8 @@ EOF
 if [ "$PHASE" != cifar ]; then
   timeout -k 10 "$BENCH_SECONDS" python3 -m benchmarks.train_step --json "$OUT_DIR/train_step_gpu.json" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/train_step.log"
+  timeout -k 10 60 python3 -m benchmarks.train_step --models r50_224 --dtypes bfloat16 --online_probe \
+    --json "$OUT_DIR/train_step_online_probe.json" 2>&1 | tee -a "$OUT_DIR/train_step.log"
 fi
 
 # What is left, less a margin for the SIGTERM save and the copies.

@@ -147,6 +147,9 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
+PROBE_CLASSES = 1000  # the online probe's classes (`--online_probe`), as on ImageNet
+
+
 def experiment_config(spec: ModelSpec, dtype: str, global_batch: int, shuffle_mode: str, bn_splits: int):
     """configs/default.py turned into the MoCo experiment of `spec`."""
     if spec.method == "moco_v3":
@@ -245,12 +248,15 @@ def batch_stream(host_batches: list, feed: str) -> Iterator:
 
 def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int = 20, warmup: int = 5,
               shuffle_mode: str = "all_gather", peak: float | None = None,
-              bn_splits: int | None = None, feed: str = "device", sync_every_step: bool = False) -> dict[str, Any]:
-    """Measure one (model, dtype) step; returns one row of the table."""
+              bn_splits: int | None = None, feed: str = "device", sync_every_step: bool = False,
+              online_probe: bool = False) -> dict[str, Any]:
+    """Measure one (model, dtype) step; returns one row of the table.
+    `online_probe`: the step also trains the online linear probe (1000 classes)."""
     spec = MODELS[name]
     devices = jax.local_devices()
     n, local_batch, bn_splits = len(devices), local_batch or spec.local_batch, bn_splits or spec.bn_splits
     config = experiment_config(spec, dtype, n * local_batch, shuffle_mode, bn_splits)
+    config.online_probe = online_probe
     validate_config(config, jax.device_count())
 
     encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
@@ -259,12 +265,17 @@ def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int 
     host_state = state_lib.create_train_state(
         jax.random.key(0), encoder, tx, image_shape, config.queue_size, config.embed_dim
     )
+    host_state = trainer.with_online_probe(host_state, config, encoder, PROBE_CLASSES)
     xla_model_gflop = model_gflop_per_pair(config)
     model_gflop = spec.reference_gflop or xla_model_gflop
     p_state = state_lib.to_devices(host_state)
     del host_state
     host_batches = synthetic_batches(n, local_batch, spec.input_size)
-    p_step = trainer.make_train_step(config, total_steps=100_000)  # (the length only shapes v3's momentum curve)
+    if online_probe:  # with labels
+        host_batches = [(b, np.arange(n * local_batch, dtype=np.int32).reshape(n, -1) % PROBE_CLASSES)
+                        for b in host_batches]
+    # (the length only shapes v3's momentum curve)
+    p_step = trainer.make_train_step(config, total_steps=100_000, num_classes=PROBE_CLASSES)
     peak_before = device_peak_bytes(devices)  # the allocator's peak cannot be reset between rows
 
     start = time.perf_counter()
@@ -309,6 +320,7 @@ def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int 
         "image": f"{spec.input_size}->{spec.crop_size}",
         "queue_size": config.queue_size,
         "shuffle_mode": shuffle_mode,
+        "online_probe": online_probe,
         "bn_splits": bn_splits,
         "feed": feed,
         "sync_every_step": sync_every_step,
@@ -375,6 +387,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compilation")
     parser.add_argument("--shuffle_mode", default="all_gather", choices=("all_gather", "all_to_all"))
+    parser.add_argument("--online_probe", action="store_true", help="also train the online linear probe in the step")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak; default: PEAK_TFLOPS table")
     parser.add_argument("--json", default=None, help="also write {environment, rows} to this path")
     parser.add_argument("--tiny", action="store_true", help="= --models tiny --steps 3 --warmup 1 (CPU smoke run)")
@@ -397,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             rows.append(benchmark(name, dtype, args.local_batch, args.steps, args.warmup, args.shuffle_mode,
-                                  args.peak_tflops, args.bn_splits, args.feed, args.sync_every_step))
+                                  args.peak_tflops, args.bn_splits, args.feed, args.sync_every_step,
+                                  args.online_probe))
             print(f"  {name} {dtype}: {rows[-1]['pairs_per_s']:.1f} pairs/s", file=sys.stderr, flush=True)
     print(format_table(rows))
     if args.json:

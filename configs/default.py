@@ -142,6 +142,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn_k = 200  # neighbours of the weighted kNN
     config.knn_temperature = 0.1  # T of the neighbours' weights exp(sim / T)
     config.eval_batch_size = 256  # images per batch when embedding for the kNN
+    # Online linear probe (solo-learn's): a classifier on the query view's backbone features, trained inside
+    # each step on the source's labels with its own SGD; logs online_top1; changes nothing of the MoCo update.
+    config.online_probe = False
+    config.online_probe_lr = 0.1  # its SGD's constant learning rate (momentum 0.9, no weight decay)
 
     # Weights & Biases (optional, `pip install wandb`): the same scalars as
     # TensorBoard, from process 0. The run id is kept in the workdir

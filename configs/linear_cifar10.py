@@ -22,12 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.pretrained = ""
     config.mode = "full"  # full: the reference protocol | features: fixed features, no augmentation
 
-    # Data (see moco_jax.eval.linear.load_dataset and configs/default.py
-    # add_data_fields): digits | cifar10_arrays (in memory), or image_folder /
-    # a tensorflow-datasets name (decoded once into memory, shorter side
-    # resized to image_size and centre-cropped).
+    # Data (see configs/default.py add_data_fields): digits | cifar10_arrays
+    # (in memory), or image_folder / a tensorflow-datasets name (streamed,
+    # each process its share: training images RandomResizedCrop(crop_size)
+    # of the whole image, evaluation images Resize(crop_size / 0.875) +
+    # CenterCrop(crop_size)).
     default.add_data_fields(config)
-    # digits: upsampled from 8x8 to this; image_folder / tfds: the decode size;
+    # digits: upsampled from 8x8 to this (image_folder / tfds: unused);
     # 0 = the pretraining image_size when the encoder was pretrained on this
     # dataset, else the dataset's own (digits 16, cifar10_arrays 32).
     config.image_size = 0

@@ -123,7 +123,7 @@ def test_loss_grads_momentum_and_syncbn_match_reference(stop_grad_patch=False):
     state = _state(config)
     x1, x2 = _views()
     hp = _hp(config)
-    loss, correct, grads, theta_k, stats, k_stats = _pmapped(_loss_and_grads_fn(hp), state, x1, x2)
+    loss, correct, grads, theta_k, stats, k_stats, _ = _pmapped(_loss_and_grads_fn(hp), state, x1, x2)
     ref_loss, ref_grads, ref_theta_k, ref_stats, ref_k_stats = _reference(config, state, x1, x2)
 
     # The step's loss is each device's local mean; their mean is the global one.
@@ -301,7 +301,7 @@ def test_trainer_resumes_a_v3_run_bit_exactly_and_the_encoder_serves_downstream(
 
     from configs import linear_cifar10
     from moco_jax import pretrained
-    from moco_jax.eval import linear as linear_eval
+    from moco_jax.training import probe as linear_probe
     from moco_jax.io import checkpoint
 
     config = _run_config()
@@ -323,7 +323,7 @@ def test_trainer_resumes_a_v3_run_bit_exactly_and_the_encoder_serves_downstream(
     probe = linear_cifar10.get_config()
     probe.update(dict(pretrained=str(tmp_path / "a"), mode="features", batch_size=64, num_epochs=2,
                       dataset="digits", image_size=16, max_train_images=256))
-    result = linear_eval.evaluate(probe)
+    result = linear_probe.evaluate(probe)
     assert 0.0 < result["top1"] <= result["top5"] <= 1.0
 
     # A v2 config cannot resume the v3 workdir: the method is a model field.

@@ -45,6 +45,7 @@ class MoCoState(train_state.TrainState):
     queue: jax.Array | None = None
     queue_ptr: jax.Array | None = None
     rng: jax.Array | None = None
+    probe: Any = None  # the online linear probe's {"params", "opt_state"} (methods/online_probe.py), None when off
 
 
 def random_unit_queue(rng: jax.Array, queue_size: int, embed_dim: int) -> jax.Array:

@@ -3,6 +3,7 @@
     source = data.open_source(config)          # config.dataset and its data fields
     source.num_train_examples
     source.train_batches(global_batch=..., seed=..., start_step=...)   # this process's share
+    source.train_batches(..., labels=True)     # (the same batches, their labels): an online probe
     # Labelled images, streamed: each process decodes only its share.
     source.num_classes(); source.num_labelled(split, max_images, seed)
     source.labelled_train_batches(global_batch=..., seed=..., crop_size=..., start_step=...)  # (images, labels)

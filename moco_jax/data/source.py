@@ -28,7 +28,9 @@ step padded (valid False) so that every process runs the same steps.
 Shapes:
   images  uint8 (N, H, W, 3), labels int32 (N,)
   a host batch for pmap: uint8 (num_local_devices, per_device_batch, H, W, 3),
-  or, host-cropped, (num_local_devices, per_device_batch, 2, S, S, 3)
+  or, host-cropped, (num_local_devices, per_device_batch, 2, S, S, 3);
+  `train_batches(labels=True)`: (that batch, labels int32 (num_local_devices,
+  per_device_batch)), for an online linear probe
   labelled: images (num_local_devices, per_device_batch, S, S, 3) (in-memory:
   H, W), labels int32 and, for evaluation, valid bool (num_local_devices,
   per_device_batch)
@@ -41,7 +43,7 @@ import functools
 import importlib.util
 import itertools
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -201,16 +203,21 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def train_batches(self, *, global_batch: int, seed: int, start_step: int = 0, process_index: int = 0,
                       process_count: int = 1, num_local_devices: int = 1, crop_size: int = 0,
-                      crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
+                      crop_scale=(0.08, 1.0), labels: bool = False) -> Iterator:
         """Infinite stream of this process's share of each global batch, from
         global step `start_step`, in the order of `local_batch_indices`.
 
         crop_size, crop_scale: the host crops' side and area range (only
         sources with `host_cropped` use them).
+        labels: also yield each example's label in the pretraining split (for
+          an online linear probe); the batches are the same either way.
         Yields:
-          uint8 (num_local_devices, per_device, H, W, 3), or with
-          `host_cropped` (num_local_devices, per_device, 2, S, S, 3).
-        Raises (eagerly): ValueError for a batch that does not split evenly.
+          batch uint8 (num_local_devices, per_device, H, W, 3), or with
+          `host_cropped` (num_local_devices, per_device, 2, S, S, 3); with
+          `labels`, (batch, int32 (num_local_devices, per_device)), an image
+          skipped as undecodable leaving the label of the one filling its slot.
+        Raises (eagerly): ValueError for a batch that does not split evenly;
+          with `labels`, ConfigError when the split has no labels.
         """
 
     @abc.abstractmethod
@@ -396,7 +403,7 @@ def step_indices(num_examples: int, global_batch: int, seed: int, step: int, pro
 def array_batches(images: np.ndarray, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int = 0,
                   process_count: int = 1,
-                  num_local_devices: int = 1) -> Iterator[np.ndarray]:
+                  num_local_devices: int = 1, labels: Optional[np.ndarray] = None) -> Iterator:
     """Infinite, resumable stream of this process's share of each global batch.
 
     The examples of each step are those of `local_batch_indices` (same
@@ -405,17 +412,24 @@ def array_batches(images: np.ndarray, global_batch: int, seed: int,
 
     Args:
       images: uint8 (N, H, W, C).
+      labels: int32 (N,), to yield with the images (None: images only).
     Yields:
       uint8 (num_local_devices, global_batch // process_count // num_local_devices,
-      H, W, C), starting at global step `start_step`.
+      H, W, C), starting at global step `start_step`; with `labels`, (images,
+      int32 (num_local_devices, global_batch // process_count // num_local_devices)).
     Raises (eagerly, at call time):
-      ValueError: bad divisibility, process_index, start_step or image shape.
+      ValueError: bad divisibility, process_index, start_step, image or label shape.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+    if labels is not None and np.shape(labels) != images.shape[:1]:
+        raise ValueError(f"labels must be ({len(images)},), like the images, got shape {np.shape(labels)}")
     indices = local_batch_indices(len(images), global_batch, seed, start_step,
                                   process_index, process_count, num_local_devices)
-    return (images[idx].reshape(num_local_devices, -1, *images.shape[1:])
+    if labels is None:
+        return (images[idx].reshape(num_local_devices, -1, *images.shape[1:]) for idx in indices)
+    labels = np.asarray(labels, np.int32)
+    return ((images[idx].reshape(num_local_devices, -1, *images.shape[1:]), labels[idx].reshape(num_local_devices, -1))
             for idx in indices)
 
 

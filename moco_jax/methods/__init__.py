@@ -11,7 +11,7 @@ import flax.linen as nn
 
 from moco_jax.core import models
 from moco_jax.core.errors import ConfigError
-from moco_jax.methods import base, moco_v2, moco_v3
+from moco_jax.methods import base, moco_v2, moco_v3, online_probe
 from moco_jax.methods.base import Method
 
 REGISTRY: dict[str, Method] = {
@@ -43,8 +43,9 @@ def describe(config) -> str:
 # Every method's own fields (each field is in every config: the rules apply whatever the method).
 # (the method's rule reads the registry when it checks, not a copy made at import)
 FIELDS = {"method": base.Rule("one of " + ", ".join(map(repr, NAMES)), lambda v: v in REGISTRY),
-          **base.FIELDS, **{k: v for m in REGISTRY.values() for k, v in m.FIELDS.items()}}
-SHAPE_FIELDS = ("method", "embed_dim") + tuple(f for m in REGISTRY.values() for f in m.SHAPE_FIELDS)
+          **base.FIELDS, **online_probe.FIELDS, **{k: v for m in REGISTRY.values() for k, v in m.FIELDS.items()}}
+SHAPE_FIELDS = (("method", "embed_dim") + online_probe.SHAPE_FIELDS
+                + tuple(f for m in REGISTRY.values() for f in m.SHAPE_FIELDS))
 
 
 def reader_of(field: str) -> Method | None:

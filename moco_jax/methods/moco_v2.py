@@ -69,6 +69,7 @@ class MoCoHParams:
     shuffle_mode: str = "all_gather"
     symmetric: bool = False
     axis_name: str = "batch"
+    return_features: bool = False  # the step also returns x_q's backbone features (B_local, D), for an online probe
 
     def __post_init__(self):
         check_shuffle_mode(self.shuffle_mode)
@@ -98,8 +99,14 @@ def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Arra
 
 def _encode(apply_fn, params, batch_stats, x):
     """Train-mode forward: x -> (unit embedding (B, C), new BN statistics)."""
-    (_, z), updates = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-    return l2_normalize(z), updates["batch_stats"]
+    _, z, stats = _encode_with_features(apply_fn, params, batch_stats, x)
+    return z, stats
+
+
+def _encode_with_features(apply_fn, params, batch_stats, x):
+    """Train-mode forward: x -> (backbone features (B, D), unit embedding (B, C), new BN statistics)."""
+    (h, z), updates = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+    return h, l2_normalize(z), updates["batch_stats"]
 
 
 def compute_keys(
@@ -129,7 +136,9 @@ def train_step(
       views: (rng, batch) -> (x_q, x_k), each (B_local, H, W, 3); the
         on-device augmentation. Its key differs per device and per step.
     Returns:
-      The new state and metrics averaged over the global batch.
+      The new state and metrics averaged over the global batch; with
+      `hp.return_features` also x_q's backbone features (B_local, D),
+      without gradient (for an online probe).
     """
     rng, perm_rng, views_rng = jax.random.split(state.rng, 3)
     x_q, x_k = views(jax.random.fold_in(views_rng, lax.axis_index(hp.axis_name)), batch)
@@ -148,15 +157,16 @@ def train_step(
         keys.append(k)
 
     def loss_fn(params):
-        losses, ranks, batch_stats = [], [], state.batch_stats
+        losses, ranks, features, batch_stats = [], [], [], state.batch_stats
         for (x_query, _), k in zip(pairs, keys):
-            q, batch_stats = _encode(state.apply_fn, params, batch_stats, x_query)
+            h, q, batch_stats = _encode_with_features(state.apply_fn, params, batch_stats, x_query)
             loss, rank = info_nce(q, k, state.queue, hp.temperature, hp.axis_name)
             losses.append(loss.mean())
             ranks.append(rank)
-        return sum(losses), (batch_stats, jnp.concatenate(ranks))
+            features.append(lax.stop_gradient(h))
+        return sum(losses), (batch_stats, jnp.concatenate(ranks), features[0])
 
-    (loss, (batch_stats, rank)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (batch_stats, rank, features)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # Each device differentiated its local mean loss; the mean of these
     # gradients is the gradient of the global mean loss.
     grads = lax.pmean(grads, hp.axis_name)
@@ -186,7 +196,8 @@ def train_step(
         # checks both.
         "grad_norm": optax.global_norm(grads),
     }
-    return state, lax.pmean(metrics, hp.axis_name)
+    metrics = lax.pmean(metrics, hp.axis_name)
+    return (state, metrics, features) if hp.return_features else (state, metrics)
 
 
 # ---------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class MoCoV3HParams:
     momentum_schedule: str = "cosine"
     total_steps: int = 0
     axis_name: str = "batch"
+    return_features: bool = False  # the step also returns the query view's backbone features
 
     def __post_init__(self):
         check_schedule(self.momentum_schedule, self.total_steps)
@@ -94,8 +95,14 @@ def contrastive_loss(q: jax.Array, k: jax.Array, temperature: float, axis_name: 
 
 def _forward(apply_fn, variables, x, method=None):
     """Train-mode forward: x -> (embedding (B, C), new BN statistics)."""
-    (_, z), updates = apply_fn(variables, x, train=True, mutable=["batch_stats"], method=method)
-    return z, updates["batch_stats"]
+    _, z, stats = _forward_with_features(apply_fn, variables, x, method)
+    return z, stats
+
+
+def _forward_with_features(apply_fn, variables, x, method=None):
+    """Train-mode forward: x -> (backbone features (B, D), embedding (B, C), new BN statistics)."""
+    (h, z), updates = apply_fn(variables, x, train=True, mutable=["batch_stats"], method=method)
+    return h, z, updates["batch_stats"]
 
 
 def compute_keys(state: MoCoState, momentum_params: Any, views: tuple[jax.Array, jax.Array]):
@@ -112,25 +119,29 @@ def compute_keys(state: MoCoState, momentum_params: Any, views: tuple[jax.Array,
 def symmetric_loss(params: Any, state: MoCoState, views, keys, hp: MoCoV3HParams):
     """ctr(q1, k2) + ctr(q2, k1) as the mean over this device's queries (a
     scalar whose pmean over devices is the official loss), with
-    (the query encoder's new BN statistics, per-query top-1 (2 * B_local,))."""
-    stats, losses, correct = state.batch_stats, [], []
+    (the query encoder's new BN statistics, per-query top-1 (2 * B_local,),
+    the backbone features of the first view (B_local, D), without gradient))."""
+    stats, losses, correct, features = state.batch_stats, [], [], []
     for x, k in zip(views, reversed(keys)):  # q1 against k2, then q2 against k1
-        q, stats = _forward(state.apply_fn, {"params": params, "batch_stats": stats}, x, method="query")
+        h, q, stats = _forward_with_features(state.apply_fn, {"params": params, "batch_stats": stats}, x,
+                                             method="query")
+        features.append(lax.stop_gradient(h))
         loss, hit = contrastive_loss(q, k, hp.temperature, hp.axis_name)
         losses.append(loss.mean())
         correct.append(hit)
-    return losses[0] + losses[1], (stats, jnp.concatenate(correct))
+    return losses[0] + losses[1], (stats, jnp.concatenate(correct), features[0])
 
 
 def loss_and_grads(state: MoCoState, views, hp: MoCoV3HParams):
     """Everything of one step but the optimizer: returns (loss, top-1 hits,
     the gradient of the global mean loss, the new momentum params, the new
-    BN statistics of both encoders). Split out so that tests can compare
-    the gradients themselves."""
+    BN statistics of both encoders, the first view's backbone features
+    (B_local, D), without gradient). Split out so that tests can compare the
+    gradients themselves."""
     m = momentum_at(state.step, hp.ema_momentum, hp.momentum_schedule, hp.total_steps)
     momentum_params = momentum_update(state.momentum_params, momentum_subset(state.params), m)
     keys, momentum_batch_stats = compute_keys(state, momentum_params, views)
-    (loss, (batch_stats, correct)), grads = jax.value_and_grad(symmetric_loss, has_aux=True)(
+    (loss, (batch_stats, correct, features)), grads = jax.value_and_grad(symmetric_loss, has_aux=True)(
         state.params, state, views, keys, hp)
     # Each device differentiated its local mean loss (through SyncBN, whose
     # transpose sums the other devices' terms); the mean of the gradients is
@@ -140,7 +151,7 @@ def loss_and_grads(state: MoCoState, views, hp: MoCoV3HParams):
     # devices' running statistics apart; averaging keeps the state replicated
     # (SyncBN statistics are already equal).
     batch_stats, momentum_batch_stats = lax.pmean((batch_stats, momentum_batch_stats), hp.axis_name)
-    return loss, correct, grads, momentum_params, batch_stats, momentum_batch_stats
+    return loss, correct, grads, momentum_params, batch_stats, momentum_batch_stats, features
 
 
 def train_step(state: MoCoState, batch: Any, hp: MoCoV3HParams, views: Views) -> tuple[MoCoState, dict[str, jax.Array]]:
@@ -152,15 +163,17 @@ def train_step(state: MoCoState, batch: Any, hp: MoCoV3HParams, views: Views) ->
       hp: static hyper-parameters (v3 never shuffles and is always symmetric).
       views: (rng, batch) -> (x1, x2), each (B_local, H, W, 3).
     Returns:
-      The new state and metrics averaged over the global batch.
+      The new state and metrics averaged over the global batch; with
+      `hp.return_features` also the first view's backbone features (B_local,
+      D), without gradient (for an online probe).
     """
     rng, views_rng = jax.random.split(state.rng)
     x = views(jax.random.fold_in(views_rng, lax.axis_index(hp.axis_name)), batch)
-    loss, correct, grads, momentum_params, batch_stats, momentum_batch_stats = loss_and_grads(state, x, hp)
+    loss, correct, grads, momentum_params, batch_stats, momentum_batch_stats, features = loss_and_grads(state, x, hp)
     state = state.apply_gradients(grads=grads, momentum_params=momentum_params, batch_stats=batch_stats,
                                   momentum_batch_stats=momentum_batch_stats, rng=rng)
-    metrics = {"loss": loss, "top1": correct.mean(), "grad_norm": optax.global_norm(grads)}
-    return state, lax.pmean(metrics, hp.axis_name)
+    metrics = lax.pmean({"loss": loss, "top1": correct.mean(), "grad_norm": optax.global_norm(grads)}, hp.axis_name)
+    return (state, metrics, features) if hp.return_features else (state, metrics)
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ checkpoints; one run per workdir (io/lock.py), and a clean stop on SIGTERM
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,7 @@ from moco_jax.eval import embed, knn
 from moco_jax.io import checkpoint
 from moco_jax.io import lock as workdir_lock
 from moco_jax.io.saver import CheckpointWriter
+from moco_jax.methods import online_probe
 from moco_jax.methods.momentum import momentum_at
 from moco_jax.training import checks, metrics, preemption
 from moco_jax.training import loop as loop_lib
@@ -32,25 +34,45 @@ def step_hparams(config, total_steps: int = 0):
     return methods.get(config).hparams(config, total_steps, sharding.AXIS)
 
 
-def make_train_step(config, host_cropped: bool = False, total_steps: int = 0) -> Callable:
+def make_train_step(config, host_cropped: bool = False, total_steps: int = 0, num_classes: int = 0) -> Callable:
     """The pmap-ed step of `config.method`: (replicated state, uint8 batch)
     -> (state, metrics); `total_steps` ends the momentum schedule.
 
     The batch is (n, B_local, H, W, 3) whole images (cropped on the device),
     or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
-    `data.Source.train_batches`). The state's buffers are donated: updated in place."""
+    `data.Source.train_batches`); with `config.online_probe` it is (images,
+    int32 labels (n, B_local)) and the step also trains the probe on
+    `num_classes` (`methods.online_probe`). The state's buffers are donated:
+    updated in place."""
     views = augment.make_views_fn(augment.recipe_from_config(config), host_cropped)
-    step = functools.partial(methods.get(config).train_step, hp=step_hparams(config, total_steps), views=views)
+    method, hp = methods.get(config), step_hparams(config, total_steps)
+    if config.online_probe:
+        moco_step = functools.partial(method.train_step, hp=dataclasses.replace(hp, return_features=True), views=views)
+        step = online_probe.with_probe(moco_step, num_classes=num_classes, learning_rate=config.online_probe_lr,
+                                       axis_name=sharding.AXIS)
+    else:
+        step = functools.partial(method.train_step, hp=hp, views=views)
     return jax.pmap(step, axis_name=sharding.AXIS, donate_argnums=(0,))
 
 
+def with_online_probe(state: state_lib.MoCoState, config, encoder, num_classes: int) -> state_lib.MoCoState:
+    """`state` with a fresh online probe when `config.online_probe` (its own
+    key: the MoCo state is the same with the probe on or off)."""
+    if not config.online_probe:
+        return state
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0x0B1)
+    return state.replace(probe=online_probe.init(rng, encoder.backbone.feature_dim, num_classes,
+                                                 config.online_probe_lr))
+
+
 def pretrain_batches(source: data.Source, config, start_step: int) -> Iterator:
-    """This process's share of every global batch from `start_step` on."""
+    """This process's share of every global batch from `start_step` on (with
+    their labels when `config.online_probe`)."""
     return source.train_batches(
         global_batch=config.batch_size, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_local_devices=jax.local_device_count(), crop_size=config.crop_size,
-        crop_scale=tuple(config.crop_scale))
+        crop_scale=tuple(config.crop_scale), labels=config.online_probe)
 
 
 def knn_monitor(config, source: data.Source) -> embed.KnnMonitor:
@@ -132,9 +154,11 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
         encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
         tx, lr_schedule = optim.make_optimizer(config, steps_per_epoch)
         image_shape = (config.crop_size, config.crop_size, 3)
+        num_classes = source.num_classes() if config.online_probe else 0
         state = state_lib.create_train_state(
             jax.random.key(config.seed), encoder, tx, image_shape, methods.get(config).queue_size(config),
             config.embed_dim)
+        state = with_online_probe(state, config, encoder, num_classes)
         logging.info("%s", startup_line(config, state, source.num_train_examples, steps_per_epoch, total,
                                         num_devices))
         resumed = (checkpoint.resume(workdir, state, config, num_devices, fresh_start, source.loader)
@@ -156,8 +180,9 @@ def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[s
                         "the encoder, add --workdir DIR, e.g. --workdir runs/default")
     plan = pretraining_plan(config, total, steps_per_epoch)
     knn_each = lambda s: knn_fn(_encoder_variables(s))  # noqa: E731
-    task = Pretraining(config, make_train_step(config, source.host_cropped, total), knn_each, lr_schedule, plan,
-                       num_devices, source.loader, source.num_train_examples, knn_bank)
+    p_step = make_train_step(config, source.host_cropped, total, num_classes)
+    task = Pretraining(config, p_step, knn_each, lr_schedule, plan, num_devices, source.loader,
+                       source.num_train_examples, knn_bank)
     loop = loop_lib.Loop(task, plan, workdir, batch_size=config.batch_size, num_devices=num_devices, lock=lock,
                          config=config)
     try:

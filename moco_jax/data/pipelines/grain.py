@@ -3,7 +3,8 @@ steps and labelled arrays from any random-access collection of encoded
 images (`EncodedImages`): an image folder's files or a tensorflow-datasets
 ArrayRecord split. Each image is decoded and cropped by `pillow_ops`.
 
-  two_crop_batches  pretraining: two RandomResizedCrops of each image
+  two_crop_batches  pretraining: two RandomResizedCrops of each image (and,
+                    for an online probe, its label)
   labelled_batches  the linear probe's training: one RandomResizedCrop of
                     each image of a subset, with its label, in the
                     pretraining order
@@ -171,19 +172,25 @@ class _Steps:
 
 def two_crop_batches(images: EncodedImages, *, global_batch: int, seed: int, crop_size: int, crop_scale,
                      start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                     num_local_devices: int = 1, options: Options = Options()) -> Iterator[np.ndarray]:
+                     num_local_devices: int = 1, options: Options = Options(), labels: bool = False) -> Iterator:
     """Infinite stream of this process's share of each step: two independent
-    RandomResizedCrops of each image of `source.step_indices`.
+    RandomResizedCrops of each image of `source.step_indices`; with `labels`,
+    each image's label too, read with it (`images.read_labelled`).
 
     Yields:
-      uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3).
+      uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3); with
+      `labels`, (those crops, int32 (num_local_devices, per_device)), a skipped
+      image's slot holding the crops and label of the image that fills it.
     Raises (eagerly): ConfigError/ValueError for bad batch divisibility; while
       iterating, UndecodableImageError naming the file unless options.skip_corrupt.
     """
     check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
     steps_per_epoch(len(images), global_batch)  # at least one full batch, or a clear error now
     steps = _Steps(images, global_batch, seed, start_step, process_index, process_count, crop_size,
-                   tuple(float(s) for s in crop_scale))
+                   tuple(float(s) for s in crop_scale), labelled=labels)
+    if labels:
+        return _checked(_elements(steps, options), images, options.skip_corrupt,
+                        lambda e: _per_device(e["crops"], e["labels"], n=num_local_devices))
     return _checked(_elements(steps, options), images, options.skip_corrupt,
                     lambda e: _per_device(e["crops"], n=num_local_devices)[0])
 

@@ -1,9 +1,9 @@
 """The tf.data input pipeline (`data_loader='tf'`; imports TensorFlow):
-pretraining steps (`two_crop_batches`), labelled steps (`labelled_batches`:
-one crop per image, with its label), the evaluation stream (`eval_batches`:
-the evaluation view with labels, in order, padded to whole steps) and
-labelled arrays (`center_crops`) from what a source hands it, each image
-decoded and cropped by `tf_ops`:
+pretraining steps (`two_crop_batches`, optionally with each image's label),
+labelled steps (`labelled_batches`: one crop per image, with its label), the
+evaluation stream (`eval_batches`: the evaluation view with labels, in
+order, padded to whole steps) and labelled arrays (`center_crops`) from what
+a source hands it, each image decoded and cropped by `tf_ops`:
 
 * file paths (an image folder): read in the order of every source,
   `source.local_batch_indices`: deterministic for a seed, reshuffled each
@@ -110,7 +110,7 @@ def count(split: Split) -> int:
 def two_crop_batches(images: Images, *, global_batch: int, seed: int, crop_size: int, crop_scale,
                      start_step: int = 0, process_index: int = 0, process_count: int = 1,
                      num_local_devices: int = 1, skip_corrupt: bool = False, num_threads: int = 2,
-                     shuffle_buffer: int = 10_000) -> Iterator[np.ndarray]:
+                     shuffle_buffer: int = 10_000, labels=None) -> Iterator:
     """Infinite stream of this process's share of each step: two independent
     RandomResizedCrops of each image, in the order of `images` (see the
     module's docstring), from global step `start_step`.
@@ -122,22 +122,32 @@ def two_crop_batches(images: Images, *, global_batch: int, seed: int, crop_size:
       skip_corrupt: file paths: log and fill undecodable files instead of
         raising.
       shuffle_buffer: a split: the examples shuffled together.
+      labels: to yield each image's label with its crops: for file paths
+        their int32 (N,) labels, for a split True (its label_key, read with
+        the image); None (or False): crops only. The crops are the same either way.
     Yields:
-      uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3).
+      uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3); with
+      `labels`, (those crops, int32 (num_local_devices, per_device)), a skipped
+      file's slot holding the crops and label of the file that fills it.
     Raises (eagerly): ConfigError/ValueError for bad batch divisibility; while
       iterating, UndecodableImageError naming the file unless skip_corrupt.
     """
     local = check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
     spe = steps_per_epoch(len(images), global_batch)
+    labelled = labels is not None and labels is not False
+    kwargs = dict(local=local, seed=seed, crop_size=crop_size, crop_scale=crop_scale, start_step=start_step,
+                  process_index=process_index, process_count=process_count, num_threads=num_threads)
     if isinstance(images, Split):
-        steps = _split_steps(images, images.split, spe=spe, local=local, seed=seed, crop_size=crop_size,
-                             crop_scale=crop_scale, start_step=start_step, process_index=process_index,
-                             process_count=process_count, shuffle_buffer=shuffle_buffer, num_threads=num_threads)
+        steps = _split_steps(images, images.split, spe=spe, shuffle_buffer=shuffle_buffer, labelled=labelled,
+                             **kwargs)
     else:
-        steps = _file_steps(np.asarray(images), global_batch=global_batch, local=local, seed=seed,
-                            crop_size=crop_size, crop_scale=crop_scale, start_step=start_step,
-                            process_index=process_index, process_count=process_count,
-                            num_local_devices=num_local_devices, skip_corrupt=skip_corrupt, num_threads=num_threads)
+        if labelled and np.shape(labels) != (len(images),):
+            raise ValueError(f"labels must be ({len(images)},), one per file, got shape {np.shape(labels)}")
+        steps = _file_steps(np.asarray(images), global_batch=global_batch, num_local_devices=num_local_devices,
+                            skip_corrupt=skip_corrupt, labels=np.asarray(labels, np.int32) if labelled else None,
+                            **kwargs)
+    if labelled:
+        return (_per_device(crops, y, n=num_local_devices) for crops, y in steps)
     return (_per_device(crops, n=num_local_devices)[0] for crops, in steps)
 
 

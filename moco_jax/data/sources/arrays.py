@@ -240,14 +240,22 @@ class ArraySource(Source):
         return images if self._train_index is None else images[self._train_index]
 
     @property
+    def _train_labels(self) -> np.ndarray:
+        """int32 (N,): the labels of `_train_images`."""
+        labels = self.dataset.train_labels
+        return labels if self._train_index is None else labels[self._train_index]
+
+    @property
     def num_train_examples(self) -> int:
         return len(self._train_images)
 
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
-                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
-        del crop_size, crop_scale  # whole images: the device crops them
+                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0), labels=False) -> Iterator:
+        """Whole images (the device crops them): uint8 (n, b, H, W, 3), with
+        `labels` (images, int32 (n, b)) from the train labels."""
+        del crop_size, crop_scale
         return array_batches(self._train_images, global_batch, seed, start_step, process_index,
-                             process_count, num_local_devices)
+                             process_count, num_local_devices, labels=self._train_labels if labels else None)
 
     def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
                         train_split="") -> ArrayDataset:

@@ -18,7 +18,8 @@ images of any other split (eval_split) are matched to them by folder name
 pipelines, each process decoding only its share (`labelled_train_batches`:
 one host RandomResizedCrop per image, in the pretraining order;
 `eval_batches`: the evaluation view, in order), or come as whole arrays
-(`labelled_arrays`).
+(`labelled_arrays`); `train_batches(labels=True)` adds the class of each
+pretraining image to its crops (an online probe).
 
 Undecodable files (corrupt, truncated, not an image): by default the first
 one stops the run with an error naming it. With `skip_corrupt_images` each is
@@ -160,20 +161,32 @@ class ImageFolderSource(Source):
         return len(self.files.paths)
 
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
-                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
+                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0), labels=False) -> Iterator:
+        """Two host crops per image, uint8 (n, b, 2, S, S, 3); with `labels`
+        (crops, int32 (n, b)), the label of each file's class folder."""
+        y = self._train_labels() if labels else None
         if self.loader == "grain":
             from moco_jax.data.pipelines import grain
             return grain.two_crop_batches(
-                FileImages(self.files.paths), global_batch=global_batch, seed=seed, crop_size=crop_size,
+                FileImages(self.files.paths, y), global_batch=global_batch, seed=seed, crop_size=crop_size,
                 crop_scale=crop_scale, start_step=start_step, process_index=process_index,
                 process_count=process_count, num_local_devices=num_local_devices,
-                options=grain.Options.from_spec(self.spec))
+                options=grain.Options.from_spec(self.spec), labels=labels)
         from moco_jax.data.pipelines import tfdata
         return tfdata.two_crop_batches(
             self.files.paths, global_batch=global_batch, seed=seed, crop_size=crop_size,
             crop_scale=tuple(crop_scale), start_step=start_step, process_index=process_index,
             process_count=process_count, num_local_devices=num_local_devices,
-            skip_corrupt=self.spec.skip_corrupt_images, num_threads=self.spec.num_threads)
+            skip_corrupt=self.spec.skip_corrupt_images, num_threads=self.spec.num_threads, labels=y)
+
+    def _train_labels(self) -> np.ndarray:
+        """int32 (N,): the class of each pretraining file (ConfigError if one
+        lies outside the class folders)."""
+        outside = int((self.files.labels == NO_LABEL).sum())
+        if outside:
+            raise ConfigError(f"the online probe needs class folders in {self.files.root}: {outside} of its "
+                              f"{len(self.files.labels)} images lie outside them (root/<class>/*.jpg)")
+        return self.files.labels
 
     def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
                         train_split="") -> ArrayDataset:

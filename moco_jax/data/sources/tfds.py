@@ -26,11 +26,13 @@ Labelled images (`label_key`, a ClassLabel: the same classes in every
 split) stream through the same reader, each process decoding only its share:
 `labelled_train_batches` (one host RandomResizedCrop per image) and
 `eval_batches` (the evaluation view, in order), or come as whole arrays
-(`labelled_arrays`). A cap (max_images) takes the fixed random subset
-`knn_subset(N, cap, seed)` through grain, the first examples in file order
-through tf.data (which reads records sequentially; TFDS shuffled them when
-preparing), and tf.data's labelled train stream follows its pretraining
-order (`tfdata`), not `local_batch_indices`.
+(`labelled_arrays`); `train_batches(labels=True)` reads each pretraining
+record's label with its image, through either reader. A cap (max_images)
+takes the fixed random subset `knn_subset(N, cap, seed)` through grain, the
+first examples in file order through tf.data (which reads records
+sequentially; TFDS shuffled them when preparing), and tf.data's labelled
+train stream follows its pretraining order (`tfdata`), not
+`local_batch_indices`.
 
 Finding the prepared dataset (its builder, how it was prepared, the one
 error that says how to prepare it) needs no TensorFlow either.
@@ -252,17 +254,20 @@ class TfdsSource(Source):
                          self.spec.label_key)
 
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
-                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0)) -> Iterator[np.ndarray]:
+                      num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0), labels=False) -> Iterator:
+        """Two host crops per image, uint8 (n, b, 2, S, S, 3); with `labels`
+        (crops, int32 (n, b)), each record's label_key, read with its image."""
         spec = self.spec
+        label_key = self._label_key() if labels else ""
         kwargs = dict(global_batch=global_batch, seed=seed, crop_size=crop_size, crop_scale=tuple(crop_scale),
                       start_step=start_step, process_index=process_index, process_count=process_count,
                       num_local_devices=num_local_devices)
         if self.loader == "grain":
             from moco_jax.data.pipelines import grain
-            return grain.two_crop_batches(self._records(spec.train_split, self._num_train),
-                                          options=grain.Options.from_spec(spec), **kwargs)
+            return grain.two_crop_batches(self._records(spec.train_split, self._num_train, label_key),
+                                          options=grain.Options.from_spec(spec), labels=labels, **kwargs)
         from moco_jax.data.pipelines import tfdata
-        return tfdata.two_crop_batches(self._split(spec.train_split, self._num_train),
+        return tfdata.two_crop_batches(self._split(spec.train_split, self._num_train), labels=labels or None,
                                        shuffle_buffer=spec.shuffle_buffer, num_threads=spec.num_threads, **kwargs)
 
     def num_classes(self) -> int:
