@@ -178,3 +178,34 @@ def test_cached_features_are_read_back_by_a_new_process(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count("reused") == 2 and "extracted" not in out.stderr, out.stderr[-2000:]
     assert f"top-1 {first['top1']:.2%}" in out.stdout and f"top-5 {first['top5']:.2%}" in out.stdout
+
+
+@pytest.mark.slow
+def test_linear_eval_stopped_by_sigterm_exits_0_and_says_how_to_resume(tmp_path, monkeypatch, capfd):
+    """The program: SIGTERM during step 3 saves checkpoint 3, one line says
+    so, the exit status is 0 (a scheduler requeues); the same command then
+    resumes and finishes."""
+    from moco_jax.io import formats
+    from test_cli_errors import run_in_process
+
+    encoder = pretrained.Encoder(tiny_config(), random_variables(tiny_config()))
+    path = str(tmp_path / "enc.msgpack")
+    formats.write_flax(path, encoder.config, encoder.variables)
+    args = [f"--pretrained={path}", f"--workdir={tmp_path / 'w'}", "--config.batch_size=16",
+            "--config.num_train_steps=6", "--config.eval_batch_size=128", "--config.learning_rate=0.5"]
+    real, calls = probe.Probe.step, []
+
+    def step_with_a_sigterm(self, p_state, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, p_state, batch)
+
+    monkeypatch.setattr(probe.Probe, "step", step_with_a_sigterm)
+    assert run_in_process("linear_eval", args) == 0
+    out, _ = capfd.readouterr()
+    assert "stopped by SIGTERM after step 3: checkpoint 3 is saved" in out and "relaunch the same command" in out
+    monkeypatch.setattr(probe.Probe, "step", real)
+    assert run_in_process("linear_eval", args) == 0
+    out, _ = capfd.readouterr()
+    assert "linear eval (full)" in out and "top-1" in out

@@ -208,7 +208,11 @@ def fit_differences(template: Any, restored: dict) -> list[str]:
 
 def _fit(template: Any, restored: dict, meta: dict, config, where: str) -> Any:
     """`restored` as a state like `template`, or CheckpointMismatchError
-    (nothing is moved: the checkpoint is intact, the config is not its)."""
+    (nothing is moved: the checkpoint is intact, the config is not its).
+    A field the state gained since the checkpoint was written (e.g. `probe`,
+    the online probe's) is taken as absent when the template has none."""
+    empty = {k for k, v in serialization.to_state_dict(template).items() if v is None}
+    restored = {**{k: None for k in empty - restored.keys()}, **restored}
     differences = fit_differences(template, restored)
     if not differences:
         try:
@@ -250,8 +254,10 @@ def _newest_usable(workdir: str, template: Any, config, fields: tuple[str, ...])
 
 def config_changes(saved: dict, config) -> list[str]:
     """"field: saved -> now" for every field whose value differs from the
-    checkpoint's config (after a JSON round trip, as it was saved)."""
+    checkpoint's config (after a JSON round trip, as it was saved); a field
+    added since it was written counts as its `old_configs` default."""
     saved, current = flatten_dotted(saved), flatten_dotted(_json_roundtrip(config.to_dict()))
+    saved.update({k: v for k, v in old_configs.FIELD_DEFAULTS.items() if k in current and k not in saved})
     return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in sorted(saved.keys() | current.keys())
             if saved.get(name) != current.get(name)]
 
