@@ -124,6 +124,21 @@ def test_the_v3_config_is_moco_v3s_protocol():
     assert (config.weight_decay, config.sgd_momentum, config.warmup_epochs) == (0.0, 0.9, 0.0)
 
 
+def _sigterm_during_step(monkeypatch, at: int):
+    """Make the probe send this process SIGTERM while it runs its step `at`
+    (counted from the first step of each launch); returns the real step."""
+    real, calls = probe.Probe.step, []
+
+    def step_with_a_sigterm(self, p_state, batch):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, p_state, batch)
+
+    monkeypatch.setattr(probe.Probe, "step", step_with_a_sigterm)
+    return real
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "features"])
 def test_a_sigterm_mid_probe_saves_and_the_relaunch_ends_bit_exact(tmp_path, monkeypatch, mode):
@@ -134,15 +149,7 @@ def test_a_sigterm_mid_probe_saves_and_the_relaunch_ends_bit_exact(tmp_path, mon
     config = linear_config(batch_size=16, learning_rate=0.5, log_every_steps=2, checkpoint_every_steps=100,
                            eval_batch_size=128, num_train_steps=8, mode=mode)
     straight = probe.evaluate(config, str(tmp_path / "a"), encoder)
-    real, calls = probe.Probe.step, []
-
-    def step_with_a_sigterm(self, p_state, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, p_state, batch)
-
-    monkeypatch.setattr(probe.Probe, "step", step_with_a_sigterm)
+    real = _sigterm_during_step(monkeypatch, 3)
     stopped = probe.evaluate(config, str(tmp_path / "b"), encoder)
     monkeypatch.setattr(probe.Probe, "step", real)
     assert stopped["preempted"] == 3 and stopped["signal"] == signal.SIGTERM and "top1" not in stopped
@@ -193,15 +200,7 @@ def test_linear_eval_stopped_by_sigterm_exits_0_and_says_how_to_resume(tmp_path,
     formats.write_flax(path, encoder.config, encoder.variables)
     args = [f"--pretrained={path}", f"--workdir={tmp_path / 'w'}", "--config.batch_size=16",
             "--config.num_train_steps=6", "--config.eval_batch_size=128", "--config.learning_rate=0.5"]
-    real, calls = probe.Probe.step, []
-
-    def step_with_a_sigterm(self, p_state, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, p_state, batch)
-
-    monkeypatch.setattr(probe.Probe, "step", step_with_a_sigterm)
+    real = _sigterm_during_step(monkeypatch, 3)
     assert run_in_process("linear_eval", args) == 0
     out, _ = capfd.readouterr()
     assert "stopped by SIGTERM after step 3: checkpoint 3 is saved" in out and "relaunch the same command" in out
