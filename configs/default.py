@@ -46,14 +46,25 @@ def add_data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     # processes, no TensorFlow) or tf (tf.data). auto: grain, except tfds datasets
     # prepared as TFRecord files, which only tf.data reads. BENCHMARKS.md compares them.
     config.data_loader = "auto"
-    # grain worker processes: -1 = all cores but one where that makes >= 2, else none;
-    # 0 = none (decode threads in the training process).
+    # grain worker processes: -1 = the CPUs this process owns (its affinity, cgroup quota and
+    # SLURM_CPUS_PER_TASK, shared among the host's training processes) but one, where that
+    # makes >= 2, else none; 0 = none (decode threads in the training process). Fewer start
+    # where /dev/shm cannot hold what they buffer (a warning says so and how to fix it).
     config.input_workers = -1
-    # Decode threads: tf.data's (0 = all cores but one); grain's per worker (0 = 1, or
-    # one per core without workers).
+    # Decode threads: tf.data's (0 = the CPUs owned but one); grain's per worker (0 = 1, or
+    # one per CPU owned without workers).
     config.input_threads = 0
+    # grain: threads of each worker (or of the training process) that read the files of a
+    # step ahead of their decoding, hiding a network filesystem's latency; 0 = read each
+    # file when it is decoded.
+    config.input_read_threads = 4
     config.shuffle_buffer = 10_000  # tfds: examples in the shuffle buffer (after file shuffling)
     config.tfds_download = False  # tfds: download and prepare a missing dataset
+    # image_folder: where the index of each split's files is kept (listed once per job by
+    # process 0, read by the other processes, later launches and the evaluations while the
+    # folder is unchanged). '' = data_dir/.moco_jax_index when data_dir is writable, else the
+    # workdir's data_index folder; set it to a folder every process can write when neither is.
+    config.index_dir = ""
     config.image_key = "image"  # tfds: the feature holding the image
     config.label_key = "label"  # tfds: the feature holding the class label
     return config

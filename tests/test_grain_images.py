@@ -209,3 +209,54 @@ def test_imagenette_eval_view_is_torchvisions_resize_and_center_crop(imagenette)
         left, top = (im.size[0] - 32) // 2, (im.size[1] - 32) // 2
         diff = ds.test_images[0].astype(int) - np.asarray(im)[top:top + 32, left:left + 32]
         assert np.abs(diff).mean() < 2 and np.abs(diff).max() < 20, (np.abs(diff).mean(), np.abs(diff).max())
+
+
+# --------------------------------------------------------------------------- the two decoders
+def _photo_jpeg(width, height, seed=0, mode="RGB") -> bytes:
+    """A noisy photo-like JPEG (quality 95, 4:2:0), ImageNet-sized by default."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([x / width * 255, y / height * 255, 128 + 60 * np.sin(x / 17) * np.cos(y / 23)], -1)
+    img = (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
+    return encode(img if mode == "RGB" else img[..., 0], "JPEG", quality=95)
+
+
+@pytest.mark.skipif(pillow_ops.simplejpeg is None,
+                    reason="simplejpeg is not installed (optional: Pillow then decodes every JPEG)")
+def test_simplejpeg_and_pillow_give_the_same_crops(monkeypatch, imagenette_photos):
+    """With or without simplejpeg, the same pixels: full-size decodes and the
+    DCT-reduced ones (Pillow's draft rule), photos, grey JPEGs and the sample
+    photos; CMYK JPEGs and undecodable bytes go to Pillow either way."""
+    cases = [_photo_jpeg(500, 375), _photo_jpeg(375, 500, 1), _photo_jpeg(1024, 768, 2),
+             _photo_jpeg(333, 250, 3, mode="L"), _cmyk_jpeg(np.full((40, 60, 3), 90, np.uint8))]
+    cases += imagenette_photos
+    truncated = cases[0][:len(cases[0]) // 2]
+
+    def everything():
+        out = []
+        for i, encoded in enumerate(cases):
+            for size, scale in ((224, (0.2, 1.0)), (96, (0.08, 1.0)), (32, (0.2, 1.0))):
+                out.append(pillow_ops.two_crops(encoded, pillow_ops.example_uniforms(i, size), size, scale))
+            out.append(pillow_ops.center_crop(encoded, 32, 0.875))
+        with pytest.raises(OSError, match="truncated") as error:
+            pillow_ops.two_crops(truncated, pillow_ops.example_uniforms(0, 0), 224, (0.2, 1.0))
+        return out, str(error.value)
+
+    assert pillow_ops.open_image(cases[0]).pil is None  # simplejpeg's
+    assert pillow_ops.open_image(cases[4]).pil is not None  # CMYK: Pillow's
+    reduced = pillow_ops.decode(pillow_ops.open_image(cases[2]), 0.1)
+    assert reduced[0].size == (128, 96) and reduced[1] == (1 / 8, 1 / 8)
+    with_simplejpeg = everything()
+    monkeypatch.setattr(pillow_ops, "simplejpeg", None)
+    assert pillow_ops.open_image(cases[0]).pil is not None
+    pillow_only = everything()
+    assert with_simplejpeg[1] == pillow_only[1]
+    for a, b in zip(with_simplejpeg[0], pillow_only[0]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def imagenette_photos():
+    """Ten of the sample ImageNet photos (some grey), or none without ../shared/data."""
+    from image_files import IMAGENETTE
+    return [p.read_bytes() for p in sorted((IMAGENETTE / "train").glob("*/*.JPEG"))[::40]]

@@ -21,7 +21,7 @@ from configs import default
 from moco_jax import data
 from moco_jax.core import image_ops
 from moco_jax.data.pipelines import grain, tfdata
-from moco_jax.data.sources import image_folder
+from moco_jax.data.sources import file_index, image_folder
 from moco_jax.data.source import has_module, local_batch_indices
 from moco_jax.eval import knn
 from image_files import _save, colour, ids_of, imagenette_or_skip
@@ -218,8 +218,8 @@ def test_the_train_folder_is_listed_once(tmp_path, monkeypatch, loader):
             for i in range(4):
                 _save(tmp_path / split / cls / f"{i}.png", 4 * c + i, fmt="PNG")
     listed = []
-    real = image_folder.list_image_files
-    monkeypatch.setattr(image_folder, "list_image_files", lambda root: listed.append(str(root)) or real(root))
+    real = file_index.list_folder
+    monkeypatch.setattr(file_index, "list_folder", lambda root: listed.append(str(root)) or real(root))
     config = folder_config(tmp_path, loader, train_split="train", eval_split="val")
     source = data.open_source(config)
     assert listed == [str(tmp_path / "train")]

@@ -167,7 +167,7 @@ def test_grain_labelled_crop_is_one_random_resized_crop_of_the_whole_image(split
     positions = step * 8 + 4 + np.arange(4)
     u = pillow_ops.stream_uniforms(5, positions, num_boxes=1)
     for j, index in enumerate(next(local_batch_indices(13, 8, 5, step, 1, 2))):
-        with open(files.paths[index], "rb") as f:
+        with open(files.path(index), "rb") as f:
             image = pillow_ops.open_image(f.read())
         box = crop_rule.crop_boxes(u[j], image.size[1], image.size[0], (0.1, 0.5))
         want = np.empty((1, S, S, 3), np.uint8)

@@ -166,7 +166,7 @@ class LabelledOnly:
 
 def test_grain_reads_each_label_with_its_image(folder):
     source = folder_source(folder, "grain")
-    files = LabelledOnly(FileImages(source.files.paths, source.files.labels))
+    files = LabelledOnly(FileImages(source.files, labelled=True))
     args = dict(global_batch=8, seed=5, crop_size=S, crop_scale=(0.2, 1.0), num_local_devices=2)
     got = list(itertools.islice(grain.two_crop_batches(files, labels=True, **args), 2))
     check_same_batches(steps(source, 2, False), got)

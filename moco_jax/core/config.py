@@ -23,8 +23,6 @@ import numbers
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from flax import traverse_util
-
 from moco_jax.core.errors import ConfigError
 
 
@@ -66,10 +64,18 @@ def total_steps(config, steps_per_epoch: int) -> int:
     return epochs_to_steps(config.num_epochs, steps_per_epoch)
 
 
-def flatten_dotted(tree: dict) -> dict[str, Any]:
+def flatten_dotted(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     """{"model": {"depth": 50}} -> {"model.depth": 50}: config fields by their
-    command-line names."""
-    return traverse_util.flatten_dict(tree, sep=".")
+    command-line names (empty sub-dicts dropped, as flax's flatten_dict does;
+    written here so that the data pipeline's worker processes, which import
+    this module, need neither flax nor jax)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def no_such_field(name: str, fields: Sequence[str], where: str) -> str:

@@ -24,11 +24,13 @@ a run on the in-memory arrays imports neither.
 from __future__ import annotations
 
 import importlib
+import os
+from typing import Optional
 
 from moco_jax.data.source import FIELDS, ArrayDataset, Source, SourceConfig, num_eval_steps, steps_per_epoch
 
 __all__ = ["ArrayDataset", "FIELDS", "Source", "SourceConfig", "SOURCES", "check", "num_eval_steps", "open_source",
-           "steps_per_epoch"]
+           "steps_per_epoch", "workdir_index"]
 
 # config.dataset -> the module of moco_jax.data that opens it.
 SOURCES = {
@@ -45,17 +47,30 @@ def source_module(dataset: str) -> str:
     return SOURCES.get(dataset, DEFAULT_SOURCE)
 
 
-def open_source(config) -> Source:
+def open_source(config, index_fallback: str = "", process_index: Optional[int] = None) -> Source:
     """The source of `config.dataset`, opened once (an image folder is listed,
-    a TFDS builder checked to be prepared).
+    or its index file read; a TFDS builder checked to be prepared).
 
     Args:
       config: an experiment config declaring the data fields (see
         `SourceConfig`), or a `SourceConfig`.
+      index_fallback: where a source that lists files (image_folder) keeps its
+        index when data_dir is not writable and no index_dir is set: the
+        trainer's workdir/data_index ('' = a folder private to the process).
+      process_index: this process, for those sources (process 0 lists, the
+        others read its index); None: jax's, when jax is imported, else 0.
     """
     spec = config if isinstance(config, SourceConfig) else SourceConfig.from_config(config)
     module = importlib.import_module(f"moco_jax.data.{source_module(spec.dataset)}")
+    if getattr(module, "LISTS_FILES", False):
+        return module.open_source(spec, index_fallback=index_fallback, process_index=process_index)
     return module.open_source(spec)
+
+
+def workdir_index(workdir: str) -> str:
+    """The folder of a run's workdir where an image folder's index is kept when
+    data_dir is not writable and no index_dir is set ('' without a workdir)."""
+    return os.path.join(workdir, "data_index") if workdir else ""
 
 
 def check(config) -> None:

@@ -42,13 +42,13 @@ import dataclasses
 import functools
 import importlib.util
 import itertools
-import os
 from typing import Iterator, Optional
 
 import numpy as np
 
 from moco_jax.core.config import BOOL, NAME, STRING, integer, one_of
 from moco_jax.core.errors import ConfigError, InputError
+from moco_jax.data.host_resources import cpus_owned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,21 +74,28 @@ class SourceConfig:
     label_key: str = "label"
     data_loader: str = "auto"
     input_workers: int = -1
+    index_dir: str = ""
+    input_read_threads: int = 4
 
     @property
     def num_threads(self) -> int:
-        """tf.data decode threads: `input_threads`, or all cores but one (left
-        to the JAX host thread) when 0."""
-        return self.input_threads or max(1, (os.cpu_count() or 2) - 1)
+        """tf.data decode threads: `input_threads`, or when 0 the CPUs this
+        process owns but one (left to the JAX host thread), at least 1
+        (`host_resources.cpu_share`: affinity, cgroup quota,
+        SLURM_CPUS_PER_TASK, shared by the host's training processes)."""
+        return self.input_threads or max(1, cpus_owned() - 1)
 
     @property
     def grain_workers(self) -> int:
-        """grain worker processes: `input_workers`, or when -1 all cores but
-        one if that makes at least 2, else none (one worker process delivers
-        less than threads of the training process: BENCHMARKS.md)."""
+        """grain worker processes: `input_workers`, or when -1 the CPUs this
+        process owns (`host_resources.cpu_share`) but one if that makes at
+        least 2, else none (one worker process delivers less than threads of
+        the training process: BENCHMARKS.md; on 2 CPUs 2 threads beat 2
+        workers' shipping). A pipeline may still start fewer where /dev/shm
+        is too small for them (`host_resources.fit_shm`)."""
         if self.input_workers >= 0:
             return self.input_workers
-        spare = (os.cpu_count() or 2) - 1
+        spare = cpus_owned() - 1
         return spare if spare >= 2 else 0
 
     @property
@@ -96,9 +103,9 @@ class SourceConfig:
         """Decode threads per grain worker, or of the training process without
         workers: `input_threads`, or when 0 one per worker (processes are what
         scales: Python holds the GIL for about a third of each image), one
-        per core without workers (Pillow releases the GIL while it decodes
-        and resizes)."""
-        return self.input_threads or (1 if self.grain_workers else (os.cpu_count() or 2))
+        per CPU owned without workers (Pillow releases the GIL while it
+        decodes and resizes)."""
+        return self.input_threads or (1 if self.grain_workers else cpus_owned())
 
     @classmethod
     def from_config(cls, config) -> "SourceConfig":
@@ -141,6 +148,7 @@ FIELDS = {
     "skip_corrupt_images": BOOL, "input_threads": integer(0), "shuffle_buffer": integer(1), "tfds_download": BOOL,
     "image_key": NAME, "label_key": NAME, "data_loader": one_of(LOADERS),
     "input_workers": integer(-1, note=" (-1: automatic, 0: no worker processes)"),
+    "index_dir": STRING, "input_read_threads": integer(0),
 }
 
 

@@ -14,6 +14,8 @@ FIELD_DEFAULTS = {
     "model.arch": "resnet", "model.vit": "small", "model.patch_size": 16, "model.stop_grad_patch": False,
     "model.mlp_dim": 4096, "model.zero_init_residual": False, "model.conv_init": "torchvision",
     "online_probe": False, "online_probe_lr": 0.1,
+    # How files are found and read, not what is read (the same images and crops either way): today's defaults.
+    "index_dir": "", "input_read_threads": 4,
 }
 
 

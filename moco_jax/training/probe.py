@@ -217,7 +217,7 @@ def probe_plan(config, total: int, steps_per_epoch: int) -> loop_lib.Plan:
 
 def _probe(config, encoder, workdir, folder, fresh_start, lock, signals, show_progress) -> dict[str, Any]:
     with signals.phase("start-up", interruptible=True):
-        source = data.open_source(config)
+        source = data.open_source(config, index_fallback=data.workdir_index(workdir))
         inputs = (FullInputs(config, encoder, source) if config.mode == "full"
                   else FeatureInputs(config, encoder, source, folder))
         spe = data.steps_per_epoch(inputs.num_train, config.batch_size)

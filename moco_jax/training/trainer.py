@@ -142,7 +142,7 @@ def train_and_evaluate(config, workdir: str | None = None, show_progress: bool =
 def _train(config, workdir, show_progress, fresh_start, lock, signals) -> dict[str, Any]:
     num_devices = jax.device_count()
     with signals.phase("start-up", interruptible=True):
-        source = data.open_source(config)
+        source = data.open_source(config, index_fallback=data.workdir_index(workdir))
         knn_fn = knn_monitor(config, source)  # un-augmented bank and queries, streamed
         knn_bank = source.num_labelled(config.knn_train_split, config.knn_max_train_images, config.seed)
         source = source.with_train_subset(config.train_subset, config.seed)

@@ -37,7 +37,10 @@ slot filled with another image of the same step, so batches stay full: see
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import itertools
 import sys
 from typing import Callable, Iterator, Optional, Protocol
 
@@ -46,6 +49,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from moco_jax.data import host_resources
 from moco_jax.data.pipelines import crop_rule, pillow_ops, undecodable
 from moco_jax.data.source import (SourceConfig, UndecodableImageError, check_stream, eval_positions, num_eval_steps,
                                   step_indices, steps_per_epoch)
@@ -75,27 +79,61 @@ class EncodedImages(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Options:
     """How the pipeline runs: `workers` grain processes (0 = none) with
-    `threads` decode threads each, and what to do with undecodable images."""
+    `threads` decode threads each, and what to do with undecodable images.
+
+    buffer: elements (chunks of steps) each worker process prefetches
+      (grain's per_worker_buffer_size); they wait in shared memory
+      (`host_resources`).
+    threads_alone: decode threads of the training process should the workers
+      not fit in shared memory (0: `threads`).
+    host_processes: training processes of this host, which share /dev/shm.
+    shm_dir: where grain's shared memory lives (a test's stand-in).
+    read_threads: threads of each process that read a step's files ahead of
+      its decoding (`read_ahead`; 0: read each file when it is decoded).
+    """
 
     workers: int = 0
     threads: int = 1
     skip_corrupt: bool = False
+    buffer: int = 2
+    threads_alone: int = 0
+    host_processes: int = 1
+    shm_dir: str = host_resources.SHM_DIR
+    read_threads: int = 0
 
     @classmethod
     def from_spec(cls, spec: SourceConfig) -> "Options":
-        return cls(spec.grain_workers, spec.grain_threads, spec.skip_corrupt_images)
+        share = host_resources.cpu_share()
+        return cls(spec.grain_workers, spec.grain_threads, spec.skip_corrupt_images,
+                   threads_alone=spec.input_threads or share.cpus, host_processes=share.processes,
+                   read_threads=spec.input_read_threads)
+
+    def fitted(self, element_bytes: int) -> "Options":
+        """These options with worker processes whose buffered elements of
+        `element_bytes` bytes each fit the free shared memory now
+        (`host_resources.fit_shm`: a smaller buffer, fewer workers, or none,
+        decoding in `threads_alone` threads; one warning says what and why)."""
+        workers, buffer = host_resources.fit_shm(self.workers, self.buffer, element_bytes, self.host_processes,
+                                                 self.threads_alone or self.threads, self.shm_dir)
+        if (workers, buffer) == (self.workers, self.buffer):
+            return self
+        threads = self.threads if workers else (self.threads_alone or self.threads)
+        return dataclasses.replace(self, workers=workers, buffer=buffer, threads=threads)
 
     def read_options(self, prefetch: int) -> grain.ReadOptions:
         return grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=max(prefetch, self.threads))
 
     def parallel(self, dataset: grain.IterDataset) -> grain.IterDataset:
+        """`dataset` run in `workers` processes; call it on `fitted` options
+        (what the workers buffer must fit in /dev/shm)."""
         if not self.workers:
             return dataset
         if not flags.FLAGS.is_parsed():
             # grain's worker start-up reads its absl flags; a library caller
             # (a notebook, a test) may not have parsed any: take the defaults.
             flags.FLAGS.mark_as_parsed()
-        return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+        return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                                per_worker_buffer_size=self.buffer))
 
 
 def _error(e: Exception) -> str:
@@ -106,11 +144,20 @@ def _error(e: Exception) -> str:
 # --------------------------------------------------------------------------
 # Training steps: random crops of each image, one element per step.
 # --------------------------------------------------------------------------
+IMAGES_PER_ELEMENT = 32  # training elements: a step's images in chunks of this many (`_Steps`)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Steps:
-    """A grain random-access source: element i is global step start_step + i
-    of this process, {"crops": uint8 (local, views, S, S, 3), "indices",
-    "ok", "reasons"}, and with `labelled` "labels": int32 (local,).
+    """A grain random-access source: element k is chunk k % c of global step
+    start_step + k // c of this process (c = `chunks`: its local batch in
+    pieces of `chunk` images), {"crops": uint8 (chunk, views, S, S, 3),
+    "indices", "ok", "reasons"}, and with `labelled` "labels": int32 (chunk,);
+    `_steps` joins each step's chunks.
+
+    Chunks, not whole steps, so that a step is decoded by several workers at
+    once and what each worker holds in shared memory (grain keeps 2 x buffer
+    + 2 elements per worker) is bounded by `chunk`, whatever the batch size.
 
     subset: int64 (M,), the examples the order runs over (position i is
     example subset[i]); None: all of `images`."""
@@ -126,48 +173,123 @@ class _Steps:
     views: int = 2
     subset: Optional[np.ndarray] = None
     labelled: bool = False
+    read_threads: int = 0
+    chunk: int = IMAGES_PER_ELEMENT
 
     def __len__(self) -> int:
         return _ENDLESS
 
-    def __getitem__(self, i: int) -> dict:
-        step = self.start_step + int(i)
+    @property
+    def chunks(self) -> int:
+        """Elements per step."""
+        return -(-self.global_batch // self.process_count // self.chunk)
+
+    @property
+    def element_bytes(self) -> int:
+        """The bytes of one element's crops (what shared memory holds)."""
+        return min(self.chunk, self.global_batch // self.process_count) * self.views * self.crop_size ** 2 * 3
+
+    def __getitem__(self, k: int) -> dict:
+        step, c = divmod(int(k), self.chunks)
+        step += self.start_step
         count = len(self.images) if self.subset is None else len(self.subset)
-        indices = step_indices(count, self.global_batch, self.seed, step, self.process_index, self.process_count)
+        local = step_indices(count, self.global_batch, self.seed, step, self.process_index, self.process_count)
+        lo = c * self.chunk
+        indices = local[lo:lo + self.chunk]
         if self.subset is not None:
             indices = self.subset[indices]
-        n, size = len(indices), self.crop_size
-        out = np.empty((n, self.views, size, size, 3), np.uint8)
-        ok, reasons, labels = np.ones(n, bool), [], np.zeros(n, np.int32)
-        # Headers first, so that one vectorised call samples every box of the step.
-        images, shapes = [None] * n, np.ones((n, 2), np.int64)
-        for j, index in enumerate(indices):
-            try:
-                if self.labelled:
-                    encoded, labels[j] = self.images.read_labelled(int(index))
-                else:
-                    encoded = self.images.read(int(index))
-                images[j] = pillow_ops.open_image(encoded)
-                shapes[j] = images[j].size[::-1]  # (height, width)
-            except DECODE_ERRORS as e:
-                ok[j] = False
-                reasons.append((j, _error(e)))
-        first = step * self.global_batch + self.process_index * n  # global stream position
-        u = pillow_ops.stream_uniforms(self.seed, first + np.arange(n), self.views)
-        boxes = crop_rule.crop_boxes(u, shapes[:, :1], shapes[:, 1:], self.crop_scale)  # (n, views, 4)
-        for j in np.flatnonzero(ok):
-            try:
-                pillow_ops.crops_into(out[j], images[j], boxes[j])
-            except DECODE_ERRORS as e:
-                ok[j] = False
-                reasons.append((j, _error(e)))
-        if ok.any() and not ok.all():  # (none decoded: the training process raises)
-            undecodable.fill_gaps(out, ok)
-            undecodable.fill_gaps(labels, ok)
-        element = {"crops": out, "indices": indices, "ok": ok, "reasons": tuple(r for _, r in sorted(reasons))}
+        first = step * self.global_batch + self.process_index * len(local) + lo  # global stream position
+        u = pillow_ops.stream_uniforms(self.seed, first + np.arange(len(indices)), self.views)
+        out, labels, ok, reasons = random_crops(self.images, indices, u, self.crop_size, self.crop_scale,
+                                                self.labelled, self.read_threads)
+        element = {"crops": out, "indices": indices, "ok": ok, "reasons": reasons}
         if self.labelled:
             element["labels"] = labels
         return element
+
+
+def _steps(elements: Iterator[dict], chunks: int) -> Iterator[dict]:
+    """Whole steps from `chunks` consecutive `_Steps` elements each: arrays
+    joined, reasons in order, and the slots of undecodable images filled
+    with other images of the step (`undecodable.fill_gaps`; a step with none
+    decoded is left for `_checked` to raise). Closing it closes `elements`."""
+    try:
+        while True:
+            parts = list(itertools.islice(elements, chunks))
+            if len(parts) < chunks:
+                return
+            step = {key: np.concatenate([p[key] for p in parts]) if chunks > 1 else parts[0][key]
+                    for key in parts[0] if key != "reasons"}
+            step["reasons"] = tuple(r for p in parts for r in p["reasons"])
+            ok = step["ok"]
+            if ok.any() and not ok.all():
+                undecodable.fill_gaps(step["crops"], ok)
+                if "labels" in step:
+                    undecodable.fill_gaps(step["labels"], ok)
+            yield step
+    finally:
+        elements.close()
+
+
+def random_crops(images: EncodedImages, indices: np.ndarray, u: np.ndarray, size: int, scale, labelled: bool,
+                 read_threads: int, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """The RandomResizedCrops of images[indices], box v of image j drawn from
+    u[j, v] (`crop_rule.crop_boxes`).
+
+    The files are read ahead in `read_threads` threads (`read_ahead`) while
+    the images before them decode; the images are taken in chunks, each
+    chunk's headers read first so that one vectorised call draws its boxes.
+
+    Args:
+      u: float32 (n, V, CROP_ATTEMPTS, 4) uniforms.
+    Returns:
+      crops uint8 (n, V, S, S, 3) (an undecodable image's left unwritten),
+      labels int32 (n,) (zeros unless `labelled`), ok bool (n,), and the
+      reasons of the images that failed, in order.
+    """
+    n = len(indices)
+    out = np.empty((n, u.shape[1], size, size, 3), np.uint8)
+    labels, ok, reasons = np.zeros(n, np.int32), np.ones(n, bool), {}
+    reads = read_ahead(images, indices, labelled, read_threads)
+    for lo in range(0, n, chunk):
+        opened, shapes = {}, np.ones((min(n, lo + chunk) - lo, 2), np.int64)
+        for j in range(lo, lo + len(shapes)):
+            try:
+                encoded = next(reads)()
+                if labelled:
+                    encoded, labels[j] = encoded
+                opened[j] = pillow_ops.open_image(encoded)
+                shapes[j - lo] = opened[j].height, opened[j].width
+            except DECODE_ERRORS as e:
+                reasons[j] = _error(e)
+        boxes = crop_rule.crop_boxes(u[lo:lo + len(shapes)], shapes[:, :1], shapes[:, 1:], scale)  # (c, V, 4)
+        for j, image in opened.items():
+            try:
+                pillow_ops.crops_into(out[j], image, boxes[j - lo])
+            except DECODE_ERRORS as e:
+                reasons[j] = _error(e)
+    ok[list(reasons)] = False
+    return out, labels, ok, tuple(reasons[j] for j in sorted(reasons))
+
+
+_READERS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}  # threads -> this process's pool
+
+
+def read_ahead(images: EncodedImages, indices: np.ndarray, labelled: bool, threads: int) -> Iterator[Callable]:
+    """For each of `indices` in order, a call returning its encoded bytes
+    (labelled: (bytes, label)) or raising what reading raised. With
+    `threads` > 0 all are submitted at once to `threads` threads of this
+    process (one pool per process, so also per grain worker), which read
+    them in order while the caller decodes the ones before: a network
+    filesystem's latency is hidden behind the decoding; 0 reads each when
+    it is called."""
+    read = images.read_labelled if labelled else images.read
+    if threads <= 0:
+        return (functools.partial(read, int(index)) for index in indices)
+    pool = _READERS.get(threads)
+    if pool is None:
+        pool = _READERS[threads] = concurrent.futures.ThreadPoolExecutor(threads, "moco_jax-read")
+    return (future.result for future in [pool.submit(read, int(index)) for index in indices])
 
 
 def two_crop_batches(images: EncodedImages, *, global_batch: int, seed: int, crop_size: int, crop_scale,
@@ -187,11 +309,12 @@ def two_crop_batches(images: EncodedImages, *, global_batch: int, seed: int, cro
     check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
     steps_per_epoch(len(images), global_batch)  # at least one full batch, or a clear error now
     steps = _Steps(images, global_batch, seed, start_step, process_index, process_count, crop_size,
-                   tuple(float(s) for s in crop_scale), labelled=labels)
+                   tuple(float(s) for s in crop_scale), labelled=labels, read_threads=options.read_threads)
+    elements = _steps(_elements(steps, options, steps.element_bytes, 2 * steps.chunks), steps.chunks)
     if labels:
-        return _checked(_elements(steps, options), images, options.skip_corrupt,
+        return _checked(elements, images, options.skip_corrupt,
                         lambda e: _per_device(e["crops"], e["labels"], n=num_local_devices))
-    return _checked(_elements(steps, options), images, options.skip_corrupt,
+    return _checked(elements, images, options.skip_corrupt,
                     lambda e: _per_device(e["crops"], n=num_local_devices)[0])
 
 
@@ -217,13 +340,24 @@ def labelled_batches(images: EncodedImages, subset, *, global_batch: int, seed: 
     subset = np.asarray(subset, np.int64)
     steps_per_epoch(len(subset), global_batch)
     steps = _Steps(images, global_batch, seed, start_step, process_index, process_count, crop_size,
-                   tuple(float(s) for s in crop_scale), views=1, subset=subset, labelled=True)
-    return _checked(_elements(steps, options), images, options.skip_corrupt,
-                    lambda e: _per_device(e["crops"][:, 0], e["labels"], n=num_local_devices))
+                   tuple(float(s) for s in crop_scale), views=1, subset=_unless_all(subset, images),
+                   labelled=True, read_threads=options.read_threads)
+    return _checked(_steps(_elements(steps, options, steps.element_bytes, 2 * steps.chunks), steps.chunks), images,
+                    options.skip_corrupt, lambda e: _per_device(e["crops"][:, 0], e["labels"], n=num_local_devices))
 
 
-def _elements(source, options: Options, prefetch: int = 2):
-    """grain's iterator over the elements of the random-access `source`."""
+def _unless_all(subset: np.ndarray, images: EncodedImages) -> Optional[np.ndarray]:
+    """`subset` (sorted distinct indices), or None where it is all of
+    `images`: what grain pickles into each worker then does not grow with
+    the dataset."""
+    return None if len(subset) == len(images) else subset
+
+
+def _elements(source, options: Options, element_bytes: int, prefetch: int = 2):
+    """grain's iterator over the elements of the random-access `source`, in
+    worker processes whose buffered elements (of `element_bytes` each) fit
+    the free shared memory (`Options.fitted`)."""
+    options = options.fitted(element_bytes)
     return iter(options.parallel(grain.MapDataset.source(source).to_iter_dataset(options.read_options(prefetch))))
 
 
@@ -280,7 +414,7 @@ class _EvalSteps:
     examples, a prefix of the step; the rest is padding)."""
 
     images: EncodedImages
-    subset: np.ndarray
+    subset: Optional[np.ndarray]  # None: all of `images`
     global_batch: int
     process_index: int
     process_count: int
@@ -288,11 +422,14 @@ class _EvalSteps:
     crop_fraction: float
 
     def __len__(self) -> int:
-        return num_eval_steps(len(self.subset), self.global_batch)
+        return num_eval_steps(len(self.images if self.subset is None else self.subset), self.global_batch)
 
     def __getitem__(self, s: int) -> dict:
         positions = eval_positions(self.global_batch, int(s), self.process_index, self.process_count)
-        indices = self.subset[positions[positions < len(self.subset)]]  # the step is contiguous: a prefix
+        count = len(self.images if self.subset is None else self.subset)
+        indices = positions[positions < count]  # the step is contiguous: a prefix
+        if self.subset is not None:
+            indices = self.subset[indices]
         out = np.zeros((len(positions), self.size, self.size, 3), np.uint8)
         labels, valid = np.zeros(len(positions), np.int32), np.zeros(len(positions), bool)
         reasons = []
@@ -325,11 +462,12 @@ def eval_batches(images: EncodedImages, subset, *, size: int, crop_fraction: flo
       options.skip_corrupt (then it is logged).
     """
     check_stream(global_batch, 0, process_index, process_count, num_local_devices)
-    steps = _EvalSteps(images, np.asarray(subset, np.int64), global_batch, process_index, process_count, size,
-                       float(crop_fraction))
+    subset = _unless_all(np.asarray(subset, np.int64), images)
+    steps = _EvalSteps(images, subset, global_batch, process_index, process_count, size, float(crop_fraction))
     if not len(steps):
         return iter(())
-    return _checked(_elements(steps, options), images, options.skip_corrupt,
+    element_bytes = global_batch // process_count * size ** 2 * 3
+    return _checked(_elements(steps, options, element_bytes), images, options.skip_corrupt,
                     lambda e: _per_device(e["images"], e["labels"], e["valid"], n=num_local_devices),
                     counted=False)
 
@@ -374,7 +512,7 @@ def center_crops(images: EncodedImages, indices, size: int, *, crop_fraction: fl
     indices = np.asarray(indices, np.int64)
     source = _CenterCrops(images, indices, size, float(crop_fraction), chunk)
     kept, out = [], []
-    for i, element in enumerate(_elements(source, options, prefetch=4)):
+    for i, element in enumerate(_elements(source, options, chunk * size ** 2 * 3, prefetch=4)):
         _report_undecodable(element, images, options.skip_corrupt, None)
         ok = element["ok"]
         kept.append(i * chunk + np.flatnonzero(ok))

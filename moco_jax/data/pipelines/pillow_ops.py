@@ -19,13 +19,23 @@ Shapes: boxes are int `[top, left, height, width]`; crops uint8 (S, S, 3).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
+try:  # libjpeg-turbo without Pillow's per-image overhead (optional: Pillow decodes without it)
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised by monkeypatching in tests
+    simplejpeg = None
+
 from moco_jax.data.pipelines.crop_rule import CROP_ATTEMPTS, RATIO, crop_boxes
+
+_JPEG_START = b"\xff\xd8"
+_TURBO_COLORSPACES = ("YCbCr", "Gray")  # CMYK/YCCK (Adobe's inverted inks): Pillow
 
 
 def stream_uniforms(seed: int, positions, num_boxes: int = 2) -> np.ndarray:
@@ -61,6 +71,28 @@ def example_uniforms(seed: int, position: int, num_boxes: int = 2) -> np.ndarray
 # --------------------------------------------------------------------------
 # Decoding.
 # --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Opened:
+    """An encoded image whose header is read (its size), not yet decoded.
+
+    Attributes:
+      encoded: the file's bytes.
+      height, width: its full size in pixels.
+      pil: the Pillow image, opened when Pillow decodes it (not a JPEG that
+        `simplejpeg` decodes, or simplejpeg is not installed); else None.
+    """
+
+    encoded: bytes
+    height: int
+    width: int
+    pil: Optional[Image.Image] = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as Pillow's `Image.size`."""
+        return self.width, self.height
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB."""
     if image.mode == "RGB":
@@ -73,21 +105,62 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(encoded: bytes) -> Image.Image:
-    """The image of `encoded`, its header read (size, format), not yet decoded."""
-    return Image.open(io.BytesIO(encoded))
+def _pillow(opened: Opened) -> Image.Image:
+    if opened.pil is None:
+        opened.pil = Image.open(io.BytesIO(opened.encoded))
+    return opened.pil
 
 
-def decode(image: Image.Image, fraction: float = 1.0) -> tuple[Image.Image, tuple[float, float]]:
+def open_image(encoded: bytes) -> Opened:
+    """The image of `encoded`, its header read (size), not yet decoded.
+
+    JPEGs in YCbCr or grey go to simplejpeg when it is installed; everything
+    else (PNG, CMYK JPEGs, bytes its header parser rejects) to Pillow, which
+    raises OSError/ValueError/SyntaxError for what it cannot read.
+    """
+    if simplejpeg is not None and encoded[:2] == _JPEG_START:
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(encoded)
+        except ValueError:
+            colorspace = None
+        if colorspace in _TURBO_COLORSPACES:
+            return Opened(encoded, int(height), int(width))
+    image = Image.open(io.BytesIO(encoded))
+    return Opened(encoded, image.size[1], image.size[0], image)
+
+
+def reduction(width: int, height: int, fraction: float) -> int:
+    """The DCT-domain reduction (1, 2, 4 or 8) a JPEG of this size is decoded
+    at when only `fraction` of each side is needed: Pillow's `draft` rule
+    (the largest that keeps ceil(side * fraction) pixels of both sides),
+    applied only below half size."""
+    if fraction >= 0.5:
+        return 1
+    scale = min(width // max(1, math.ceil(width * fraction)), height // max(1, math.ceil(height * fraction)))
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+def decode(opened: Opened, fraction: float = 1.0) -> tuple[Image.Image, tuple[float, float]]:
     """Decode an `open_image` to RGB, where only `fraction` of each side is
     needed: JPEGs are then decoded at 1/2, 1/4 or 1/8 of their size, in the
     DCT domain (several times faster), when that still keeps the fraction.
+
+    simplejpeg and Pillow decode with the same libjpeg-turbo settings (slow
+    integer DCT, fancy upsampling) and the same reduction rule, so the pixels
+    do not depend on which one ran (tests/test_grain_images.py); simplejpeg
+    skips Pillow's per-image overhead. Anything simplejpeg rejects is decoded
+    again by Pillow, so errors and odd files are Pillow's to report.
 
     Returns (RGB image, the (x, y) scale it was decoded at: exactly 1 without
     a reduction, else about 1/2, 1/4 or 1/8).
     Raises OSError/ValueError/SyntaxError (Pillow's) for undecodable bytes.
     """
-    full_w, full_h = image.size
+    full_w, full_h = opened.size
+    if opened.pil is None:
+        image = _decode_turbo(opened, reduction(full_w, full_h, fraction))
+        if image is not None:
+            return image, (image.size[0] / full_w, image.size[1] / full_h)
+    image = _pillow(opened)
     if fraction < 0.5 and image.format == "JPEG":
         # draft() picks the largest reduction keeping at least the requested size.
         image.draft("RGB", (max(1, math.ceil(full_w * fraction)), max(1, math.ceil(full_h * fraction))))
@@ -96,7 +169,19 @@ def decode(image: Image.Image, fraction: float = 1.0) -> tuple[Image.Image, tupl
     return image, (image.size[0] / full_w, image.size[1] / full_h)
 
 
-def crops_into(out: np.ndarray, image: Image.Image, boxes: np.ndarray) -> None:
+def _decode_turbo(opened: Opened, reduce_by: int) -> Optional[Image.Image]:
+    """simplejpeg's decode at 1/reduce_by of the size, as a Pillow image; None
+    if it fails or does not reduce exactly as asked (Pillow then decodes)."""
+    want = (-(-opened.height // reduce_by), -(-opened.width // reduce_by))
+    try:
+        pixels = simplejpeg.decode_jpeg(opened.encoded, "RGB", min_height=want[0], min_width=want[1],
+                                        min_factor=reduce_by)
+    except ValueError:
+        return None
+    return Image.fromarray(pixels, "RGB") if pixels.shape[:2] == want else None
+
+
+def crops_into(out: np.ndarray, image: Opened, boxes: np.ndarray) -> None:
     """Decode an `open_image` once and write each box, resized to S x S, into out[v].
 
     Args:
@@ -106,12 +191,12 @@ def crops_into(out: np.ndarray, image: Image.Image, boxes: np.ndarray) -> None:
     size = out.shape[1]
     # A draft reduction keeps the smallest box side >= S: every output pixel
     # is still filtered from at least one decoded pixel.
-    image, (sx, sy) = decode(image, size / float(boxes[:, 2:].min()))
-    for v, (top, left, h, w) in enumerate(boxes):
+    decoded, (sx, sy) = decode(image, size / float(boxes[:, 2:].min()))
+    for v, (top, left, h, w) in enumerate(boxes.tolist()):
         # Crop, then resize: the filter sees only the box's pixels, as in
         # torchvision (Pillow's resize(box=...) would also read around it).
         window = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
-        out[v] = image.crop(window).resize((size, size), Image.BILINEAR)
+        out[v] = decoded.crop(window).resize((size, size), Image.BILINEAR)
 
 
 def two_crops(encoded: bytes, u: np.ndarray, size: int, scale, ratio=RATIO) -> np.ndarray:

@@ -1,8 +1,12 @@
 """A folder of images as a MoCo dataset: `root/<class>/*.jpg|png` (class
 folders optional: images directly in `root` get label -1).
 
-The folder is listed once, when the source is opened; the source hands the
-file list to a pipeline, which decodes and crops: grain
+The folder is listed once per job, when the source is opened: process 0
+lists it and writes an index file (`file_index`: in data_dir/.moco_jax_index,
+or `index_dir`, or the trainer's workdir/data_index), which the other
+processes, later launches and the evaluation programs read, memory-mapped,
+while the folder is unchanged. The source hands the file table (which
+pickles as the index file's name) to a pipeline, which decodes and crops: grain
 (`moco_jax.data.pipelines.grain`, Pillow in worker processes; the default,
 no TensorFlow needed) or, with `data_loader='tf'`, tf.data
 (`moco_jax.data.pipelines.tfdata`, imported only then). The example order is
@@ -32,6 +36,7 @@ it out.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -39,18 +44,22 @@ import numpy as np
 from absl import logging
 
 from moco_jax.core.errors import ConfigError, InputError, NotFoundError
+from moco_jax.data import host_resources
 from moco_jax.data.source import (ArrayDataset, Source, SourceConfig, UndecodableImageError, check_decode_size,
                                   check_stream, choose_loader, knn_subset)
+from moco_jax.data.sources import file_index
+from moco_jax.data.sources.file_index import IMAGE_EXTENSIONS, NO_LABEL, FileTable
 
-__all__ = ["FileImages", "ImageFiles", "ImageFolderSource", "UndecodableImageError", "list_image_files"]
+__all__ = ["FileImages", "FileTable", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolderSource", "NO_LABEL",
+           "UndecodableImageError", "list_image_files"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-NO_LABEL = -1
+LISTS_FILES = True  # `data.open_source` passes the index fallback folder and the process index
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageFiles:
-    """The images of one folder tree.
+    """The images of one folder tree, in memory (`list_image_files`; the
+    source itself reads a `FileTable`).
 
     Attributes:
       paths: str (N,), sorted by class, then file name.
@@ -67,60 +76,49 @@ class ImageFiles:
 
 @dataclasses.dataclass(frozen=True)
 class FileImages:
-    """Image files as the grain pipeline reads them (`grain.EncodedImages`;
-    pickles as the paths and labels).
+    """Image files as the grain pipeline reads them (`grain.EncodedImages`).
+    Pickles as its table: an index file's name, whatever the number of files.
 
     Attributes:
-      paths: str (N,).
-      labels: int32 (N,), for the labelled streams (`read_labelled`); None
-        for pretraining.
+      files: the FileTable (str (N,) paths are turned into an in-memory one).
+      labelled: whether the labelled streams read it (`read_labelled`: the
+        table's labels).
     """
 
-    paths: np.ndarray
-    labels: Optional[np.ndarray] = None
+    files: FileTable
+    labelled: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.files, FileTable):
+            object.__setattr__(self, "files", FileTable.from_paths(self.files))
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
     def read(self, index: int) -> bytes:
-        with open(self.paths[index], "rb") as f:
+        with open(self.files.path(index), "rb") as f:
             return f.read()
 
     def read_labelled(self, index: int) -> tuple[bytes, int]:
-        return self.read(index), int(self.labels[index])
+        if not self.labelled:
+            raise TypeError("FileImages(labelled=False) has no labels")  # not a decode error: grain re-raises it
+        return self.read(index), self.files.label(index)
 
     def describe(self, index: int) -> str:
-        return f"file {self.paths[index]}"
-
-
-def _images_in(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return f"file {self.files.path(index)}"
 
 
 def list_image_files(root) -> ImageFiles:
-    """All images in `root` and its direct sub-folders (the classes).
+    """All images in `root` and its direct sub-folders (the classes), in
+    memory (`file_index.list_folder`: no index file).
 
     Raises:
       FileNotFoundError: `root` is not a folder or holds no image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise NotFoundError(f"image folder {root} does not exist")
-    paths = _images_in(root)
-    labels, classes = [NO_LABEL] * len(paths), []
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for sub in subdirs:
-        files = _images_in(sub)
-        if files:
-            labels += [len(classes)] * len(files)
-            paths += files
-            classes.append(sub.name)
-    if not paths:
-        raise NotFoundError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root} or its sub-folders")
-    return ImageFiles(np.asarray(paths), np.asarray(labels, np.int32), tuple(classes), root)
+    listing = file_index.list_folder(root)
+    paths = np.asarray([str(root / name) for name in listing.names])
+    return ImageFiles(paths, listing.labels, listing.class_names, root)
 
 
 def split_folder(data_dir, split: str) -> Path:
@@ -128,13 +126,29 @@ def split_folder(data_dir, split: str) -> Path:
     return Path(data_dir) / split if split else Path(data_dir)
 
 
-def _split_files(data_dir, split: str, field: str) -> ImageFiles:
+def _existing_split(data_dir, split: str, field: str) -> Path:
+    """data_dir/split (`split_folder`), or NotFoundError saying which field names it."""
     folder = split_folder(data_dir, split)
     if not folder.is_dir():
         raise NotFoundError(
             f"image folder {folder} does not exist (data_dir={data_dir}, {field}={split!r}; "
             f"{field}='' reads data_dir itself)")
-    return list_image_files(folder)
+    return folder
+
+
+def _split_files(data_dir, split: str, field: str, where: "IndexPlace") -> FileTable:
+    folder = _existing_split(data_dir, split, field)
+    return file_index.open_table(folder, where.folder, process_index=where.process_index, shared=where.shared)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlace:
+    """Where the source's index files are (`file_index.index_location`) and
+    which process this is (process 0 lists; the others wait for its file)."""
+
+    folder: str
+    shared: bool
+    process_index: int = 0
 
 
 class ImageFolderSource(Source):
@@ -144,49 +158,52 @@ class ImageFolderSource(Source):
 
     host_cropped = True
 
-    def __init__(self, spec: SourceConfig):
+    def __init__(self, spec: SourceConfig, index_fallback: str = "", process_index: Optional[int] = None):
         if not spec.data_dir:
             raise ConfigError("dataset='image_folder' needs a data_dir: --config.data_dir=ROOT (knn_eval: "
                               "--data_dir=ROOT), with the images in ROOT/<train_split>/<class>/")
         self.spec = spec
         self.loader = choose_loader(spec)
-        self.files = _split_files(spec.data_dir, spec.train_split, "train_split")
+        _existing_split(spec.data_dir, spec.train_split, "train_split")  # before any word about the index
+        folder, shared = file_index.index_location(spec.data_dir, spec.index_dir, index_fallback)
+        self.where = IndexPlace(folder, shared, current_process() if process_index is None else process_index)
+        self.files = _split_files(spec.data_dir, spec.train_split, "train_split", self.where)
         self.name = f"image_folder:{self.files.root}"
-        self._listed: dict[str, ImageFiles] = {}  # split -> its files, labelled as the train split's classes
+        self._listed: dict[str, FileTable] = {}  # split -> its files, labelled as the train split's classes
         logging.info("image folder %s: %d images, %d classes, decoded by %s", self.files.root,
-                     len(self.files.paths), len(self.files.class_names), describe_loader(self.loader, spec))
+                     len(self.files), len(self.files.class_names), describe_loader(self.loader, spec))
 
     @property
     def num_train_examples(self) -> int:
-        return len(self.files.paths)
+        return len(self.files)
 
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
                       num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0), labels=False) -> Iterator:
         """Two host crops per image, uint8 (n, b, 2, S, S, 3); with `labels`
         (crops, int32 (n, b)), the label of each file's class folder."""
-        y = self._train_labels() if labels else None
+        if labels:
+            self._check_train_labels()
         if self.loader == "grain":
             from moco_jax.data.pipelines import grain
             return grain.two_crop_batches(
-                FileImages(self.files.paths, y), global_batch=global_batch, seed=seed, crop_size=crop_size,
+                FileImages(self.files, labelled=labels), global_batch=global_batch, seed=seed, crop_size=crop_size,
                 crop_scale=crop_scale, start_step=start_step, process_index=process_index,
                 process_count=process_count, num_local_devices=num_local_devices,
                 options=grain.Options.from_spec(self.spec), labels=labels)
         from moco_jax.data.pipelines import tfdata
         return tfdata.two_crop_batches(
-            self.files.paths, global_batch=global_batch, seed=seed, crop_size=crop_size,
+            self.files.path_array(), global_batch=global_batch, seed=seed, crop_size=crop_size,
             crop_scale=tuple(crop_scale), start_step=start_step, process_index=process_index,
             process_count=process_count, num_local_devices=num_local_devices,
-            skip_corrupt=self.spec.skip_corrupt_images, num_threads=self.spec.num_threads, labels=y)
+            skip_corrupt=self.spec.skip_corrupt_images, num_threads=self.spec.num_threads,
+            labels=np.asarray(self.files.labels) if labels else None)
 
-    def _train_labels(self) -> np.ndarray:
-        """int32 (N,): the class of each pretraining file (ConfigError if one
-        lies outside the class folders)."""
-        outside = int((self.files.labels == NO_LABEL).sum())
+    def _check_train_labels(self) -> None:
+        """ConfigError if a pretraining file lies outside the class folders."""
+        outside = self.files.num_unlabelled
         if outside:
             raise ConfigError(f"the online probe needs class folders in {self.files.root}: {outside} of its "
-                              f"{len(self.files.labels)} images lie outside them (root/<class>/*.jpg)")
-        return self.files.labels
+                              f"{len(self.files)} images lie outside them (root/<class>/*.jpg)")
 
     def labelled_arrays(self, *, size, crop_fraction=1.0, max_train_images=0, seed=0,
                         train_split="") -> ArrayDataset:
@@ -195,16 +212,16 @@ class ImageFolderSource(Source):
         check_decode_size(self.name, size)
         spec = self.spec
         train = (self.files if train_split in ("", spec.train_split)
-                 else _split_files(spec.data_dir, train_split, "knn_train_split"))
+                 else _split_files(spec.data_dir, train_split, "knn_train_split", self.where))
         _check_eval_split(spec)
-        test = _split_files(spec.data_dir, spec.eval_split, "eval_split")
+        test = _split_files(spec.data_dir, spec.eval_split, "eval_split", self.where)
         to_train_label = _to_train_labels(train, test)
-        keep = knn_subset(len(train.paths), max_train_images, seed)
-        train_images, train_kept = self._center_crops(train.paths[keep], size, crop_fraction)
-        test_images, test_kept = self._center_crops(test.paths, size, crop_fraction)
+        keep = knn_subset(len(train), max_train_images, seed)
+        train_images, train_kept = self._center_crops(train, keep, size, crop_fraction)
+        test_images, test_kept = self._center_crops(test, np.arange(len(test)), size, crop_fraction)
         return ArrayDataset(
-            train_images, train.labels[keep][train_kept],
-            test_images, to_train_label[test.labels[test_kept]],
+            train_images, np.asarray(train.labels)[keep][train_kept],
+            test_images, to_train_label[np.asarray(test.labels)[test_kept]],
             num_classes=len(train.class_names), name=self.name)
 
     def num_classes(self) -> int:
@@ -212,36 +229,38 @@ class ImageFolderSource(Source):
         images outside them)."""
         return len(self._labelled(self.spec.train_split).class_names)
 
-    def _labelled(self, split: str) -> ImageFiles:
-        """The files of `split` ('' = the train split), listed once, with
+    def _labelled(self, split: str) -> FileTable:
+        """The files of `split` ('' = the train split), opened once, with
         labels indexing the train split's class names (InputError for
         images outside class folders, or classes the train split lacks)."""
         split = split or self.spec.train_split
         if split not in self._listed:
-            files = self.files if split == self.spec.train_split else _split_files(
-                self.spec.data_dir, split, "eval_split" if split == self.spec.eval_split else "split")
-            to_train_label = _to_train_labels(self.files, files)
-            self._listed[split] = dataclasses.replace(files, labels=to_train_label[files.labels],
-                                                      class_names=self.files.class_names)
+            if split == self.spec.train_split:
+                _to_train_labels(self.files, self.files)
+                self._listed[split] = self.files
+            else:
+                files = _split_files(self.spec.data_dir, split,
+                                     "eval_split" if split == self.spec.eval_split else "split", self.where)
+                self._listed[split] = files.relabelled(_to_train_labels(self.files, files), self.files.class_names)
         return self._listed[split]
 
     def num_labelled(self, split="", max_images=0, seed=0) -> int:
-        return len(knn_subset(len(self._labelled(split).paths), max_images, seed))
+        return len(knn_subset(len(self._labelled(split)), max_images, seed))
 
     def labelled_train_batches(self, *, global_batch, seed, crop_size, crop_scale=(0.08, 1.0), start_step=0,
                                process_index=0, process_count=1, num_local_devices=1, split="",
                                max_images=0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         files = self._labelled(split)
-        subset = knn_subset(len(files.paths), max_images, seed)
+        subset = knn_subset(len(files), max_images, seed)
         kwargs = dict(global_batch=global_batch, seed=seed, crop_size=crop_size, crop_scale=tuple(crop_scale),
                       start_step=start_step, process_index=process_index, process_count=process_count,
                       num_local_devices=num_local_devices)
         if self.loader == "grain":
             from moco_jax.data.pipelines import grain
-            return grain.labelled_batches(FileImages(files.paths, files.labels), subset,
+            return grain.labelled_batches(FileImages(files, labelled=True), subset,
                                           options=grain.Options.from_spec(self.spec), **kwargs)
         from moco_jax.data.pipelines import tfdata
-        return tfdata.labelled_batches(files.paths, files.labels, subset=subset,
+        return tfdata.labelled_batches(files.path_array(), np.asarray(files.labels), subset=subset,
                                        skip_corrupt=self.spec.skip_corrupt_images,
                                        num_threads=self.spec.num_threads, **kwargs)
 
@@ -250,25 +269,27 @@ class ImageFolderSource(Source):
         check_decode_size(self.name, size)
         check_stream(global_batch, 0, process_index, process_count, num_local_devices)
         files = self._labelled(split)
-        subset = knn_subset(len(files.paths), max_images, seed)
+        subset = knn_subset(len(files), max_images, seed)
         kwargs = dict(size=size, crop_fraction=crop_fraction, global_batch=global_batch,
                       process_index=process_index, process_count=process_count, num_local_devices=num_local_devices)
         if self.loader == "grain":
             from moco_jax.data.pipelines import grain
-            return grain.eval_batches(FileImages(files.paths, files.labels), subset,
+            return grain.eval_batches(FileImages(files, labelled=True), subset,
                                       options=grain.Options.from_spec(self.spec), **kwargs)
         from moco_jax.data.pipelines import tfdata
-        return tfdata.eval_batches(files.paths, files.labels, subset=subset,
+        return tfdata.eval_batches(files.path_array(), np.asarray(files.labels), subset=subset,
                                    skip_corrupt=self.spec.skip_corrupt_images, num_threads=self.spec.num_threads,
                                    **kwargs)
 
-    def _center_crops(self, paths, size, crop_fraction):
+    def _center_crops(self, files: FileTable, indices: np.ndarray, size, crop_fraction):
+        """The evaluation view of files[indices] (int (M,)): (uint8 (M', size,
+        size, 3), int64 (M',) positions in `indices` of the decoded ones)."""
         if self.loader == "grain":
             from moco_jax.data.pipelines import grain
-            return grain.center_crops(FileImages(paths), np.arange(len(paths)), size, crop_fraction=crop_fraction,
+            return grain.center_crops(FileImages(files), indices, size, crop_fraction=crop_fraction,
                                       options=grain.Options.from_spec(self.spec))
         from moco_jax.data.pipelines import tfdata
-        return tfdata.center_crops(paths, size, crop_fraction=crop_fraction,
+        return tfdata.center_crops(files.path_array()[indices], size, crop_fraction=crop_fraction,
                                    skip_corrupt=self.spec.skip_corrupt_images, num_threads=self.spec.num_threads)
 
 
@@ -278,30 +299,39 @@ def _check_eval_split(spec: SourceConfig) -> None:
                           "--config.eval_split to a sub-folder of data_dir (e.g. 'val')")
 
 
-def _to_train_labels(train: ImageFiles, other: ImageFiles) -> np.ndarray:
-    """int32 (len(other.class_names),): the label in `train` of each class
+def _to_train_labels(train: FileTable, other: FileTable) -> np.ndarray:
+    """int32 (len(other.folder_classes),): the label in `train` of each class
     of `other`, matched by folder name.
 
     Raises:
       InputError: `train` has no class folders, `other` has images outside
         class folders or classes that `train` lacks.
     """
-    unknown = sorted(set(other.class_names) - set(train.class_names))
-    if not train.class_names or unknown or (other.labels == NO_LABEL).any():
+    unknown = sorted(set(other.folder_classes) - set(train.folder_classes))
+    if not train.folder_classes or unknown or other.num_unlabelled:
         raise InputError(
             f"labelled images need class folders in both {train.root} and {other.root}, with the same "
             f"names (eval classes missing from train: {unknown[:5]})")
-    return np.asarray([train.class_names.index(c) for c in other.class_names], np.int32)
+    position = {c: i for i, c in enumerate(train.folder_classes)}
+    return np.asarray([position[c] for c in other.folder_classes], np.int32)
 
 
 def describe_loader(loader: str, spec: SourceConfig) -> str:
-    """For the start-up log: which pipeline decodes, with how many workers."""
-    if loader == "tf":
-        return f"tf.data ({spec.num_threads} threads)"
-    if spec.grain_workers:
-        return f"grain ({spec.grain_workers} worker processes x {spec.grain_threads} threads)"
-    return f"grain ({spec.grain_threads} threads, no worker processes)"
+    """For the start-up log: which pipeline decodes, with how many workers
+    and threads, and where those counts come from."""
+    return host_resources.describe_parallelism(loader, spec)
 
 
-def open_source(spec: SourceConfig) -> ImageFolderSource:
-    return ImageFolderSource(spec)
+def current_process() -> int:
+    """jax.process_index() where jax is already imported (a training or
+    evaluation program), else 0: the data layer imports no jax."""
+    jax = sys.modules.get("jax")
+    return int(jax.process_index()) if jax is not None else 0
+
+
+def open_source(spec: SourceConfig, index_fallback: str = "", process_index: Optional[int] = None
+                ) -> ImageFolderSource:
+    """index_fallback: where the folder's index files go when data_dir is not
+    writable and no index_dir is set (the trainer's workdir/data_index).
+    process_index: this process (None: jax's, if jax is imported, else 0)."""
+    return ImageFolderSource(spec, index_fallback, process_index)
