@@ -23,6 +23,12 @@ augmentation compares with the training step it feeds.
     device) and MoCo v2 from host crops at 224px.
 (c) The MoCo training step with that augmentation inside (ResNet-18, CIFAR
     stem at 32px / ImageNet stem at 224px), to state the augmentation's share.
+
+The host side at ImageNet size (CPU-ms per 500 x 375 JPEG and its parts,
+images/s per worker count, worker memory, listing and start-up on 130,000
+files, and the projection to 16- to 112-core hosts) is
+`python -m benchmarks.imagenet_host` (BENCHMARKS.md, "ImageNet-scale host
+pipeline").
 """
 from __future__ import annotations
 

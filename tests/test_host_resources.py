@@ -218,7 +218,8 @@ def test_a_shm_that_cannot_be_read_is_not_checked(tmp_path):
 
 
 # --------------------------------------------------------------------------- the pipeline itself
-@pytest.mark.parametrize("free, workers", [(80_000, 2), (1_000, 0)])
+@pytest.mark.parametrize("free, workers", [pytest.param(80_000, 2, marks=pytest.mark.slow),  # starts 2 workers
+                                           (1_000, 0)])
 def test_two_crop_batches_runs_when_shm_forces_fewer_workers(tmp_path, shm, monkeypatch, caplog, free, workers):
     """Real grain workers: 3 asked, with the stand-in's free space only 2
     (buffer 1) or none fit; the batches are those without workers."""
