@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.listing import old_list_image_files
 from moco_jax.data import SourceConfig
 from moco_jax.data.sources import file_index, image_folder
 from image_files import _save, make_corrupt_folder, make_folder
@@ -31,23 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_folder(tmp_path_factory)
-
-
-def pathlib_listing(root):
-    """The listing before the index (pathlib, a stat per file): (paths, labels, classes)."""
-    def images(d):
-        return sorted(str(p) for p in d.iterdir() if p.is_file() and not p.name.startswith(".")
-                      and p.suffix.lower() in file_index.IMAGE_EXTENSIONS)
-    root = Path(root)
-    paths = images(root)
-    labels, classes = [-1] * len(paths), []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = images(sub)
-        if files:
-            labels += [len(classes)] * len(files)
-            paths += files
-            classes.append(sub.name)
-    return paths, labels, tuple(classes)
 
 
 def counting(monkeypatch):
@@ -90,7 +74,8 @@ def test_same_listing_as_pathlib(folder, tmp_path_factory, tmp_path):
     (tmp_path / "a").mkdir()
     _save(tmp_path / "a" / "c.JPG", 1, fmt="JPEG")
     for root in (folder, corrupt, tmp_path):
-        paths, labels, classes = pathlib_listing(root)
+        paths, labels, classes = old_list_image_files(root)  # pathlib, a stat per file
+        paths, labels = paths.tolist(), labels.tolist()
         table = file_index.open_table(root, str(tmp_path / "index" / root.name))
         assert table.path_array().tolist() == paths and table.labels.tolist() == labels
         assert table.class_names == classes and table.num_unlabelled == labels.count(-1)

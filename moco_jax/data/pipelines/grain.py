@@ -232,13 +232,15 @@ def _steps(elements: Iterator[dict], chunks: int) -> Iterator[dict]:
 
 
 def random_crops(images: EncodedImages, indices: np.ndarray, u: np.ndarray, size: int, scale, labelled: bool,
-                 read_threads: int, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+                 read_threads: int, chunk: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """The RandomResizedCrops of images[indices], box v of image j drawn from
     u[j, v] (`crop_rule.crop_boxes`).
 
     The files are read ahead in `read_threads` threads (`read_ahead`) while
-    the images before them decode; the images are taken in chunks, each
-    chunk's headers read first so that one vectorised call draws its boxes.
+    the images before them decode; the images are taken in chunks of
+    `chunk`, each chunk's headers read first so that one vectorised call
+    draws its boxes (small chunks, so that decoding starts while the later
+    files of the element are still being read).
 
     Args:
       u: float32 (n, V, CROP_ATTEMPTS, 4) uniforms.
