@@ -16,15 +16,20 @@ decoding see real files; the disk holds each photo once).
 Rows (JSON lines, and a dict returned by `main`):
   cpu        CPU-ms per image (both 224 px crops, RandomResizedCrop scale
              0.2-1 and 0.08-1) in one thread: the whole `grain.random_crops`
-             of 64-image steps, then its parts (reading, header, decode, the
-             two crops and resizes), with simplejpeg and with Pillow alone;
-             a decode at each DCT-domain reduction (1/1 to 1/8: what a
-             smaller decode would save); and a decode plus a copy of each box
-             into a 448 px canvas (what the host would do if the accelerator
-             resized the crops).
+             of 64-image steps, resized by the host and (resize_on_device)
+             decoded into slots for the accelerator, with the share of
+             boxes the host still resizes and the bytes each way sends; then
+             its parts (reading, header, decode, the two crops and resizes),
+             with simplejpeg and with Pillow alone; and a decode at each
+             DCT-domain reduction (1/1 to 1/8: what a smaller decode would
+             save).
+  device     what the step's views function costs the accelerator given
+             the host's crops and given slots (XLA's FLOPs and bytes per
+             pair, and its time on this machine's first device).
   scaling    images/s delivered by `trainer.pretrain_batches` (index, grain
-             workers, shared memory) for each `--workers` count, and the
-             whole machine's busy CPU-ms per image (/proc/stat).
+             workers, shared memory) for each `--workers` count, crops
+             resized by the host and on the device, and the whole machine's
+             busy CPU-ms per image (/proc/stat).
   memory     RSS of each grain worker (and of the training process) after
              a few steps, for the small and the big tree; the pickled size of
              the file table the workers receive.
@@ -133,7 +138,15 @@ def _cpu_parts(files, encoded: list[bytes], scale, reps: int, size: int = 224, s
     def whole(ix):
         grain.random_crops(files, ix, u[ix], size, scale, labelled=False, read_threads=0)
 
+    slot = (grain.SLOT_SIDES * size) ** 2
+
+    def decoded_into_slots(ix):  # resize_on_device: the host decodes, the accelerator cuts and resizes
+        element = grain.random_crops(files, ix, u[ix], size, scale, labelled=False, read_threads=0, slot=slot)
+        resized_here.append(int((element["views"][..., 1] == size).sum()))  # boxes the host resized
+
+    resized_here = []
     total = _cpu_ms(whole, steps, reps) * len(steps) / n
+    on_device = _cpu_ms(decoded_into_slots, steps, reps) * len(steps) / n
     opened = [pillow_ops.open_image(e) for e in encoded]
     boxes = [crop_rule.crop_boxes(u[i], o.height, o.width, scale) for i, o in enumerate(opened)]
     fractions = [size / float(b[:, 2:].min()) for b in boxes]
@@ -145,40 +158,69 @@ def _cpu_parts(files, encoded: list[bytes], scale, reps: int, size: int = 224, s
             window = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
             np.asarray(decoded[i].crop(window).resize((size, size), Image.BILINEAR))
 
-    canvas = np.zeros((2, 2 * size, 2 * size, 3), np.uint8)
-
-    def boxes_only(i):  # what the host would do if the accelerator resized: decode, copy each box
-        if pillow_ops.simplejpeg is not None:  # straight to numpy, no Pillow image
-            pixels = pillow_ops.simplejpeg.decode_jpeg(encoded[i], "RGB")
-        else:
-            pixels = np.asarray(pillow_ops.decode(pillow_ops.open_image(encoded[i]), 1.0)[0])
-        for v, (top, left, h, w) in enumerate(boxes[i].tolist()):
-            h, w = min(h, 2 * size), min(w, 2 * size)
-            canvas[v, :h, :w] = pixels[top:top + h, left:left + w]
-
     def decode_at(reduce_by):  # a JPEG decoded in the DCT domain at 1/reduce_by of its size
         return lambda i: pillow_ops.decode(pillow_ops.open_image(encoded[i]), 0.9 / reduce_by)
 
     return dict(
         cpu_ms_per_image=total,
+        resize_on_device_cpu_ms_per_image=on_device,
+        speedup=total / on_device,
+        boxes_resized_by_the_host=float(np.sum(resized_here[-len(steps):])) / (2 * n),
+        bytes_per_image=dict(host_resize=2 * size * size * 3, resize_on_device=slot * 3),
         read_ms=_cpu_ms(lambda i: files.read(i), range(n), reps),
         header_ms=_cpu_ms(lambda e: pillow_ops.open_image(e), encoded, reps),
         decode_ms=_cpu_ms(lambda i: pillow_ops.decode(pillow_ops.open_image(encoded[i]), fractions[i]),
                           range(n), reps),
         crops_and_resizes_ms=_cpu_ms(crops, range(n), reps),
-        decode_and_box_copies_ms=_cpu_ms(boxes_only, range(n), reps),
         decode_ms_at_reduction={f"1/{r}": _cpu_ms(decode_at(r), range(n), reps) for r in (1, 2, 4, 8)},
         reduced_decodes=float(np.mean([d.size[0] < o.width for d, o in zip(decoded, opened)])),
         mean_kb=float(np.mean([len(e) for e in encoded]) / 1024))
 
 
 # --------------------------------------------------------------------------
+# What the accelerator does more when it resizes.
+# --------------------------------------------------------------------------
+def device_row(photos: list[Path], pairs: int = 16, size: int = 224, reps: int = 3) -> dict:
+    """The step's views function (`augment.make_views_fn`, MoCo v2 recipe) on
+    `pairs` real pairs: XLA's FLOPs and bytes accessed per pair, and its time
+    here, given the host's crops and given slots (the cut and resize moved
+    to the device)."""
+    import jax
+
+    from benchmarks.train_step import cost_flops
+    from moco_jax.core import augment
+
+    files = image_folder.FileImages(np.asarray([str(p) for p in photos[:pairs]]))
+    ix, u = np.arange(pairs), pillow_ops.stream_uniforms(0, np.arange(pairs), 2)
+    crops = grain.random_crops(files, ix, u, size, (0.2, 1.0), labelled=False, read_threads=0)["crops"]
+    slotted = grain.random_crops(files, ix, u, size, (0.2, 1.0), labelled=False, read_threads=0,
+                                 slot=(grain.SLOT_SIDES * size) ** 2)
+    views = augment.make_views_fn(augment.moco_v2_recipe(size), host_cropped=True)
+    row = dict(pairs=pairs, device=str(jax.devices()[0]))
+    for name, batch in (("host_crops", crops), ("slots", (slotted["slots"], slotted["views"]))):
+        compiled = jax.jit(views).lower(jax.random.key(0), batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        jax.block_until_ready(compiled(jax.random.key(0), batch))
+        best = float("inf")
+        for r in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(jax.random.key(r), batch))
+            best = min(best, time.perf_counter() - start)
+        row[name] = dict(gflops_per_pair=(cost_flops(cost) or float("nan")) / pairs / 1e9,
+                         mb_accessed_per_pair=float(cost.get("bytes accessed", float("nan"))) / pairs / 1e6,
+                         ms_per_pair_here=1000 * best / pairs)
+    return row
+
+
+# --------------------------------------------------------------------------
 # Throughput and memory through the trainer's pipeline.
 # --------------------------------------------------------------------------
-def _config(root: Path, workers: int, threads: int, batch: int):
+def _config(root: Path, workers: int, threads: int, batch: int, resize_on_device: bool = True):
     config = default.get_config()
     config.update(dict(dataset="image_folder", data_dir=str(root), train_split="train", crop_size=224,
-                       crop_scale=(0.2, 1.0), batch_size=batch, input_workers=workers, input_threads=threads))
+                       crop_scale=(0.2, 1.0), batch_size=batch, input_workers=workers, input_threads=threads,
+                       resize_on_device=resize_on_device))
     return config
 
 
@@ -208,19 +250,21 @@ def _rss_mb(pid: int) -> float:
 def scaling_rows(root: Path, workers_list: list[int], steps: int, batch: int) -> list[dict]:
     rows = []
     for workers in workers_list:
-        threads = 1 if workers else (os.cpu_count() or 2)
-        config = _config(root, workers, threads, batch)
-        batches = trainer.pretrain_batches(data.open_source(config), config, start_step=0)
-        for _ in range(3):
-            next(batches)
-        busy, wall = _busy_cpu_seconds(), time.perf_counter()
-        for _ in range(steps):
-            next(batches)
-        wall, busy = time.perf_counter() - wall, _busy_cpu_seconds() - busy
-        batches.close()
-        rows.append(dict(workers=workers, threads=threads, batch=batch, images_per_s=steps * batch / wall,
-                         busy_cpu_ms_per_image=1000 * busy / (steps * batch), load_average=os.getloadavg()[0]))
-        print(json.dumps(rows[-1]), flush=True)
+        for resize_on_device in (False, True):
+            threads = 1 if workers else (os.cpu_count() or 2)
+            config = _config(root, workers, threads, batch, resize_on_device)
+            batches = trainer.pretrain_batches(data.open_source(config), config, start_step=0)
+            for _ in range(3):
+                next(batches)
+            busy, wall = _busy_cpu_seconds(), time.perf_counter()
+            for _ in range(steps):
+                next(batches)
+            wall, busy = time.perf_counter() - wall, _busy_cpu_seconds() - busy
+            batches.close()
+            rows.append(dict(workers=workers, threads=threads, batch=batch, resize_on_device=resize_on_device,
+                             images_per_s=steps * batch / wall, busy_cpu_ms_per_image=1000 * busy / (steps * batch),
+                             load_average=os.getloadavg()[0]))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -264,14 +308,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per scaling row")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each CPU row (the best counts)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: cpu,scaling,memory")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: cpu,device,scaling,memory")
     parser.add_argument("--workdir", type=Path, help="where the stand-ins go (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
     from benchmarks import input_pipeline, listing
-    result = dict(environment=input_pipeline.environment(), cpu=[], scaling=[], memory=[], listing=[])
+    result = dict(environment=input_pipeline.environment(), cpu=[], device={}, scaling=[], memory=[], listing=[])
     result["environment"]["simplejpeg"] = getattr(pillow_ops.simplejpeg, "__version__", None)
     print(json.dumps(result["environment"]), flush=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="imagenet_host-"))
@@ -293,6 +337,9 @@ def main(argv=None) -> dict:
             result["listing"] = listing.listing_rows(work / "listing", sizes=(args.small, args.big))
             for row in result["listing"]:
                 print(json.dumps(row), flush=True)
+        if "device" not in skip:  # last: its compiled functions would count in the training process's RSS
+            result["device"] = device_row(photos)
+            print(json.dumps(result["device"]), flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -10,7 +10,9 @@ augmentation compares with the training step it feeds.
     * cifar10_arrays: the real CIFAR-10 arrays (../shared/data/cifar10), whole
       32px images gathered per step (the device crops them);
     * image_folder: the 224px JPEGs of ../shared/data/imagenette_sample/train,
-      decoded and random-resized-cropped twice per image, uint8 (2, 224, 224, 3):
+      decoded, two random-resized-crop boxes per image (the default
+      resize_on_device: the decoded image in a slot, the boxes cut and resized
+      on the device; tf.data: uint8 (2, 224, 224, 3) host crops):
       - grain (`data_loader=grain`): Pillow in W worker processes (1 thread
         each), or in T threads of this process (W = 0);
       - tf.data (`data_loader=tf`, if TensorFlow is installed): T threads,
@@ -69,11 +71,12 @@ def _rate(batches, warmup: int, steps: int) -> dict:
     images = 0
     for _ in range(steps):
         b = next(batches)
-        images += b.shape[0] * b.shape[1]
-        shape = b.shape
+        first = b[0] if isinstance(b, tuple) else b  # (slots, views): resized on the device
+        images += first.shape[0] * first.shape[1]
+        shape = [list(x.shape) for x in b] if isinstance(b, tuple) else list(b.shape)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return dict(images_per_s=images / wall, views_per_s=2 * images / wall,
-                images_per_cpu_s=images / cpu, batch_shape=list(shape),
+                images_per_cpu_s=images / cpu, batch_shape=shape,
                 load_average_1min=os.getloadavg()[0])
 
 

@@ -58,6 +58,11 @@ def add_data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     # step ahead of their decoding, hiding a network filesystem's latency; 0 = read each
     # file when it is decoded.
     config.input_read_threads = 4
+    # grain, pretraining: the host decodes each image into a slot of (2 x crop_size)^2 pixels
+    # and the accelerator cuts and resizes both crops (half the host CPU per image, twice the
+    # bytes of two crops sent to the device); False = the host resizes them (the same boxes,
+    # pixels within 1). tf.data, and the linear probe's and evaluations' views: host.
+    config.resize_on_device = True
     config.shuffle_buffer = 10_000  # tfds: examples in the shuffle buffer (after file shuffling)
     config.tfds_download = False  # tfds: download and prepare a missing dataset
     # image_folder: where the index of each split's files is kept (listed once per job by

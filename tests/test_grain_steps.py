@@ -142,9 +142,9 @@ def test_reads_run_ahead_in_threads_and_change_no_pixel(many):
     slow.most = 0
     inline = grain.random_crops(slow, indices, u, S, SCALE, labelled=False, read_threads=0)
     assert slow.most == 1
-    for a, b in zip(ahead[:3], inline[:3]):  # crops, labels, ok
-        np.testing.assert_array_equal(a, b)
-    assert ahead[2].all() and ahead[3] == inline[3] == ()
+    for key in ("crops", "labels", "ok"):
+        np.testing.assert_array_equal(ahead[key], inline[key])
+    assert ahead["ok"].all() and ahead["reasons"] == inline["reasons"] == ()
 
 
 def _grain_sources(folder):

@@ -184,7 +184,8 @@ def test_knn_center_crops_corrupt(corrupt_folder, loader):
 def folder_config(root, loader="auto", **overrides):
     config = default.get_config()
     config.update(dict(dataset="image_folder", data_dir=str(root), train_split="", eval_split="",
-                       crop_size=S, batch_size=8, input_threads=2, input_workers=0, data_loader=loader))
+                       crop_size=S, batch_size=8, input_threads=2, input_workers=0, data_loader=loader,
+                       resize_on_device=False))  # the host's crops, which both loaders cut (device: test_device_resize)
     config.update(overrides)
     return config
 

@@ -138,11 +138,13 @@ def test_tfds_array_record_and_conversion_without_tensorflow(no_tf_env, tmp_path
         config.update(dict(dataset="{NAME}", data_dir={str(tmp_path / 'converted')!r}, crop_size=8, batch_size=8,
                            knn_max_train_images=8, input_workers=1))
         source = data.open_source(config)
-        batch = next(source.train_batches(global_batch=8, seed=0, crop_size=8))
+        slots, views = next(source.train_batches(global_batch=8, seed=0, crop_size=8))  # resized on the device
         bank = source.labelled_arrays(size=8, max_train_images=8)
-        print(source.loader, source.num_train_examples, batch.shape, bank.train_images.shape, bank.num_classes)
+        print(source.loader, source.num_train_examples, slots.shape, views.shape, bank.train_images.shape,
+              bank.num_classes)
     '''))
-    assert out.split() == ["grain", str(NUM_TRAIN), "(1,", "8,", "2,", "8,", "8,", "3)", "(8,", "8,", "8,", "3)", "3"]
+    assert out.split() == ["grain", str(NUM_TRAIN), "(1,", "8,", "256,", "3)", "(1,", "8,", "2,", "4)",
+                           "(8,", "8,", "8,", "3)", "3"]
 
 
 @pytest.mark.slow

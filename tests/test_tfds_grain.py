@@ -32,7 +32,8 @@ def prepared(tmp_path_factory):
 def tfds_config(data_dir, **overrides):
     config = default.get_config()
     config.update(dict(dataset=f"tfds:{NAME}", data_dir=str(data_dir), crop_size=S, crop_scale=(0.2, 1.0),
-                       batch_size=8, input_workers=0, input_threads=2, knn_max_train_images=12, seed=5))
+                       batch_size=8, input_workers=0, input_threads=2, knn_max_train_images=12, seed=5,
+                       resize_on_device=False))  # host crops: ids_of reads them (tests/test_device_resize.py)
     config.update(overrides)
     return config
 

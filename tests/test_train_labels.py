@@ -75,7 +75,7 @@ def test_array_source(subset):
 def folder_source(root, loader, **overrides):
     config = default.get_config()
     config.update(dict(dataset="image_folder", data_dir=str(root), train_split="", crop_size=S, input_threads=2,
-                       input_workers=0, data_loader=loader))
+                       input_workers=0, data_loader=loader, resize_on_device=False))  # host crops: ids_of reads them
     config.update(overrides)
     return data.open_source(config)
 
@@ -192,7 +192,7 @@ def test_tfds(tfds_prepared, fmt):
 
     config = default.get_config()
     config.update(dict(dataset=f"tfds:{NAME}", data_dir=str(tfds_prepared[fmt]), crop_size=S, input_workers=0,
-                       input_threads=2))
+                       input_threads=2, resize_on_device=False))  # host crops: ids_of reads them
     source = data.open_source(config)
     assert source.loader == ("grain" if fmt == "array_record" else "tf")
     plain, labelled = steps(source, 3, False), steps(source, 3, True)

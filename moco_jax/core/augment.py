@@ -207,17 +207,21 @@ def _two_view_probabilities(recipe: Recipe):
     return jnp.asarray([recipe.view_probabilities(0), recipe.view_probabilities(1)], jnp.float32)
 
 
+def _columns(u, recipe: Recipe) -> dict:
+    """u: (B, sum of `_uniform_columns(recipe)`) -> {step: its (B, n) columns}.
+    Every step owns a fixed column range, so a step's randomness does not
+    depend on which other steps the recipe enables."""
+    columns = _uniform_columns(recipe)
+    ends = np.cumsum(list(columns.values()))
+    return {name: u[:, end - n:end] for (name, n), end in zip(columns.items(), ends)}
+
+
 def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool, probabilities=None):
     """`augment_view` given uniforms u: (B, sum of `_uniform_columns(recipe)`)
     and (blur p, solarize p), possibly traced (default: the first view's)."""
-    batch, height, width, _ = images_uint8.shape
+    _, height, width, _ = images_uint8.shape
     size = recipe.crop_size
-    blur_p, solarize_p = recipe.view_probabilities(0) if probabilities is None else probabilities
-    # Every step owns a fixed column range, so a step's randomness does not
-    # depend on which other steps the recipe enables.
-    columns = _uniform_columns(recipe)
-    ends = np.cumsum(list(columns.values()))
-    cols = {name: u[:, end - n:end] for (name, n), end in zip(columns.items(), ends)}
+    cols = _columns(u, recipe)
     x = images_uint8.astype(jnp.float32) / 255.0
     if crop:
         boxes = image_ops.crop_boxes(cols['crop'], height, width, recipe.crop_scale)
@@ -225,6 +229,13 @@ def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool, probabilities=N
     elif (height, width) != (size, size):
         raise ValueError(f"crop=False needs (B, {size}, {size}, 3) images, "
                          f"got {images_uint8.shape}")
+    return _after_crop(cols, x, recipe, probabilities)
+
+
+def _after_crop(cols: dict, x, recipe: Recipe, probabilities=None):
+    """The recipe's steps after the crop, then normalisation: x float32 (B, S,
+    S, 3) in [0, 1]; `cols` from `_columns`."""
+    blur_p, solarize_p = recipe.view_probabilities(0) if probabilities is None else probabilities
     for step in recipe.order:
         if step == 'grayscale' and recipe.grayscale_p > 0:
             x = image_ops.grayscale(cols[step][:, 0], x, recipe.grayscale_p)
@@ -238,6 +249,14 @@ def _augment_view_u(u, images_uint8, recipe: Recipe, crop: bool, probabilities=N
         elif step == 'flip' and recipe.flip:
             x = image_ops.flip(cols[step][:, 0], x, 0.5)
     return image_ops.normalize(x, recipe.mean, recipe.std)
+
+
+def _slot_view_u(u, slots, views, recipe: Recipe, probabilities):
+    """The view of host-decoded slots (`image_ops.resize_views`: the box cut
+    and resized here), then the recipe's steps, with the same uniforms'
+    columns as a host-cropped view draws."""
+    x = image_ops.resize_views(slots, views, recipe.crop_size) / 255.0
+    return _after_crop(_columns(u, recipe), x, recipe, probabilities)
 
 
 def augment_view(rng, images_uint8, recipe: Recipe, crop: bool = True):
@@ -281,20 +300,33 @@ def make_views_fn(recipe: Recipe, host_cropped: bool):
     host_cropped False: batch is uint8 (B, H, W, 3) whole images; the two
       RandomResizedCrops happen here (`two_views`).
     host_cropped True: batch is uint8 (B, 2, S, S, 3), the two crops the host
-      already cut (`moco_jax.data.pipelines.tf_ops.two_crops`, same box sampling); the
-      rest of the recipe runs here, independently per view.
+      already cut (`moco_jax.data.pipelines.tf_ops.two_crops`, same box
+      sampling), or the host's decoded images and boxes, (slots uint8 (B, P,
+      3), views int32 (B, 2, 4)) (`pillow_ops.views_into`), each box cut and
+      resized here; the rest of the recipe runs here, independently per view.
     Returns float32 (B, S, S, 3) views, normalised.
     """
     if not host_cropped:
         return lambda rng, images: two_views(rng, images, recipe, crop=True)
 
     def host_cropped_views(rng, crops):
+        if isinstance(crops, (tuple, list)):
+            return _slot_views(rng, *crops)
         if crops.ndim != 5 or crops.shape[1] != 2:
             raise ValueError(f"host-cropped batches are (B, 2, S, S, 3), got {crops.shape}")
         u = _view_uniforms(rng, crops.shape[0], recipe, leading=(2,))
         pairs = jnp.moveaxis(crops, 1, 0)  # (2, B, S, S, 3): view v's crops
         views = jax.vmap(lambda uv, x, pv: _augment_view_u(uv, x, recipe, False, pv))(
             u, pairs, _two_view_probabilities(recipe))
+        return views[0], views[1]
+
+    def _slot_views(rng, slots, boxes):
+        if slots.ndim != 3 or boxes.shape[1:] != (2, 4):
+            raise ValueError(f"host-decoded batches are (slots (B, P, 3), views (B, 2, 4)), got "
+                             f"{slots.shape}, {boxes.shape}")
+        u = _view_uniforms(rng, slots.shape[0], recipe, leading=(2,))
+        views = jax.vmap(lambda uv, b, pv: _slot_view_u(uv, slots, b, recipe, pv))(
+            u, jnp.moveaxis(boxes, 1, 0), _two_view_probabilities(recipe))
         return views[0], views[1]
 
     return host_cropped_views

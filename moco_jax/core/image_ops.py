@@ -157,6 +157,41 @@ def crop_and_resize(images, boxes, size: int):
     return jnp.einsum('bpw,bowc->bopc', cols, out, precision=hi)
 
 
+def views_from_slots(slots, views, side: int):
+    """Cut each view's box out of its image slot (what the host sends when the
+    accelerator resizes: `moco_jax.data.pipelines.pillow_ops.views_into`).
+
+    Args:
+      slots: uint8 (B, P, 3), the decoded pixels of each image.
+      views: int (B, 4) `(offset, stride, height, width)`: pixel (y, x) of the
+        box is slots[b, offset + y * stride + x]; height, width <= side.
+      side: static int, the canvas side (P = side**2 for the host's slots).
+    Returns:
+      uint8 (B, side, side, 3), each box in the top-left corner, zeros
+      elsewhere: `crop_and_resize(..., [0, 0, height, width], size)` of it is
+      the view.
+    """
+    y = jnp.arange(side, dtype=jnp.int32)[:, None]
+    x = jnp.arange(side, dtype=jnp.int32)[None, :]
+
+    def one(slot, view):
+        offset, stride, height, width = view[0], view[1], view[2], view[3]
+        inside = (y < height) & (x < width)
+        pixels = jnp.take(slot, jnp.where(inside, offset + y * stride + x, 0), axis=0)  # (side, side, 3)
+        return jnp.where(inside[..., None], pixels, jnp.zeros((), slot.dtype))
+
+    return jax.vmap(one)(slots, jnp.asarray(views, jnp.int32))
+
+
+def resize_views(slots, views, size: int):
+    """The views of `views_from_slots`, each resized to (size, size) as
+    `crop_and_resize` resizes a box: float32 (B, size, size, 3) in [0, 255]."""
+    side = math.isqrt(slots.shape[1])
+    canvas = views_from_slots(slots, views, side)
+    hw = jnp.asarray(views, jnp.float32)[:, 2:]
+    return crop_and_resize(canvas, jnp.concatenate([jnp.zeros_like(hw), hw], axis=-1), size)
+
+
 # --------------------------------------------------------------------------
 # Flip
 # --------------------------------------------------------------------------

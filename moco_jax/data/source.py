@@ -28,7 +28,8 @@ step padded (valid False) so that every process runs the same steps.
 Shapes:
   images  uint8 (N, H, W, 3), labels int32 (N,)
   a host batch for pmap: uint8 (num_local_devices, per_device_batch, H, W, 3),
-  or, host-cropped, (num_local_devices, per_device_batch, 2, S, S, 3);
+  or, host-cropped, (num_local_devices, per_device_batch, 2, S, S, 3), or
+  (slots, views) for the device to cut and resize (grain, resize_on_device);
   `train_batches(labels=True)`: (that batch, labels int32 (num_local_devices,
   per_device_batch)), for an online linear probe
   labelled: images (num_local_devices, per_device_batch, S, S, 3) (in-memory:
@@ -76,6 +77,7 @@ class SourceConfig:
     input_workers: int = -1
     index_dir: str = ""
     input_read_threads: int = 4
+    resize_on_device: bool = False
 
     @property
     def num_threads(self) -> int:
@@ -148,7 +150,7 @@ FIELDS = {
     "skip_corrupt_images": BOOL, "input_threads": integer(0), "shuffle_buffer": integer(1), "tfds_download": BOOL,
     "image_key": NAME, "label_key": NAME, "data_loader": one_of(LOADERS),
     "input_workers": integer(-1, note=" (-1: automatic, 0: no worker processes)"),
-    "index_dir": STRING, "input_read_threads": integer(0),
+    "index_dir": STRING, "input_read_threads": integer(0), "resize_on_device": BOOL,
 }
 
 
@@ -193,7 +195,9 @@ class Source(abc.ABC):
       name: a short name for logs and reports.
       host_cropped: False: `train_batches` yields whole images, which the
         device crops (`augment.make_views_fn`); True: it yields two
-        independent RandomResizedCrops of each image, cut on the host.
+        independent RandomResizedCrops of each image, boxes drawn on the
+        host (cut and resized there, or, with `resize_on_device`, by the
+        device from the decoded image the host sends).
       loader: what turns examples into batches: 'grain' or 'tf' for files
         (`choose_loader`), 'in-memory' for arrays. Each gives an order that is
         a function of (seed, step), but not the same function.
@@ -221,7 +225,10 @@ class Source(abc.ABC):
           an online linear probe); the batches are the same either way.
         Yields:
           batch uint8 (num_local_devices, per_device, H, W, 3), or with
-          `host_cropped` (num_local_devices, per_device, 2, S, S, 3); with
+          `host_cropped` (num_local_devices, per_device, 2, S, S, 3), or
+          with `host_cropped` and resize_on_device (grain) the pair (slots
+          uint8 (num_local_devices, per_device, P, 3), views int32
+          (num_local_devices, per_device, 2, 4): `grain.two_crop_batches`); with
           `labels`, (batch, int32 (num_local_devices, per_device)), an image
           skipped as undecodable leaving the label of the one filling its slot.
         Raises (eagerly): ValueError for a batch that does not split evenly;

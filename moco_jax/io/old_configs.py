@@ -16,6 +16,9 @@ FIELD_DEFAULTS = {
     "online_probe": False, "online_probe_lr": 0.1,
     # How files are found and read, not what is read (the same images and crops either way): today's defaults.
     "index_dir": "", "input_read_threads": 4,
+    # Where grain's crops are resized, not which: the same boxes of the same images, the pixels within 1 of the
+    # host's resize (which runs before it existed used); today's default, so that resuming one is not reported.
+    "resize_on_device": True,
 }
 
 

@@ -39,8 +39,9 @@ def make_train_step(config, host_cropped: bool = False, total_steps: int = 0, nu
     -> (state, metrics); `total_steps` ends the momentum schedule.
 
     The batch is (n, B_local, H, W, 3) whole images (cropped on the device),
-    or (n, B_local, 2, S, S, 3) host crops when `host_cropped` (see
-    `data.Source.train_batches`); with `config.online_probe` it is (images,
+    or (n, B_local, 2, S, S, 3) host crops when `host_cropped`, or the host's
+    decoded images and boxes (slots, views) to cut and resize on the device
+    (see `data.Source.train_batches`); with `config.online_probe` it is (images,
     int32 labels (n, B_local)) and the step also trains the probe on
     `num_classes` (`methods.online_probe`). The state's buffers are donated:
     updated in place."""

@@ -4,7 +4,8 @@ images (`EncodedImages`): an image folder's files or a tensorflow-datasets
 ArrayRecord split. Each image is decoded and cropped by `pillow_ops`.
 
   two_crop_batches  pretraining: two RandomResizedCrops of each image (and,
-                    for an online probe, its label)
+                    for an online probe, its label), resized here or, with
+                    Options.resize_on_device, on the accelerator
   labelled_batches  the linear probe's training: one RandomResizedCrop of
                     each image of a subset, with its label, in the
                     pretraining order
@@ -90,6 +91,10 @@ class Options:
     shm_dir: where grain's shared memory lives (a test's stand-in).
     read_threads: threads of each process that read a step's files ahead of
       its decoding (`read_ahead`; 0: read each file when it is decoded).
+    resize_on_device: pretraining crops are cut and resized on the
+      accelerator, the host only decoding each image into a slot
+      (`two_crop_batches`); the labelled and evaluation streams are resized
+      on the host either way.
     """
 
     workers: int = 0
@@ -100,13 +105,14 @@ class Options:
     host_processes: int = 1
     shm_dir: str = host_resources.SHM_DIR
     read_threads: int = 0
+    resize_on_device: bool = False
 
     @classmethod
     def from_spec(cls, spec: SourceConfig) -> "Options":
         share = host_resources.cpu_share()
         return cls(spec.grain_workers, spec.grain_threads, spec.skip_corrupt_images,
                    threads_alone=spec.input_threads or share.cpus, host_processes=share.processes,
-                   read_threads=spec.input_read_threads)
+                   read_threads=spec.input_read_threads, resize_on_device=spec.resize_on_device)
 
     def fitted(self, element_bytes: int) -> "Options":
         """These options with worker processes whose buffered elements of
@@ -145,14 +151,17 @@ def _error(e: Exception) -> str:
 # Training steps: random crops of each image, one element per step.
 # --------------------------------------------------------------------------
 IMAGES_PER_ELEMENT = 32  # training elements: a step's images in chunks of this many (`_Steps`)
+SLOT_SIDES = 2  # resized on the accelerator, an image's slot holds (2 S)^2 pixels: a 500 x 375 photo at S = 224
+_PER_IMAGE = {"crops", "slots", "views", "labels"}  # an element's arrays of one row per image
 
 
 @dataclasses.dataclass(frozen=True)
 class _Steps:
     """A grain random-access source: element k is chunk k % c of global step
     start_step + k // c of this process (c = `chunks`: its local batch in
-    pieces of `chunk` images), {"crops": uint8 (chunk, views, S, S, 3),
-    "indices", "ok", "reasons"}, and with `labelled` "labels": int32 (chunk,);
+    pieces of `chunk` images), `random_crops`' {"crops": uint8 (chunk, views,
+    S, S, 3)} (with `slot`: {"slots", "views"}, resized on the accelerator),
+    "indices", "ok", "reasons", and with `labelled` "labels": int32 (chunk,);
     `_steps` joins each step's chunks.
 
     Chunks, not whole steps, so that a step is decoded by several workers at
@@ -175,6 +184,7 @@ class _Steps:
     labelled: bool = False
     read_threads: int = 0
     chunk: int = IMAGES_PER_ELEMENT
+    slot: int = 0
 
     def __len__(self) -> int:
         return _ENDLESS
@@ -187,7 +197,8 @@ class _Steps:
     @property
     def element_bytes(self) -> int:
         """The bytes of one element's crops (what shared memory holds)."""
-        return min(self.chunk, self.global_batch // self.process_count) * self.views * self.crop_size ** 2 * 3
+        per_image = self.slot * 3 or self.views * self.crop_size ** 2 * 3
+        return min(self.chunk, self.global_batch // self.process_count) * per_image
 
     def __getitem__(self, k: int) -> dict:
         step, c = divmod(int(k), self.chunks)
@@ -200,12 +211,11 @@ class _Steps:
             indices = self.subset[indices]
         first = step * self.global_batch + self.process_index * len(local) + lo  # global stream position
         u = pillow_ops.stream_uniforms(self.seed, first + np.arange(len(indices)), self.views)
-        out, labels, ok, reasons = random_crops(self.images, indices, u, self.crop_size, self.crop_scale,
-                                                self.labelled, self.read_threads)
-        element = {"crops": out, "indices": indices, "ok": ok, "reasons": reasons}
-        if self.labelled:
-            element["labels"] = labels
-        return element
+        element = random_crops(self.images, indices, u, self.crop_size, self.crop_scale, self.labelled,
+                               self.read_threads, slot=self.slot)
+        if not self.labelled:
+            del element["labels"]
+        return {**element, "indices": indices}
 
 
 def _steps(elements: Iterator[dict], chunks: int) -> Iterator[dict]:
@@ -223,18 +233,19 @@ def _steps(elements: Iterator[dict], chunks: int) -> Iterator[dict]:
             step["reasons"] = tuple(r for p in parts for r in p["reasons"])
             ok = step["ok"]
             if ok.any() and not ok.all():
-                undecodable.fill_gaps(step["crops"], ok)
-                if "labels" in step:
-                    undecodable.fill_gaps(step["labels"], ok)
+                for key in _PER_IMAGE.intersection(step):
+                    undecodable.fill_gaps(step[key], ok)
             yield step
     finally:
         elements.close()
 
 
 def random_crops(images: EncodedImages, indices: np.ndarray, u: np.ndarray, size: int, scale, labelled: bool,
-                 read_threads: int, chunk: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+                 read_threads: int, chunk: int = 8, slot: int = 0) -> dict:
     """The RandomResizedCrops of images[indices], box v of image j drawn from
-    u[j, v] (`crop_rule.crop_boxes`).
+    u[j, v] (`crop_rule.crop_boxes`): resized here, or, with `slot`, each
+    image decoded into a slot of that many pixels for the accelerator to cut
+    and resize its boxes (`pillow_ops.views_into`).
 
     The files are read ahead in `read_threads` threads (`read_ahead`) while
     the images before them decode; the images are taken in chunks of
@@ -244,13 +255,21 @@ def random_crops(images: EncodedImages, indices: np.ndarray, u: np.ndarray, size
 
     Args:
       u: float32 (n, V, CROP_ATTEMPTS, 4) uniforms.
+      slot: 0, or the pixels P of each image's slot (P >= V * size**2).
     Returns:
-      crops uint8 (n, V, S, S, 3) (an undecodable image's left unwritten),
-      labels int32 (n,) (zeros unless `labelled`), ok bool (n,), and the
-      reasons of the images that failed, in order.
+      {"crops": uint8 (n, V, S, S, 3)}, or with `slot` {"slots": uint8 (n,
+      P, 3), "views": int32 (n, V, 4)} (`pillow_ops.views_into`); and
+      "labels": int32 (n,) (zeros unless `labelled`), "ok": bool (n,),
+      "reasons": why the images that failed did, in order. An undecodable
+      image's arrays are left unwritten.
     """
     n = len(indices)
-    out = np.empty((n, u.shape[1], size, size, 3), np.uint8)
+    if slot:
+        if slot < u.shape[1] * size ** 2:
+            raise ValueError(f"a slot of {slot} pixels cannot hold {u.shape[1]} crops of {size} x {size}")
+        arrays = {"slots": np.empty((n, slot, 3), np.uint8), "views": np.zeros((n, u.shape[1], 4), np.int32)}
+    else:
+        arrays = {"crops": np.empty((n, u.shape[1], size, size, 3), np.uint8)}
     labels, ok, reasons = np.zeros(n, np.int32), np.ones(n, bool), {}
     reads = read_ahead(images, indices, labelled, read_threads)
     for lo in range(0, n, chunk):
@@ -267,11 +286,14 @@ def random_crops(images: EncodedImages, indices: np.ndarray, u: np.ndarray, size
         boxes = crop_rule.crop_boxes(u[lo:lo + len(shapes)], shapes[:, :1], shapes[:, 1:], scale)  # (c, V, 4)
         for j, image in opened.items():
             try:
-                pillow_ops.crops_into(out[j], image, boxes[j - lo])
+                if slot:
+                    pillow_ops.views_into(arrays["slots"][j], arrays["views"][j], image, boxes[j - lo], size)
+                else:
+                    pillow_ops.crops_into(arrays["crops"][j], image, boxes[j - lo])
             except DECODE_ERRORS as e:
                 reasons[j] = _error(e)
     ok[list(reasons)] = False
-    return out, labels, ok, tuple(reasons[j] for j in sorted(reasons))
+    return {**arrays, "labels": labels, "ok": ok, "reasons": tuple(reasons[j] for j in sorted(reasons))}
 
 
 _READERS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}  # threads -> this process's pool
@@ -303,21 +325,31 @@ def two_crop_batches(images: EncodedImages, *, global_batch: int, seed: int, cro
 
     Yields:
       uint8 (num_local_devices, per_device, 2, crop_size, crop_size, 3); with
-      `labels`, (those crops, int32 (num_local_devices, per_device)), a skipped
-      image's slot holding the crops and label of the image that fills it.
+      options.resize_on_device, (slots uint8 (num_local_devices, per_device,
+      P, 3), views int32 (num_local_devices, per_device, 2, 4)) instead, P =
+      (SLOT_SIDES * crop_size)^2: each image decoded into its slot, each
+      box's (offset, stride, height, width) in it, for the accelerator to cut
+      and resize (`pillow_ops.views_into`, `augment.make_views_fn`); with
+      `labels`, (those crops, int32 (num_local_devices, per_device)). A
+      skipped image's place holds the crops and label of the image that fills it.
     Raises (eagerly): ConfigError/ValueError for bad batch divisibility; while
       iterating, UndecodableImageError naming the file unless options.skip_corrupt.
     """
     check_stream(global_batch, start_step, process_index, process_count, num_local_devices)
     steps_per_epoch(len(images), global_batch)  # at least one full batch, or a clear error now
+    slot = (SLOT_SIDES * crop_size) ** 2 if options.resize_on_device else 0
+    # A slot weighs two crops: half as many images per element keeps the bytes per element.
     steps = _Steps(images, global_batch, seed, start_step, process_index, process_count, crop_size,
-                   tuple(float(s) for s in crop_scale), labelled=labels, read_threads=options.read_threads)
+                   tuple(float(s) for s in crop_scale), labelled=labels, read_threads=options.read_threads,
+                   chunk=IMAGES_PER_ELEMENT // 2 if slot else IMAGES_PER_ELEMENT, slot=slot)
     elements = _steps(_elements(steps, options, steps.element_bytes, 2 * steps.chunks), steps.chunks)
-    if labels:
-        return _checked(elements, images, options.skip_corrupt,
-                        lambda e: _per_device(e["crops"], e["labels"], n=num_local_devices))
-    return _checked(elements, images, options.skip_corrupt,
-                    lambda e: _per_device(e["crops"], n=num_local_devices)[0])
+
+    def unpack(e: dict):
+        crops = (_per_device(e["slots"], e["views"], n=num_local_devices) if slot
+                 else _per_device(e["crops"], n=num_local_devices)[0])
+        return (crops, _per_device(e["labels"], n=num_local_devices)[0]) if labels else crops
+
+    return _checked(elements, images, options.skip_corrupt, unpack)
 
 
 def labelled_batches(images: EncodedImages, subset, *, global_batch: int, seed: int, crop_size: int, crop_scale,

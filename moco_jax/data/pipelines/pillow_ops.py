@@ -6,16 +6,22 @@ Per pretraining image (everything else happens on the accelerator, see
   encoded bytes -> two RandomResizedCrop boxes (`crop_rule.crop_boxes`:
   torchvision's rule, sampled exactly as `image_ops.crop_boxes` samples it)
   from uniforms seeded by the example's place in the stream -> one decode of
-  the image, JPEGs
-  reduced in the DCT domain where both boxes stay at least S pixels wide
-  (Pillow's draft mode) -> each box resized to S x S with Pillow's
-  antialiased bilinear filter (what torchvision's `RandomResizedCrop` does on
-  PIL images) -> uint8 (2, S, S, 3).
+  the image, JPEGs reduced in the DCT domain where both boxes stay at least
+  S pixels wide (Pillow's draft mode) -> either
+  `crops_into`: each box resized to S x S with Pillow's antialiased bilinear
+    filter (what torchvision's `RandomResizedCrop` does on PIL images) ->
+    uint8 (2, S, S, 3); or
+  `views_into` (config.resize_on_device): the decoded image (or its boxes)
+    in a slot of P pixels and where each box lies in it -> uint8 (P, 3) and
+    int32 (2, 4), which the accelerator cuts and resizes with the same
+    filter (`image_ops.resize_views`, within 1 of the host's pixels), half
+    the host's CPU per image.
 
 Grayscale, palette, CMYK, RGBA and 16-bit images come out as 8-bit RGB (an
 alpha channel is dropped, as PIL's convert('RGB') and tf.io.decode_image do).
 
-Shapes: boxes are int `[top, left, height, width]`; crops uint8 (S, S, 3).
+Shapes: boxes are int `[top, left, height, width]`; crops uint8 (S, S, 3);
+slots uint8 (P, 3) with views int32 `(offset, stride, height, width)`.
 """
 from __future__ import annotations
 
@@ -155,11 +161,19 @@ def decode(opened: Opened, fraction: float = 1.0) -> tuple[Image.Image, tuple[fl
     a reduction, else about 1/2, 1/4 or 1/8).
     Raises OSError/ValueError/SyntaxError (Pillow's) for undecodable bytes.
     """
+    pixels, scale = decode_pixels(opened, fraction)
+    return (Image.fromarray(pixels, "RGB") if isinstance(pixels, np.ndarray) else pixels), scale
+
+
+def decode_pixels(opened: Opened, fraction: float = 1.0):
+    """`decode` without wrapping simplejpeg's pixels in a Pillow image:
+    (uint8 (h, w, 3) array, or the Pillow image where Pillow decoded it;
+    the (x, y) scale)."""
     full_w, full_h = opened.size
     if opened.pil is None:
-        image = _decode_turbo(opened, reduction(full_w, full_h, fraction))
-        if image is not None:
-            return image, (image.size[0] / full_w, image.size[1] / full_h)
+        pixels = _decode_turbo(opened, reduction(full_w, full_h, fraction))
+        if pixels is not None:
+            return pixels, (pixels.shape[1] / full_w, pixels.shape[0] / full_h)
     image = _pillow(opened)
     if fraction < 0.5 and image.format == "JPEG":
         # draft() picks the largest reduction keeping at least the requested size.
@@ -169,16 +183,24 @@ def decode(opened: Opened, fraction: float = 1.0) -> tuple[Image.Image, tuple[fl
     return image, (image.size[0] / full_w, image.size[1] / full_h)
 
 
-def _decode_turbo(opened: Opened, reduce_by: int) -> Optional[Image.Image]:
-    """simplejpeg's decode at 1/reduce_by of the size, as a Pillow image; None
-    if it fails or does not reduce exactly as asked (Pillow then decodes)."""
+def _decode_turbo(opened: Opened, reduce_by: int, buffer: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """simplejpeg's decode at 1/reduce_by of the size, uint8 (h, w, 3) (into
+    `buffer` if given: uint8, h * w * 3 bytes); None if it fails or does not
+    reduce exactly as asked (Pillow then decodes)."""
     want = (-(-opened.height // reduce_by), -(-opened.width // reduce_by))
     try:
         pixels = simplejpeg.decode_jpeg(opened.encoded, "RGB", min_height=want[0], min_width=want[1],
-                                        min_factor=reduce_by)
+                                        min_factor=reduce_by, buffer=buffer)
     except ValueError:
         return None
-    return Image.fromarray(pixels, "RGB") if pixels.shape[:2] == want else None
+    return pixels if pixels.shape[:2] == want else None
+
+
+def _windows(boxes: np.ndarray, sx: float, sy: float) -> list[tuple[int, int, int, int]]:
+    """Each full-size box `[top, left, h, w]` as the (left, top, right, bottom)
+    window of an image decoded at scale (sx, sy)."""
+    return [(round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
+            for top, left, h, w in boxes.tolist()]
 
 
 def crops_into(out: np.ndarray, image: Opened, boxes: np.ndarray) -> None:
@@ -192,11 +214,79 @@ def crops_into(out: np.ndarray, image: Opened, boxes: np.ndarray) -> None:
     # A draft reduction keeps the smallest box side >= S: every output pixel
     # is still filtered from at least one decoded pixel.
     decoded, (sx, sy) = decode(image, size / float(boxes[:, 2:].min()))
-    for v, (top, left, h, w) in enumerate(boxes.tolist()):
+    for v, window in enumerate(_windows(boxes, sx, sy)):
         # Crop, then resize: the filter sees only the box's pixels, as in
         # torchvision (Pillow's resize(box=...) would also read around it).
-        window = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
         out[v] = decoded.crop(window).resize((size, size), Image.BILINEAR)
+
+
+def views_into(slot: np.ndarray, views: np.ndarray, image: Opened, boxes: np.ndarray, size: int) -> None:
+    """Decode an `open_image` once (the same DCT reduction as `crops_into`)
+    into `slot`, for the accelerator to cut and resize each box
+    (`image_ops.views_from_slots`): the host is spared the resizes, about
+    half of its CPU per image.
+
+    Where the decoded image fits the slot (P >= its pixels, each box's sides
+    <= C = isqrt(P)), a JPEG is decoded straight into it, with no copy, and
+    the views point into the whole image; otherwise each box is copied into
+    the slot one after the other (a box too large for what is left of it is
+    resized to S x S here, as `crops_into` does).
+
+    Args:
+      slot: uint8 (P, 3), P >= V * S * S, written in place (the unused tail zeroed).
+      views: int32 (V, 4), written: (offset, stride, height, width) of box v,
+        whose pixel (y, x) is slot[offset + y * stride + x].
+      boxes: int (V, 4) `[top, left, h, w]` in the full-size image.
+      size: the crop side S.
+    """
+    fraction = size / float(boxes[:, 2:].min())
+    if image.pil is None:  # simplejpeg: the decoded size is known before decoding
+        r = reduction(image.width, image.height, fraction)
+        dh, dw = -(-image.height // r), -(-image.width // r)
+        windows = _windows(boxes, dw / image.width, dh / image.height)
+        if _whole_fits(windows, dh, dw, len(slot)) and _decode_turbo(image, r, slot[:dh * dw]) is not None:
+            _whole_image_views(slot, views, windows, dh, dw)
+            return
+    pixels, (sx, sy) = decode_pixels(image, fraction)
+    pixels, windows = np.asarray(pixels), _windows(boxes, sx, sy)
+    dh, dw = pixels.shape[:2]
+    if _whole_fits(windows, dh, dw, len(slot)):
+        slot[:dh * dw] = pixels.reshape(-1, 3)
+        _whole_image_views(slot, views, windows, dh, dw)
+    else:
+        _pack_boxes(slot, views, pixels, windows, size)
+
+
+def _whole_fits(windows, height: int, width: int, capacity: int) -> bool:
+    side = math.isqrt(capacity)
+    return height * width <= capacity and all(right - left <= side and bottom - top <= side
+                                              for left, top, right, bottom in windows)
+
+
+def _whole_image_views(slot: np.ndarray, views: np.ndarray, windows, height: int, width: int) -> None:
+    slot[height * width:] = 0
+    for v, (left, top, right, bottom) in enumerate(windows):
+        views[v] = top * width + left, width, bottom - top, right - left
+
+
+def _pack_boxes(slot: np.ndarray, views: np.ndarray, pixels: np.ndarray, windows, size: int) -> None:
+    """Each box copied into the slot after the one before (a box larger than
+    C x C, or than what is left once the later boxes' S x S are kept,
+    resized to S x S here)."""
+    side, used = math.isqrt(len(slot)), 0
+    for v, (left, top, right, bottom) in enumerate(windows):
+        h, w = bottom - top, right - left
+        room = len(slot) - used - size * size * (len(windows) - 1 - v)
+        if h <= side and w <= side and h * w <= room:
+            slot[used:used + h * w] = pixels[top:bottom, left:right].reshape(-1, 3)
+        else:
+            h = w = size
+            crop = Image.fromarray(pixels, "RGB").crop((left, top, right, bottom)).resize((size, size),
+                                                                                         Image.BILINEAR)
+            slot[used:used + size * size] = np.asarray(crop).reshape(-1, 3)
+        views[v] = used, w, h, w
+        used += h * w
+    slot[used:] = 0
 
 
 def two_crops(encoded: bytes, u: np.ndarray, size: int, scale, ratio=RATIO) -> np.ndarray:

@@ -179,7 +179,8 @@ class ImageFolderSource(Source):
 
     def train_batches(self, *, global_batch, seed, start_step=0, process_index=0, process_count=1,
                       num_local_devices=1, crop_size=0, crop_scale=(0.08, 1.0), labels=False) -> Iterator:
-        """Two host crops per image, uint8 (n, b, 2, S, S, 3); with `labels`
+        """Two host crops per image, uint8 (n, b, 2, S, S, 3) (grain with
+        resize_on_device: (slots, views), `grain.two_crop_batches`); with `labels`
         (crops, int32 (n, b)), the label of each file's class folder."""
         if labels:
             self._check_train_labels()
