@@ -104,6 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # float32 | bfloat16 (params and BN stats stay float32)
     config.model.sync_bn = False  # True: BN statistics over all devices (SyncBN)
     config.model.bn_momentum = 0.9  # Flax convention; = PyTorch momentum 0.1
+    # none | blocks: recompute each ResNet / ViT block in the backward pass, keeping only
+    # its input (about one more backbone forward per step; core/models.py REMAT); what it
+    # saves: BENCHMARKS.md "Rematerialisation".
+    config.model.remat = "none"
     config.model.zero_init_residual = False  # ResNet: each block's last BN scale starts at 0 (MoCo v3)
     # ResNet convolutions' init: torchvision (kaiming normal, fan-out; the official
     # code's) | pytorch (nn.Conv2d's default, ~2.4x smaller; core/models.py CONV_INITS).

@@ -44,7 +44,7 @@ from moco_jax import data, pretrained
 from moco_jax.core.errors import ConfigError, NotFoundError, UserError
 from moco_jax.eval import knn
 from moco_jax.eval.embed import FEATURES
-from moco_jax.launch import cli, distributed
+from moco_jax.launch import cli, compilation_cache, distributed
 
 
 def load_dataset(encoder: pretrained.Encoder, name: str = "", data_dir: str = "", image_size: int = 0,
@@ -144,6 +144,7 @@ _SHARED_FLAGS = ("pretrained", "dataset", "data_dir", "image_size", "max_train_i
 def main(argv, join=lambda: False):
     del argv  # cli.run refuses extra arguments
     join()  # first: a multi-process run's processes connect before anything touches a device
+    compilation_cache.enable(flags.FLAGS.compilation_cache)  # before anything compiles
     f = flags.FLAGS
     distributed.check_same_config(ml_collections.ConfigDict({name: f[name].value for name in _SHARED_FLAGS}))
     check_flags(f)
@@ -176,5 +177,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_train_images", 0, "Bank: at most this many images of the train split, a fixed random "
                          "subset (0 = all of it).")
     flags.DEFINE_enum("features", "both", ["backbone", "projection", "both"], "Which features to evaluate.")
+    compilation_cache.define_flag()
     flags.mark_flags_as_required(["pretrained"])
     cli.run(functools.partial(main, join=distributed.define_process_flags()))

@@ -45,7 +45,7 @@ from absl import app, flags, logging  # noqa: E402
 from moco_jax import pretrained  # noqa: E402
 from moco_jax.eval import linear  # noqa: E402
 from moco_jax.io import workdirs  # noqa: E402
-from moco_jax.launch import cli, distributed  # noqa: E402
+from moco_jax.launch import cli, compilation_cache, distributed  # noqa: E402
 from moco_jax.training import metrics, probe  # noqa: E402
 
 # The repository's linear-probe config: the default --config (absent from an
@@ -142,6 +142,7 @@ def main(argv):
     del argv  # cli.run refuses extra arguments
     f = flags.FLAGS
     _join()  # first, before anything touches a device: the multi-process job, if any
+    compilation_cache.enable(flags.FLAGS.compilation_cache)  # before anything compiles
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn
     config = with_pretrained(f.config, f.pretrained)
@@ -178,5 +179,6 @@ if __name__ == "__main__":
                       "(without it such a relaunch refuses).")
     flags.DEFINE_bool("take_over", False, "Take the workdir from a probe that still holds its lock (that probe stops "
                       "without saving); a lock left by a dead one is taken over without this flag.")
+    compilation_cache.define_flag()
     _join = distributed.define_process_flags()
     cli.run(main)

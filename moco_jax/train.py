@@ -31,7 +31,7 @@ import jax  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from moco_jax.core import config as config_lib  # noqa: E402
-from moco_jax.launch import cli, distributed, summary  # noqa: E402
+from moco_jax.launch import cli, compilation_cache, distributed, summary  # noqa: E402
 from moco_jax.training import checks, trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(cli.REPO_ROOT, "configs", "default.py")
@@ -56,6 +56,7 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, f"This process's index in [0, num_processes) (or ${distributed.ENV_PROCESS_ID})."
 )
+_COMPILATION_CACHE = compilation_cache.define_flag()
 _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "local_device_ids", None,
     f"Comma-separated ids of the local devices this process drives (or ${distributed.ENV_LOCAL_DEVICE_IDS}); "
@@ -67,6 +68,7 @@ def main(argv):
     del argv  # cli.run refuses extra arguments
     # First, before anything touches a device.
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
+    compilation_cache.enable(_COMPILATION_CACHE.value)  # before anything compiles
     is_main = jax.process_index() == 0
     if not is_main:
         logging.set_verbosity(logging.WARNING)  # one process reports; the others only warn

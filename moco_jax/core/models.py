@@ -204,6 +204,12 @@ ARCHITECTURES: dict[int, tuple[Sequence[int], type]] = {
 
 
 STEMS = ("imagenet", "cifar")
+# model.remat: "blocks" recomputes each residual block's (ResNet) or transformer
+# block's (ViT) activations in the backward pass from the block's input, which
+# is all that is kept (nn.remat's default policy: nothing inside saveable); about
+# one more forward of the backbone per step, for activation memory that no longer
+# grows with the depth. The heads are not rematerialised.
+REMAT = ("none", "blocks")
 HEADS = ("linear", "mlp")
 # model.dtype -> the activations' dtype (params and BN statistics stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -226,6 +232,7 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     zero_init_residual: bool = False
     conv_init: str = "torchvision"  # CONV_INITS
+    remat: bool = False  # recompute each block in the backward pass (REMAT)
 
     @property
     def feature_dim(self) -> int:
@@ -235,6 +242,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         stages, block = ARCHITECTURES[self.depth]
+        block = nn.remat(block) if self.remat else block  # the same parameter names either way
         norm = functools.partial(
             SplitBatchNorm,
             use_running_average=not train,
@@ -378,7 +386,8 @@ def build_backbone(config, axis_name: str = "batch") -> nn.Module:
     dtype = DTYPES[model_config.dtype]
     if is_vit(config):
         return vit.VisionTransformer(size=model_config.vit, patch_size=model_config.patch_size,
-                                     stop_grad_patch=model_config.stop_grad_patch, dtype=dtype, name="backbone")
+                                     stop_grad_patch=model_config.stop_grad_patch, dtype=dtype,
+                                     remat=model_config.remat == "blocks", name="backbone")
     if model_config.arch != "resnet":
         raise ConfigError(f"model.arch={model_config.arch!r} must be one of {', '.join(map(repr, ARCHS))}")
     return ResNet(
@@ -391,6 +400,7 @@ def build_backbone(config, axis_name: str = "batch") -> nn.Module:
         dtype=dtype,
         zero_init_residual=model_config.zero_init_residual,
         conv_init=model_config.conv_init,
+        remat=model_config.remat == "blocks",
         name="backbone",
     )
 
@@ -407,7 +417,7 @@ def frozen_prefixes(config) -> tuple[tuple[str, ...], ...]:
 # ---------------------------------------------------------------------------
 FIELDS = {
     "model.arch": one_of(ARCHS), "model.dtype": one_of(DTYPES), "model.sync_bn": BOOL,
-    "model.bn_momentum": MOMENTUM,
+    "model.bn_momentum": MOMENTUM, "model.remat": one_of(REMAT),
     # ResNet
     "model.depth": one_of(ARCHITECTURES), "model.width": integer(1), "model.stem": one_of(STEMS),
     "model.zero_init_residual": BOOL, "model.conv_init": one_of(CONV_INITS),

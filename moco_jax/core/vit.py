@@ -142,6 +142,7 @@ class VisionTransformer(nn.Module):
     patch_size: int = 16
     stop_grad_patch: bool = False
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # recompute each block in the backward pass (models.REMAT)
 
     @property
     def spec(self) -> ViTSize:
@@ -167,8 +168,9 @@ class VisionTransformer(nn.Module):
         tokens = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, spec.width)).astype(self.dtype), patches], 1)
         # Fixed, not a parameter: nothing can train it, and checkpoints need not hold it.
         tokens = tokens + jnp.asarray(sincos_position_embedding(x.shape[1] // p, spec.width), self.dtype)
+        block = nn.remat(Block) if self.remat else Block  # the same parameter names either way
         for i in range(spec.depth):
-            tokens = Block(spec.num_heads, dtype=self.dtype, name=f"blocks_{i}")(tokens)
+            tokens = block(spec.num_heads, dtype=self.dtype, name=f"blocks_{i}")(tokens)
         tokens = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(tokens)
         return tokens[:, 0].astype(jnp.float32)
 

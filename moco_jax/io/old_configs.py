@@ -13,6 +13,7 @@ FIELD_DEFAULTS = {
     "method": "moco_v2", "optimizer": "sgd", "momentum_schedule": "constant", "conv_grad_scale": "none",
     "model.arch": "resnet", "model.vit": "small", "model.patch_size": 16, "model.stop_grad_patch": False,
     "model.mlp_dim": 4096, "model.zero_init_residual": False, "model.conv_init": "torchvision",
+    "model.remat": "none",
     "online_probe": False, "online_probe_lr": 0.1,
     # How files are found and read, not what is read (the same images and crops either way): today's defaults.
     "index_dir": "", "input_read_threads": 4,
