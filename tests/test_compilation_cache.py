@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from moco_jax.launch import compilation_cache
@@ -28,18 +27,23 @@ def test_where_the_cache_goes(monkeypatch, tmp_path):
 
 
 def test_enable_and_disable_set_jax(tmp_path):
-    saved = jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir
-    try:
-        assert compilation_cache.enable(str(tmp_path / "cache")) == str(tmp_path / "cache")
-        assert (tmp_path / "cache").is_dir() and jax.config.jax_enable_compilation_cache
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
-        assert compilation_cache.enable("off") is None and not jax.config.jax_enable_compilation_cache
-        (tmp_path / "file").write_text("")
-        assert compilation_cache.enable(str(tmp_path / "file" / "cache")) is None  # cannot be created: off
-        assert not jax.config.jax_enable_compilation_cache
-    finally:
-        jax.config.update("jax_enable_compilation_cache", saved[0])
-        jax.config.update("jax_compilation_cache_dir", saved[1])
+    """In a new process: turning JAX's cache on and off here would change it
+    for the rest of this test process."""
+    code = f"""
+import jax
+from moco_jax.launch import compilation_cache as cc
+assert cc.enable({str(tmp_path / "cache")!r}) == {str(tmp_path / "cache")!r}
+assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == {str(tmp_path / "cache")!r}
+assert cc.enable("off") is None and not jax.config.jax_enable_compilation_cache
+open({str(tmp_path / "file")!r}, "w").close()
+assert cc.enable({str(tmp_path / "file" / "cache")!r}) is None  # cannot be created: off
+assert not jax.config.jax_enable_compilation_cache
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert (tmp_path / "cache").is_dir()
 
 
 def _entries(cache: Path) -> dict[str, int]:
