@@ -8,7 +8,8 @@ process reading that cache, as a relaunched or preempted run would.
 
 Each launch is `python -m benchmarks.train_step --models M --steps 1
 --warmup 0` with JAX_COMPILATION_CACHE_DIR set to a new folder (what
-train.py's default `--compilation_cache=auto` does with ~/.cache/moco_jax/xla).
+train.py's default `--compilation_cache=auto` does with ~/.cache/moco_jax/xla
+on a GPU or TPU, and `--compilation_cache=DIR` on a CPU).
 """
 from __future__ import annotations
 

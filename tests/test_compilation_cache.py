@@ -17,13 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_where_the_cache_goes(monkeypatch, tmp_path):
     monkeypatch.delenv(compilation_cache.ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert compilation_cache.resolve("auto") == str(tmp_path / "xdg" / "moco_jax" / "xla")
+    for accelerator in ("gpu", "tpu"):
+        assert compilation_cache.resolve("auto", accelerator) == str(tmp_path / "xdg" / "moco_jax" / "xla")
+    assert compilation_cache.resolve("auto", "cpu") is None  # jaxlib 0.10's CPU executables crashed it
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert compilation_cache.resolve("auto") == os.path.join(os.path.expanduser("~"), ".cache", "moco_jax", "xla")
-    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "env"))  # the user's own JAX setting wins
-    assert compilation_cache.resolve("auto") == str(tmp_path / "env")
-    assert compilation_cache.resolve(str(tmp_path / "given")) == str(tmp_path / "given")
-    assert compilation_cache.resolve("off") is compilation_cache.resolve("") is None
+    assert compilation_cache.resolve("auto", "gpu") == os.path.join(os.path.expanduser("~"), ".cache", "moco_jax",
+                                                                    "xla")
+    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "env"))  # the user's own JAX setting wins, also on a CPU
+    assert compilation_cache.resolve("auto", "gpu") == compilation_cache.resolve("auto", "cpu") == str(tmp_path / "env")
+    assert compilation_cache.resolve(str(tmp_path / "given"), "cpu") == str(tmp_path / "given")
+    assert compilation_cache.resolve("off", "gpu") is compilation_cache.resolve("", "gpu") is None
 
 
 def test_enable_and_disable_set_jax(tmp_path):
@@ -38,10 +41,11 @@ assert cc.enable("off") is None and not jax.config.jax_enable_compilation_cache
 open({str(tmp_path / "file")!r}, "w").close()
 assert cc.enable({str(tmp_path / "file" / "cache")!r}) is None  # cannot be created: off
 assert not jax.config.jax_enable_compilation_cache
+assert cc.enable("auto") is None and not jax.config.jax_enable_compilation_cache  # a CPU, no $JAX_COMPILATION_CACHE_DIR
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))  # conftest.py removed $JAX_COMPILATION_CACHE_DIR
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     assert (tmp_path / "cache").is_dir()
 

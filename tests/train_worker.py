@@ -18,7 +18,6 @@ hang_at = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cache"))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 
 from moco_jax.training import trainer  # noqa: E402
