@@ -1,57 +1,27 @@
 #!/usr/bin/env bash
-# One short lease of a GPU machine, spent on what only a GPU can show:
-#   1. the step benchmark (benchmarks/train_step.py: R50 at 224 px and the
-#      CIFAR R18, float32 and bfloat16; then R50 bfloat16 with the online
-#      linear probe, for what it adds to a step), unless PHASE=cifar;
-#   2. as much of the 200-epoch CIFAR-10 reproduction (configs/moco_v2_cifar10.py
-#      with the demo's torchvision init) as the remaining time allows, unless
-#      PHASE=bench. On one H200 all 200 epochs took 7.5 minutes (BENCHMARKS.md).
-# The CIFAR run stops on SIGTERM at a step boundary and saves a checkpoint in
-# $WORKDIR, so a later call on the same (still warm) machine resumes it with
-# PHASE=cifar; its metrics.jsonl (kNN every 10 epochs) is copied to OUT_DIR.
+# One GPU lease: installs the carried wheels, then runs benchmarks/gpu_session.py
+# (its docstring lists the phases: the official MoCo v2 code against moco_jax's
+# step on the same GPU, the MoCo v3 recipes with and without remat, 512 pairs
+# per device, the host pipeline on all cores, then the CIFAR-10 recipe with
+# what is left). Writes OUT_DIR/gpu_session.{json,md} and one log per phase.
 #
-# Usage, from the repository root of the GPU machine, with the three CIFAR-10
-# mosaic files of ../shared/data/cifar10 copied to .data/cifar10 and any
-# missing wheels (ml-collections) in .whl:
-#   benchmarks/gpu_session.sh OUT_DIR TOTAL_SECONDS [all|bench|cifar]
-# TOTAL_SECONDS bounds the whole script; the benchmark gets at most
-# BENCH_SECONDS (default 270) of it.
+# Prepare here (all git-ignored; carry .official, .gpu_data, .whl and, for the
+# CIFAR phase, .data: about 60 MB with CIFAR-10, so leave .data out when the
+# budget cannot reach it):
+#   mkdir -p .official/moco .gpu_data
+#   git -C MOCO_CLONE show 3402035:moco/builder.py > .official/moco/builder.py
+#   cp -r ../shared/data/imagenette_sample .gpu_data/
+#   mkdir -p .data/cifar10 && cp ../shared/data/cifar10/* .data/cifar10/      # optional
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#     ml-collections==1.1.0 grain==0.2.18 array-record portpicker simplejpeg==1.9.0   # what the GPU image lacks
+#
+# Then, on the GPU machine, from the repository root:
+#   benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS=480] [PHASES]
 set -uo pipefail
-OUT_DIR=${1:?OUT_DIR}; TOTAL=${2:?TOTAL_SECONDS}; PHASE=${3:-all}
-WORKDIR=${WORKDIR:-workdir_cifar200}
-BENCH_SECONDS=${BENCH_SECONDS:-270}
-mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}
+OUT_DIR=${1:?OUT_DIR}; TOTAL=${2:-480}; PHASES=${3:-}
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  python3 - <<'EOF'
-import platform, jax, jaxlib, flax, optax, numpy, orbax.checkpoint as ocp
-print("python", platform.python_version(), "jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__,
-      "optax", optax.__version__, "orbax", ocp.__version__, "numpy", numpy.__version__)
-print(jax.devices())
-EOF
-} 2>&1 | tee "$OUT_DIR/env.txt"
-
-if [ "$PHASE" != cifar ]; then
-  timeout -k 10 "$BENCH_SECONDS" python3 -m benchmarks.train_step --json "$OUT_DIR/train_step_gpu.json" \
-    ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/train_step.log"
-  timeout -k 10 60 python3 -m benchmarks.train_step --models r50_224 --dtypes bfloat16 --online_probe \
-    --json "$OUT_DIR/train_step_online_probe.json" 2>&1 | tee -a "$OUT_DIR/train_step.log"
-fi
-
-# What is left, less a margin for the SIGTERM save and the copies.
-LEFT=$(( TOTAL - SECONDS - 45 ))
-if [ "$PHASE" != bench ] && [ "$LEFT" -gt 60 ]; then
-  echo "CIFAR-10 run for ${LEFT}s in $WORKDIR"
-  timeout -k 40 "$LEFT" python3 train.py --config configs/moco_v2_cifar10.py --workdir "$WORKDIR" \
-    --config.model.conv_init=torchvision --config.dataset=cifar10_arrays --config.data_dir=.data/cifar10 \
-    ${TRAIN_ARGS:-} 2>&1 | grep -v "^\s*$" | tee -a "$OUT_DIR/cifar.log" | grep -iv "orbax" | tail -n 40
-  cp "$WORKDIR"/metrics.jsonl "$OUT_DIR"/ 2>/dev/null
-  ls "$WORKDIR" > "$OUT_DIR/workdir_ls.txt" 2>&1
-fi
-echo "done after ${SECONDS}s"
+exec python3 -m benchmarks.gpu_session --out "$OUT_DIR" --budget "$TOTAL" ${PHASES:+--phases "$PHASES"}

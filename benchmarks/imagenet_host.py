@@ -62,11 +62,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLASSES = 1000
 
 
-def make_photos(root: Path, count: int, seed: int = 0) -> list[Path]:
+def make_photos(root: Path, count: int, seed: int = 0, sources: Path = SHARED / "imagenette_sample" / "train"
+                ) -> list[Path]:
     """`count` ImageNet-sized JPEGs (500 x 375, every fourth 375 x 500,
-    about 110 KB) in root/<class>/, from the sample photos (or, without
-    them, smooth random fields) with Gaussian noise of sigma 10."""
-    sources = sorted((SHARED / "imagenette_sample" / "train").glob("*/*.JPEG"))
+    about 110 KB) in root/<class>/, from the sample photos in
+    `sources`/<class>/ (or, without them, smooth random fields) with
+    Gaussian noise of sigma 10."""
+    sources = sorted(Path(sources).glob("*/*.JPEG"))
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
@@ -311,6 +313,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: cpu,device,scaling,memory")
     parser.add_argument("--workdir", type=Path, help="where the stand-ins go (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--sources", type=Path, default=SHARED / "imagenette_sample" / "train",
+                        help="the sample photos, <class>/*.JPEG (e.g. a copy carried to a GPU machine)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
@@ -320,7 +324,8 @@ def main(argv=None) -> dict:
     print(json.dumps(result["environment"]), flush=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="imagenet_host-"))
     try:
-        photos = make_photos(work / "photos", args.photos)
+        photos = make_photos(work / "photos", args.photos, sources=args.sources)
+        result["environment"]["photos_from"] = str(args.sources) if any(args.sources.glob("*/*.JPEG")) else "noise"
         if "cpu" not in skip:
             result["cpu"] = cpu_rows(photos, args.reps)
         small = make_tree(work / "small", photos, args.small)

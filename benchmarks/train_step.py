@@ -42,6 +42,17 @@ Columns (memory and FLOPs are per device):
   XLA GF       everything the compiled step executes per pair, by XLA's count.
   MFU          pairs/s x model GF / peak FLOP/s of the device(s).
   recompiles   compilations during the timed steps (must be 0).
+  recv MB      bytes a device receives from the others per step through the
+               step's all-gathers and all-to-alls, (n-1)/n of their results
+               in the step's HLO (shuffle BN's images and keys, v3's and the
+               queue's keys); JSON `collective_mb`: every collective's result
+               bytes by kind, all-reduces (gradients, BN statistics) included.
+
+Bytes only, on any number of devices (lowered, not compiled or run: a
+CPU emulating 8 devices measures what an 8-GPU host exchanges):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.train_step --exchange \
+      --models r50_224 --shuffle_mode all_gather,all_to_all,auto
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import itertools
 import json
 import math
 import platform
+import re
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -104,6 +116,9 @@ MODELS = {
                             vit="small"),
     "vitb16_224": ModelSpec(0, 0, "", 256, 224, "moco_v3", (0.08, 1.0), 0, 0.99, 64, 1, method="moco_v3",
                             vit="base"),
+    # MoCo v3 ResNet-50 (configs/moco_v3_r50.py: SyncBN, LARS, 4096-wide heads): 8 x 8.18 GFLOP per pair.
+    "r50v3_224": ModelSpec(50, 64, "imagenet", 256, 224, "moco_v3", (0.2, 1.0), 0, 0.99, 128, 1, 65.4,
+                           method="moco_v3"),
     "vit_test": ModelSpec(0, 0, "", 16, 16, "cifar_v3", (0.08, 1.0), 0, 0.99, 8, 1, method="moco_v3",
                           vit="test", patch_size=4),
 }
@@ -128,9 +143,10 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 COLUMNS = (
-    "model", "dtype", "devices", "local_batch", "pairs_per_s", "step_ms", "compile_s", "peak_mem_gib",
-    "model_gflop_per_pair", "xla_gflop_per_pair", "mfu", "recompiles",
+    "model", "dtype", "remat", "devices", "local_batch", "pairs_per_s", "step_ms", "compile_s", "peak_mem_gib",
+    "model_gflop_per_pair", "xla_gflop_per_pair", "mfu", "recv_mb", "fits_local_batch", "recompiles",
 )
+EXCHANGE_COLUMNS = ("model", "dtype", "devices", "local_batch", "shuffle_mode", "recv_mb", "all_reduce_mb")
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
 _compilations: list[str] = []
@@ -168,11 +184,16 @@ def experiment_config(spec: ModelSpec, dtype: str, global_batch: int, shuffle_mo
 
 
 def _v3_config(spec: ModelSpec, dtype: str, global_batch: int):
-    """configs/moco_v3_vit_small.py with the ViT, images and batch of `spec`."""
-    from configs import moco_v3_vit_small  # noqa: PLC0415
+    """configs/moco_v3_vit_small.py with the ViT, images and batch of `spec`
+    (configs/moco_v3_r50.py for a ResNet spec)."""
+    from configs import moco_v3_r50, moco_v3_vit_small  # noqa: PLC0415
 
-    config = moco_v3_vit_small.get_config()
-    config.model.vit, config.model.patch_size, config.model.dtype = spec.vit, spec.patch_size, dtype
+    if spec.vit:
+        config = moco_v3_vit_small.get_config()
+        config.model.vit, config.model.patch_size = spec.vit, spec.patch_size
+    else:
+        config = moco_v3_r50.get_config()
+    config.model.dtype = dtype
     config.image_size, config.crop_size = spec.input_size, spec.crop_size
     config.augmentation, config.crop_scale = spec.augmentation, spec.crop_scale
     config.batch_size, config.momentum = global_batch, spec.ema_momentum
@@ -231,6 +252,31 @@ def xla_flops(compiled) -> float | None:
     return cost_flops(compiled.cost_analysis())
 
 
+_COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter)\(")
+_ARRAY = re.compile(r"\b(pred|bf16|[suf]\d+)\[([\d,]*)\]")
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+    itemsize = 1 if dtype == "pred" else 2 if dtype == "bf16" else int(dtype[1:]) // 8
+    return itemsize * math.prod(int(d) for d in dims.split(",") if d)
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Per-device bytes of the results of each kind of collective in one
+    execution of a program, from its HLO text (`lowered.as_text("hlo")`):
+    e.g. {"all-gather": ..., "all-to-all": ..., "all-reduce": ...}."""
+    total: dict[str, int] = {}
+    for result, op in _COLLECTIVE.findall(hlo_text):
+        total[op] = total.get(op, 0) + sum(_array_bytes(*array) for array in _ARRAY.findall(result))
+    return total
+
+
+def received_bytes(collectives: dict[str, int], num_devices: int) -> float:
+    """What one device receives from the others through all-gathers and
+    all-to-alls: (n-1)/n of their results (its own share stays put)."""
+    return (collectives.get("all-gather", 0) + collectives.get("all-to-all", 0)) * (num_devices - 1) / num_devices
+
+
 def synthetic_batches(num_devices: int, local_batch: int, size: int, count: int = 2, seed: int = 0) -> list:
     """`count` different host uint8 batches (n, B_local, size, size, 3)."""
     rng = np.random.default_rng(seed)
@@ -247,16 +293,19 @@ def batch_stream(host_batches: list, feed: str) -> Iterator:
 
 
 def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int = 20, warmup: int = 5,
-              shuffle_mode: str = "all_gather", peak: float | None = None,
+              shuffle_mode: str = "auto", peak: float | None = None,
               bn_splits: int | None = None, feed: str = "device", sync_every_step: bool = False,
-              online_probe: bool = False) -> dict[str, Any]:
+              online_probe: bool = False, remat: str = "none", fit: bool = False,
+              memory_gib: float | None = None) -> dict[str, Any]:
     """Measure one (model, dtype) step; returns one row of the table.
-    `online_probe`: the step also trains the online linear probe (1000 classes)."""
+    `online_probe`: the step also trains the online linear probe (1000 classes).
+    `remat`: `model.remat`. `fit`: also the largest per-device batch that
+    fits (`largest_batch`) in `memory_gib` (default: the device's limit)."""
     spec = MODELS[name]
     devices = jax.local_devices()
     n, local_batch, bn_splits = len(devices), local_batch or spec.local_batch, bn_splits or spec.bn_splits
     config = experiment_config(spec, dtype, n * local_batch, shuffle_mode, bn_splits)
-    config.online_probe = online_probe
+    config.online_probe, config.model.remat = online_probe, remat
     validate_config(config, jax.device_count())
 
     encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
@@ -298,6 +347,9 @@ def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int 
             jax.device_get(metrics)
     jax.block_until_ready((p_state, metrics))  # else fetched once, as the trainer does at log steps
     elapsed = time.perf_counter() - start
+    recompiles = len(_compilations) - compilations_before
+    # After the timed steps: asking for `lowered`'s HLO text before them made them count 2 compilations.
+    collectives = collective_bytes(lowered.as_text("hlo"))
     loss = float(np.asarray(metrics["loss"])[0])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{name} {dtype}: non-finite loss {loss}")
@@ -310,9 +362,14 @@ def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int 
         memory, memory_source = compiled_memory, "memory_analysis"
     step_flops = xla_flops(compiled)
     peak = peak if peak is not None else peak_tflops(devices[0].device_kind, dtype)
+    fits = None
+    if fit:
+        del p_state  # its buffers, before another compile
+        fits = largest_batch(config, spec, local_batch, compiled_memory, devices, memory_gib)
     return {
         "model": name,
         "dtype": dtype,
+        "remat": remat,
         "devices": n,
         "device_kind": devices[0].device_kind,
         "local_batch": local_batch,
@@ -336,9 +393,62 @@ def benchmark(name: str, dtype: str, local_batch: int | None = None, steps: int 
         "xla_gflop_per_pair": None if step_flops is None else step_flops / local_batch / 1e9,
         "peak_tflops_per_device": peak,
         "mfu": None if not peak else pairs_per_s * model_gflop * 1e9 / (n * peak * 1e12),
-        "recompiles": len(_compilations) - compilations_before,
+        "recv_mb": received_bytes(collectives, n) / 1e6,
+        "collective_mb": {op: size / 1e6 for op, size in collectives.items()},
+        "fits_local_batch": fits,
+        "recompiles": recompiles,
         "final_loss": loss,
     }
+
+
+def largest_batch(config, spec: ModelSpec, local_batch: int, step_bytes: float | None,
+                  devices: Sequence[jax.Device], memory_gib: float | None = None) -> int | None:
+    """The largest per-device batch (a multiple of 8) whose step fits in
+    `memory_gib` (default: 95% of the device's `bytes_limit`), projected
+    linearly from the compiled step's bytes (`compiled_memory_bytes`) at
+    `local_batch` (`step_bytes`) and at twice it (compiled from abstract
+    inputs, not run); None where neither limit nor bytes are known."""
+    limit = memory_gib * 2**30 if memory_gib else None
+    if limit is None:
+        stats = devices[0].memory_stats() or {}
+        limit = 0.95 * stats["bytes_limit"] if "bytes_limit" in stats else None
+    if limit is None or step_bytes is None:
+        return None
+    double = config.copy_and_resolve_references()
+    double.batch_size = 2 * config.batch_size
+    if spec.method == "moco_v2":
+        double.queue_size = math.ceil(spec.queue_size / double.batch_size) * double.batch_size
+    per_pair = (compiled_memory_bytes(_lowered_step(double, spec, len(devices)).compile()) - step_bytes) / local_batch
+    if per_pair <= 0:
+        return None
+    return int((limit - (step_bytes - per_pair * local_batch)) // per_pair) // 8 * 8
+
+
+def _lowered_step(config, spec: ModelSpec, num_devices: int):
+    """The pmap-ed train step of `config` lowered from abstract inputs (the
+    state's and a uint8 batch's shapes): nothing is allocated."""
+    encoder = methods.build_encoder(config, axis_name=sharding.AXIS)
+    tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
+    image_shape = (spec.crop_size, spec.crop_size, 3)
+    state = jax.eval_shape(lambda: state_lib.create_train_state(
+        jax.random.key(0), encoder, tx, image_shape, methods.get(config).queue_size(config), config.embed_dim))
+    p_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_devices,) + x.shape, x.dtype), state)
+    local_batch = config.batch_size // num_devices
+    batch = jax.ShapeDtypeStruct((num_devices, local_batch, spec.input_size, spec.input_size, 3), np.uint8)
+    return trainer.make_train_step(config, total_steps=100_000).lower(p_state, batch)
+
+
+def exchange(name: str, dtype: str, local_batch: int | None, shuffle_mode: str) -> dict[str, Any]:
+    """The bytes of one (model, dtype, shuffle mode) step on every local
+    device, from its lowered program (nothing compiled or run)."""
+    spec, n = MODELS[name], jax.local_device_count()
+    local_batch = local_batch or spec.local_batch
+    config = experiment_config(spec, dtype, n * local_batch, shuffle_mode, spec.bn_splits)
+    validate_config(config, jax.device_count())
+    collectives = collective_bytes(_lowered_step(config, spec, n).as_text("hlo"))
+    return {"model": name, "dtype": dtype, "devices": n, "local_batch": local_batch, "shuffle_mode": shuffle_mode,
+            "recv_mb": received_bytes(collectives, n) / 1e6, "all_reduce_mb": collectives.get("all-reduce", 0) / 1e6,
+            "collective_mb": {op: size / 1e6 for op, size in collectives.items()}}
 
 
 def _cell(value: Any) -> str:
@@ -349,10 +459,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of COLUMNS, one line per row."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    """A Markdown table of `columns`, one line per row."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -386,8 +496,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sync_every_step", action="store_true", help="fetch the metrics after every step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compilation")
-    parser.add_argument("--shuffle_mode", default="all_gather", choices=("all_gather", "all_to_all"))
+    parser.add_argument("--shuffle_mode", default="auto",
+                        help="MoCo v2's shuffle BN: auto, all_gather or all_to_all (comma-separated with --exchange)")
+    parser.add_argument("--exchange", action="store_true",
+                        help="only the bytes each device exchanges per step, from the lowered step (nothing run)")
     parser.add_argument("--online_probe", action="store_true", help="also train the online linear probe in the step")
+    parser.add_argument("--remat", default="none", help="comma-separated model.remat values: none, blocks")
+    parser.add_argument("--fit", action="store_true",
+                        help="also the largest per-device batch that fits (one more compile per row)")
+    parser.add_argument("--memory_gib", type=float, default=None,
+                        help="the memory --fit fits into (default: 95%% of the device's limit)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak; default: PEAK_TFLOPS table")
     parser.add_argument("--json", default=None, help="also write {environment, rows} to this path")
     parser.add_argument("--tiny", action="store_true", help="= --models tiny --steps 3 --warmup 1 (CPU smoke run)")
@@ -406,13 +524,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     env = environment()
     devices = f"{env['local_devices']} x {env['device_kind']} ({env['backend']})"
     print(f"# {devices}, jax {env['jax']}, {env['date_utc']} UTC")
+    if args.exchange:
+        rows = [exchange(name, dtype, args.local_batch, mode) for name in args.models.split(",")
+                for dtype in args.dtypes.split(",") for mode in args.shuffle_mode.split(",")]
+        print(format_table(rows, EXCHANGE_COLUMNS))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "rows": rows}, f, indent=2)
+        return rows
     rows = []
-    for name in args.models.split(","):
-        for dtype in args.dtypes.split(","):
-            rows.append(benchmark(name, dtype, args.local_batch, args.steps, args.warmup, args.shuffle_mode,
-                                  args.peak_tflops, args.bn_splits, args.feed, args.sync_every_step,
-                                  args.online_probe))
-            print(f"  {name} {dtype}: {rows[-1]['pairs_per_s']:.1f} pairs/s", file=sys.stderr, flush=True)
+    for name, dtype, remat in itertools.product(args.models.split(","), args.dtypes.split(","),
+                                                args.remat.split(",")):
+        rows.append(benchmark(name, dtype, args.local_batch, args.steps, args.warmup, args.shuffle_mode,
+                              args.peak_tflops, args.bn_splits, args.feed, args.sync_every_step,
+                              args.online_probe, remat, args.fit, args.memory_gib))
+        print(f"  {name} {dtype} remat={remat}: {rows[-1]['pairs_per_s']:.1f} pairs/s", file=sys.stderr,
+              flush=True)
+        if args.json:  # after every row: a row that runs out of time or memory keeps the ones before
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "rows": rows}, f, indent=2)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -128,7 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.momentum = 0.99  # key-encoder EMA
     config.momentum_schedule = "constant"  # constant | cosine (m -> 1 over training, MoCo v3)
     config.shuffle_bn = True  # moco_v2: the key encoder sees its batch shuffled across BN groups
-    config.shuffle_mode = "all_gather"  # all_gather (reference) | all_to_all (n x less traffic; see methods/shuffle_bn.py)
+    # auto: all_to_all where the per-device batch splits over the devices (n x less traffic), else all_gather
+    # (the reference); see methods/shuffle_bn.py
+    config.shuffle_mode = "auto"
     config.symmetric_loss = False  # moco_v2 only (moco_v3 is always symmetric)
 
     # Optimisation.

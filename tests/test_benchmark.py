@@ -5,6 +5,8 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import train_step
 
@@ -77,3 +79,26 @@ def test_knn_memory_benchmark_shows_the_split_bank_smaller_per_device(monkeypatc
     one, split = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert one["layout"] == "one device" and split["layout"] == "bank over 8 devices, one query step, per device"
     assert split["argument_bytes"] < one["argument_bytes"] and split["total_bytes"] < one["total_bytes"]
+
+
+def test_collective_bytes_counts_each_kind_from_the_hlo():
+    step = jax.pmap(lambda x: (jax.lax.all_gather(x.astype(jnp.bfloat16), "i", tiled=True),
+                               jax.lax.all_to_all(x, "i", 0, 0, tiled=True), jax.lax.psum((x, x[0]), "i")),
+                    axis_name="i")
+    counted = train_step.collective_bytes(step.lower(np.zeros((8, 16, 3), np.float32)).as_text("hlo"))
+    assert counted == {"all-gather": 128 * 3 * 2, "all-to-all": 16 * 3 * 4, "all-reduce": (16 * 3 + 3) * 4}
+    assert train_step.received_bytes(counted, 8) == (128 * 3 * 2 + 16 * 3 * 4) * 7 / 8
+
+
+def test_exchange_rows_show_the_all_to_all_and_bfloat16_savings(capsys):
+    """Bytes from the lowered step on 8 devices: the all-to-all shuffle moves
+    less than the all-gather (whose images are most of what it moves), and
+    bfloat16 images less than float32; the all-reduces (gradients) do not change."""
+    rows = train_step.main(["--exchange", "--models", "tiny", "--shuffle_mode", "all_gather,all_to_all,auto"])
+    mb = {(r["dtype"], r["shuffle_mode"]): r["recv_mb"] for r in rows}
+    for dtype in ("float32", "bfloat16"):
+        assert mb[dtype, "all_to_all"] < 0.5 * mb[dtype, "all_gather"]
+        assert mb[dtype, "auto"] == mb[dtype, "all_to_all"]  # 8 images per device split over 8 devices
+    assert mb["bfloat16", "all_gather"] < mb["float32", "all_gather"]
+    assert len({r["all_reduce_mb"] for r in rows}) == 1
+    assert "| tiny | bfloat16 | 8 | 8 | auto |" in capsys.readouterr().out

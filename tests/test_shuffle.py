@@ -16,7 +16,9 @@ import pytest
 
 from moco_jax.core import models, sharding
 from moco_jax.core import state as state_lib
+from moco_jax import methods
 from moco_jax.methods import moco_v2, shuffle_bn
+from tiny import tiny_config
 
 N_DEV, LOCAL = 8, 16
 GLOBAL = N_DEV * LOCAL
@@ -55,7 +57,8 @@ def _shuffle(mode, encode):
     """pmap over 8 devices: (rng (2,) replicated, x (8, LOCAL, ...)) ->
     (keys, aux, the permutation each device drew)."""
     hp = moco_v2.MoCoHParams(shuffle_mode=mode)
-    forward = shuffle_bn.all_to_all_shuffled_forward if mode == "all_to_all" else shuffle_bn.shuffled_forward
+    resolved = shuffle_bn.resolve_shuffle_mode(mode, LOCAL, N_DEV)
+    forward = shuffle_bn.all_to_all_shuffled_forward if resolved == "all_to_all" else shuffle_bn.shuffled_forward
 
     def run(raw_rng, x):
         perm = moco_v2.draw_permutation(jax.random.wrap_key_data(raw_rng), hp, x.shape[0])
@@ -240,3 +243,60 @@ def test_train_step_all_to_all_equals_all_gather_given_the_same_permutation(monk
     np.testing.assert_allclose(np.asarray(a2a_metrics["loss"]), np.asarray(gather_metrics["loss"]), rtol=1e-6)
     for a, g in zip(jax.tree.leaves(a2a), jax.tree.leaves(gather)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(g), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_takes_the_all_to_all_where_the_batch_splits_over_the_devices():
+    assert shuffle_bn.resolve_shuffle_mode("auto", 16, 8) == "all_to_all"
+    assert shuffle_bn.resolve_shuffle_mode("auto", 4, 8) == "all_gather"  # 4 images do not split over 8 devices
+    assert shuffle_bn.resolve_shuffle_mode("auto", 16, 1) == "all_gather"  # one device: nothing to exchange
+    for mode in ("all_gather", "all_to_all"):
+        assert shuffle_bn.resolve_shuffle_mode(mode, 16, 8) == mode
+
+    def collectives(mode, local):
+        hp = moco_v2.MoCoHParams(shuffle_mode=mode)
+        step = jax.pmap(functools.partial(moco_v2.train_step, hp=hp, views=lambda rng, b: (b, b)),
+                        axis_name=hp.axis_name)
+        state = state_lib.create_train_state(jax.random.key(0), _SmallEncoder(), optax.sgd(0.1), (4, 4, 3), 64, 8)
+        text = step.lower(state_lib.to_devices(state), sharding.shard(np.zeros((N_DEV, local, 4, 4, 3),
+                                                                                np.float32))).as_text("hlo")
+        return "all-to-all(" in text
+
+    assert collectives("auto", 8) and collectives("all_to_all", 8)
+    assert not collectives("auto", 4) and not collectives("all_gather", 8)
+    # In the step, auto draws the stratified permutation its all-to-all needs.
+    rng = jax.random.key(11)
+    draw = jax.pmap(lambda r, x: moco_v2.draw_permutation(jax.random.wrap_key_data(r), moco_v2.MoCoHParams(), LOCAL),
+                    axis_name="batch")
+    perms = np.asarray(draw(sharding.replicate(np.asarray(jax.random.key_data(rng))), np.zeros(N_DEV)))
+    np.testing.assert_array_equal(perms[0], shuffle_bn.stratified_permutation(rng, N_DEV, LOCAL))
+
+
+@pytest.mark.parametrize("mode", ["all_gather", "all_to_all"])
+def test_bfloat16_backbones_exchange_bfloat16_images_and_get_the_same_keys(mode):
+    """A bfloat16 ResNet casts its input to bfloat16 first, so the shuffle
+    moves the key images in bfloat16 (half the bytes) and every key and BN
+    statistic is bit for bit what float32 images give."""
+    config = tiny_config(model=dict(dtype="bfloat16"))
+    encoder = methods.build_encoder(config)
+    state = state_lib.create_train_state(jax.random.key(0), encoder, optax.sgd(0.1), (8, 8, 3), 64, config.embed_dim)
+    x = _per_device(np.random.default_rng(3).normal(size=(GLOBAL, 8, 8, 3)).astype(np.float32))
+    perm = np.asarray(shuffle_bn.stratified_permutation(jax.random.key(7), N_DEV, LOCAL))
+
+    def keys(image_dtype):
+        hp = moco_v2.MoCoHParams(shuffle_mode=mode, image_dtype=image_dtype)
+        step = jax.pmap(lambda s, xs, p: moco_v2.compute_keys(s, s.momentum_params, xs, p, hp),
+                        axis_name=hp.axis_name, in_axes=(None, 0, None))
+        collective = "all-to-all" if mode == "all_to_all" else "all-gather"
+        text = step.lower(state, x, perm).as_text("hlo")
+        moved = {line.split(" = ")[1].split("[")[0] for line in text.splitlines() if f" {collective}(" in line}
+        return jax.device_get(step(state, x, perm)), moved
+
+    (k32, stats32), moved32 = keys(jnp.float32)
+    (k16, stats16), moved16 = keys(jnp.bfloat16)
+    assert moved32 == {"f32"} and moved16 == {"bf16", "f32"}  # the images in bfloat16, the keys back in float32
+    np.testing.assert_array_equal(k16, k32)
+    for a, b in zip(jax.tree.leaves(stats16), jax.tree.leaves(stats32)):
+        np.testing.assert_array_equal(a, b)
+    # The trainer's step moves what the backbone computes in.
+    assert moco_v2.hparams(config, 10, "batch").image_dtype == jnp.bfloat16
+    assert moco_v2.hparams(tiny_config(), 10, "batch").image_dtype == jnp.float32

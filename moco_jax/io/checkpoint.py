@@ -254,12 +254,15 @@ def _newest_usable(workdir: str, template: Any, config, fields: tuple[str, ...])
 
 def config_changes(saved: dict, config) -> list[str]:
     """"field: saved -> now" for every field whose value differs from the
-    checkpoint's config (after a JSON round trip, as it was saved); a field
-    added since it was written counts as its `old_configs` default."""
+    checkpoint's config (after a JSON round trip, as it was saved) and that
+    `config`'s method reads (another method's field, e.g. MoCo v2's
+    shuffle_mode in a MoCo v3 run, changes nothing); a field added since it
+    was written counts as its `old_configs` default."""
     saved, current = flatten_dotted(saved), flatten_dotted(_json_roundtrip(config.to_dict()))
     saved.update({k: v for k, v in old_configs.FIELD_DEFAULTS.items() if k in current and k not in saved})
+    method = methods.get(config)
     return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in sorted(saved.keys() | current.keys())
-            if saved.get(name) != current.get(name)]
+            if saved.get(name) != current.get(name) and methods.reader_of(name) in (None, method)]
 
 
 def _log_config_changes(meta: dict, config) -> None:

@@ -38,7 +38,8 @@ from moco_jax.methods.base import Views, check_bn_groups
 from moco_jax.methods.contrastive import info_nce, l2_normalize
 from moco_jax.methods.momentum import check_schedule, momentum_at, momentum_update
 from moco_jax.methods.shuffle_bn import (SHUFFLE_MODES, all_to_all_shuffled_forward, check_shuffle_mode,
-                                         shuffle_permutation, shuffled_forward, stratified_permutation)
+                                         resolve_shuffle_mode, shuffle_permutation, shuffled_forward,
+                                         stratified_permutation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +54,15 @@ class MoCoHParams:
     shuffle_bn: shuffle keys across devices before the key encoder's BN.
     shuffle_mode: how shuffle BN moves the key images between devices:
       "all_gather" (the reference: every device receives the whole global
-      batch and encodes a uniformly random slice of it) or "all_to_all"
+      batch and encodes a uniformly random slice of it), "all_to_all"
       (each device sends B_local / n images to every device: n times less
       traffic, and each BN group holds exactly B_local / n images from every
-      device; see `all_to_all_shuffled_forward`).
+      device; see `all_to_all_shuffled_forward`), or "auto": the all-to-all
+      where it applies (`shuffle_bn.resolve_shuffle_mode`).
+    image_dtype: the dtype the shuffle moves the key images in: the
+      backbone's compute dtype (`model.dtype`), which the backbone casts its
+      input to before anything else, so bfloat16 halves the bytes and gives
+      the same keys.
     symmetric: also use x_k as queries against keys of x_q (CIFAR demo option).
     axis_name: the pmap axis.
     """
@@ -66,7 +72,8 @@ class MoCoHParams:
     momentum_schedule: str = "constant"
     total_steps: int = 0
     shuffle_bn: bool = True
-    shuffle_mode: str = "all_gather"
+    shuffle_mode: str = "auto"
+    image_dtype: Any = jnp.float32
     symmetric: bool = False
     axis_name: str = "batch"
     return_features: bool = False  # the step also returns x_q's backbone features (B_local, D), for an online probe
@@ -76,11 +83,17 @@ class MoCoHParams:
         check_schedule(self.momentum_schedule, self.total_steps)
 
 
+def shuffle_mode_in_pmap(hp: MoCoHParams, local_batch: int) -> str:
+    """"all_gather" or "all_to_all": `hp.shuffle_mode` on this pmap's devices
+    (call inside the pmap: it reads the device count from `hp.axis_name`)."""
+    return resolve_shuffle_mode(hp.shuffle_mode, local_batch, lax.axis_size(hp.axis_name))
+
+
 def draw_permutation(rng: jax.Array, hp: MoCoHParams, local_batch: int) -> jax.Array:
     """The shuffle-BN permutation (B,) of one step for `hp.shuffle_mode`
     (call inside the pmap: it reads the device count from `hp.axis_name`)."""
     n = lax.axis_size(hp.axis_name)
-    if hp.shuffle_mode == "all_to_all":
+    if shuffle_mode_in_pmap(hp, local_batch) == "all_to_all":
         return stratified_permutation(rng, n, local_batch)
     return shuffle_permutation(rng, n * local_batch)
 
@@ -117,8 +130,9 @@ def compute_keys(
     `perm` (B,) is `draw_permutation`'s for `hp.shuffle_mode`."""
     encode = lambda x: _encode(state.apply_fn, momentum_params, state.momentum_batch_stats, x)  # noqa: E731
     if hp.shuffle_bn:
-        forward = all_to_all_shuffled_forward if hp.shuffle_mode == "all_to_all" else shuffled_forward
-        k, stats = forward(encode, x_k, perm, hp.axis_name)
+        mode = shuffle_mode_in_pmap(hp, x_k.shape[0])
+        forward = all_to_all_shuffled_forward if mode == "all_to_all" else shuffled_forward
+        k, stats = forward(encode, x_k.astype(hp.image_dtype), perm, hp.axis_name)
     else:
         k, stats = encode(x_k)
     return lax.stop_gradient(k), stats
@@ -286,6 +300,7 @@ def hparams(config, total_steps: int, axis_name: str) -> MoCoHParams:
     return MoCoHParams(temperature=config.temperature, ema_momentum=config.momentum,
                        momentum_schedule=config.momentum_schedule, total_steps=total_steps,
                        shuffle_bn=config.shuffle_bn, shuffle_mode=config.shuffle_mode,
+                       image_dtype=models.DTYPES[config.model.dtype],
                        symmetric=config.symmetric_loss, axis_name=axis_name)
 
 

@@ -7,6 +7,12 @@ query. Two ways to move the images, the same keys either way:
 * `all_to_all_shuffled_forward`: one all-to-all each way, n times less
   traffic, with a `stratified_permutation`.
 
+`shuffle_mode="auto"` (the default) takes the all-to-all wherever it
+applies (more than one device, a per-device batch that splits evenly over
+them), else the all-gather. Both move the images in the backbone's compute
+dtype (`moco_v2.MoCoHParams.image_dtype`): bfloat16 halves the bytes and
+changes no key, since the backbone casts its input to it first.
+
 Every function here runs inside `jax.pmap(..., axis_name=axis_name)`.
 """
 
@@ -20,7 +26,16 @@ from jax import lax
 
 from moco_jax.core.errors import ConfigError
 
-SHUFFLE_MODES = ("all_gather", "all_to_all")  # config.shuffle_mode
+SHUFFLE_MODES = ("auto", "all_gather", "all_to_all")  # config.shuffle_mode
+
+
+def resolve_shuffle_mode(mode: str, local_batch: int, num_devices: int) -> str:
+    """"all_gather" or "all_to_all": `mode`, with "auto" -> the all-to-all
+    (n times less traffic) where it applies: n > 1 devices and a per-device
+    batch that is a multiple of n."""
+    if mode != "auto":
+        return mode
+    return "all_to_all" if num_devices > 1 and local_batch % num_devices == 0 else "all_gather"
 
 
 def check_shuffle_mode(mode: str, local_batch: int | None = None, num_devices: int | None = None) -> None:
