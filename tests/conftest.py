@@ -11,12 +11,8 @@ processes of its own.
 import os
 import sys
 
-# The tests compile hundreds of small programs, and LLVM's optimisations take
-# half of each compile: level 0 halves the suite's compile time (the XLA
-# programs are optimised as ever; fast math stays off, so the numbers are
-# the same). Processes a test starts inherit it, unless it sets XLA_FLAGS.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

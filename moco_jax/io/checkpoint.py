@@ -260,7 +260,7 @@ def config_changes(saved: dict, config) -> list[str]:
     was written counts as its `old_configs` default."""
     saved, current = flatten_dotted(saved), flatten_dotted(_json_roundtrip(config.to_dict()))
     saved.update({k: v for k, v in old_configs.FIELD_DEFAULTS.items() if k in current and k not in saved})
-    method = methods.get(config)
+    method = methods.get(config) if "method" in config else None  # (a linear probe's config has none)
     return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in sorted(saved.keys() | current.keys())
             if saved.get(name) != current.get(name) and methods.reader_of(name) in (None, method)]
 
