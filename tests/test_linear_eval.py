@@ -16,7 +16,7 @@ from moco_jax.core import image_ops
 from moco_jax.eval import linear as linear_eval
 from moco_jax.io import checkpoint
 from moco_jax.training import probe
-from test_pretrained import initial_variables, random_variables, tiny_pretraining
+from test_pretrained import random_variables, tiny_pretraining
 from tiny import tiny_config
 
 
@@ -27,18 +27,21 @@ def linear_config(**overrides):
 
 
 @pytest.mark.slow
-def test_linear_probe_on_moco_features_beats_random_init():
+def test_linear_probe_of_a_pretraining_workdir():
     """Features mode, full reference schedule (100 epochs, lr 30, drops at 60
-    and 80) on the digits: the encoder after 100 MoCo steps against the
-    encoder the same run started from. (At 40 steps of the default learning rate there is no gain yet:
-    random convolutional features are already good for digits.)"""
-    pretrain_config, workdir, _ = tiny_pretraining()
+    and 80) on the digits, the encoder read from a pretraining workdir.
+
+    Not asserted: that it beats the random-init encoder's probe. Random
+    convolutional features are already good for digits: the gain after 100 MoCo
+    steps was +1.1 to +7.8 points on 359 test digits depending on the seed and
+    the machine (one CI run: 72.1% vs 71.0%), noise for a test. That MoCo
+    learned is asserted where the gain is large, on the kNN monitor
+    (test_knn_eval.py: 43% -> 67%)."""
+    _, workdir, _ = tiny_pretraining()
     config = linear_config(pretrained=workdir, mode="features", batch_size=64)
     trained = probe.evaluate(config)
-    random = probe.evaluate(config, encoder=pretrained.Encoder(pretrain_config,
-                                                                     initial_variables(pretrain_config)))
-    # Seen: 77.4% vs 69.9% top-1 (359 test digits).
-    assert trained["top1"] > random["top1"] + 0.03, (trained["top1"], random["top1"])
+    # Seen: 72-78% top-1 (chance: 10%).
+    assert trained["top1"] > 0.6, trained["top1"]
     assert trained["top5"] >= trained["top1"]
     assert trained["history"][-1]["step"] == 100 * (1438 // 64)  # 100 epochs
 
