@@ -6,7 +6,10 @@ No persistent compilation cache: shared by the two workers and the train.py
 processes they start, jaxlib 0.10.2's CPU executables crashed a worker in 2
 of 3 full runs (moco_jax/launch/compilation_cache.py); train.py's `auto`
 leaves it off on a CPU too. tests/test_compilation_cache.py turns it on in
-processes of its own.
+processes of its own. A later full run without the cache crashed a worker
+too, in the same test (test_remat.py's SyncBN case, which passes alone and
+now runs in a process of its own), so the cache may not be the cause; it
+stays off here until a full run with it shows otherwise.
 """
 import os
 import sys

@@ -2,7 +2,16 @@
 training step gives the same loss, metrics, parameters and BN statistics
 as without it (float32 rounding), for a ResNet with split BN (MoCo v2),
 a ResNet with SyncBN (MoCo v3) and a ViT (MoCo v3), on 8 devices. What it
-saves at full size: benchmarks/remat_memory.py."""
+saves at full size: benchmarks/remat_memory.py.
+
+Each case runs in a process of its own: in a pytest worker that had run
+most of the suite, the SyncBN case crashed the process (a segmentation
+fault inside jaxlib 0.10.2, twice in full runs, never alone), and a crashed
+worker left pytest-xdist waiting forever. A crash now fails this test, with
+the child's exit status, and the run goes on."""
+import multiprocessing
+from concurrent import futures
+
 import jax
 import numpy as np
 import pytest
@@ -44,17 +53,33 @@ def one_step(config):
     return after, jax.device_get(metrics), moved, rematerialised
 
 
-@pytest.mark.parametrize("case", ["resnet_v2", pytest.param("resnet_v3_syncbn", marks=pytest.mark.slow),
-                                  pytest.param("vit_v3", marks=pytest.mark.slow)])  # the quick tier keeps one
-def test_remat_changes_no_number(case):
+def compare_case(case):
+    """In a new process: one step of `case` without and with remat. Returns
+    (metrics, params, batch_stats, moved, barriers, same tree structure), the
+    trees as [(path, without, with)] of host arrays."""
+    assert jax.device_count() == 8, jax.device_count()
     plain, remat = (tiny_config(**CASES[case]) for _ in range(2))
     remat.model.remat = "blocks"
     (s0, m0, moved, barriers0), (s1, m1, _, barriers1) = one_step(plain), one_step(remat)
+    pairs = lambda a, b: [(jax.tree_util.keystr(path), np.asarray(x), np.asarray(y))  # noqa: E731
+                          for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))]
+    metrics = [(key, np.asarray(m0[key]), np.asarray(m1[key])) for key in m0]
+    return (metrics, pairs(s0.params, s1.params), pairs(s0.batch_stats, s1.batch_stats), moved,
+            (barriers0, barriers1), jax.tree.structure(s0.params) == jax.tree.structure(s1.params))
+
+
+@pytest.mark.parametrize("case", ["resnet_v2", pytest.param("resnet_v3_syncbn", marks=pytest.mark.slow),
+                                  pytest.param("vit_v3", marks=pytest.mark.slow)])  # the quick tier keeps one
+def test_remat_changes_no_number(case):
+    # spawn: a fresh interpreter, which inherits conftest.py's 8 emulated devices through the environment
+    with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        metrics, params, batch_stats, moved, (barriers0, barriers1), same_names = pool.submit(compare_case,
+                                                                                              case).result()
     assert barriers1 and not barriers0  # the field took effect
     assert moved  # a real step: every parameter changed, so equal results say something
-    assert jax.tree.structure(s0.params) == jax.tree.structure(s1.params)  # the same names: checkpoints fit both
-    for key in m0:
-        np.testing.assert_allclose(m1[key], m0[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    for name, a, b in (("params", s0.params, s1.params), ("batch_stats", s0.batch_stats, s1.batch_stats)):
-        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=f"{name} {jax.tree_util.keystr(path)}")
+    assert same_names  # the same parameter names: checkpoints fit both
+    for key, without, with_remat in metrics:
+        np.testing.assert_allclose(with_remat, without, rtol=1e-5, atol=1e-6, err_msg=key)
+    for name, leaves in (("params", params), ("batch_stats", batch_stats)):
+        for path, without, with_remat in leaves:
+            np.testing.assert_allclose(with_remat, without, rtol=1e-5, atol=1e-6, err_msg=f"{name} {path}")

@@ -21,7 +21,9 @@ crashed the process in 2 of this project's last 3 full test-suite runs, where
 two pytest workers and the train.py processes they start shared one cache
 folder (a segmentation fault inside `executable.serialize()` writing an
 entry, once inside `deserialize_executable` reading one; the cause is not
-known). Name a folder to have it on a CPU anyway.
+known, and a later run without any cache crashed in the same test, so the
+cache may only have been where the crash showed). Name a folder to have it
+on a CPU anyway.
 """
 from __future__ import annotations
 
